@@ -1,0 +1,487 @@
+"""The TDX vocabulary: SEAMCALL leaves, status codes, operand IDs, exit reasons, TDVMCALLs.
+
+Every value is the real one, copied from ``docs/tdx-reference.md`` (tags in brackets name the
+source listed there: [VIRT-H] kernel ``tdx.h`` leaf numbers, [MOD] Intel's TDX module 1.5.01,
+[ERRNO] the kernel's ``tdx_errno.h``, [ASM-TDX] kernel SW-defined codes, [KVM-new] ``tdx.c``).
+Traces store the raw numbers; names come from here, as enums for code and as plain
+``dict[int, str]`` tables for vectorized use (``polars.Expr.replace_strict``).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum, unique
+
+from tdxtrace.errors import TdxtraceError
+
+STATUS_MASK = 0xFFFFFFFF00000000  # kernel TDX_SEAMCALL_STATUS_MASK [ERRNO]: the class half
+OPERAND_MASK = 0xFFFFFFFF  # operand ID / details_L2 / VMX exit reason [MOD api_error_code_t]
+TDX_ERROR = 1 << 63  # bit 63 "error" [ERRNO]
+TDX_NON_RECOVERABLE = 1 << 62  # bit 62 "non_recoverable" [ERRNO]
+TDX_VERSION_SHIFT = 16  # leaf version in RAX bits 23:16 [VIRT-H]
+TDX_EXTENDMR_CHUNKSIZE = 256  # bytes per TDH.MR.EXTEND; 16 calls per 4K page [KVM-new]
+RDRAND_RETRY_LOOPS = 10  # sc_retry() budget for TDX_RND_NO_ENTROPY [SC-INT]
+
+
+class UnknownCodeError(TdxtraceError, ValueError):
+    """Text that names no TDX code; a ValueError, and printed by the CLI as one line."""
+
+
+@unique
+class Leaf(IntEnum):
+    """SEAMCALL leaf numbers: kernel ``tdx.h`` [VIRT-H], module ``seamcall_leaf_opcode_t`` [MOD].
+
+    The export/import migration leaves (64-75, 80-87) are not modelled and left out.
+    """
+
+    TDH_VP_ENTER = 0
+    TDH_MNG_ADDCX = 1
+    TDH_MEM_PAGE_ADD = 2
+    TDH_MEM_SEPT_ADD = 3
+    TDH_VP_ADDCX = 4
+    TDH_MEM_PAGE_RELOCATE = 5
+    TDH_MEM_PAGE_AUG = 6
+    TDH_MEM_RANGE_BLOCK = 7
+    TDH_MNG_KEY_CONFIG = 8
+    TDH_MNG_CREATE = 9
+    TDH_VP_CREATE = 10
+    TDH_MNG_RD = 11
+    TDH_MEM_RD = 12
+    TDH_MNG_WR = 13
+    TDH_MEM_WR = 14
+    TDH_MEM_PAGE_DEMOTE = 15
+    TDH_MR_EXTEND = 16
+    TDH_MR_FINALIZE = 17
+    TDH_VP_FLUSH = 18
+    TDH_MNG_VPFLUSHDONE = 19
+    TDH_MNG_KEY_FREEID = 20
+    TDH_MNG_INIT = 21
+    TDH_VP_INIT = 22
+    TDH_MEM_PAGE_PROMOTE = 23
+    TDH_PHYMEM_PAGE_RDMD = 24
+    TDH_MEM_SEPT_RD = 25
+    TDH_VP_RD = 26
+    TDH_MNG_KEY_RECLAIMID = 27
+    TDH_PHYMEM_PAGE_RECLAIM = 28
+    TDH_MEM_PAGE_REMOVE = 29
+    TDH_MEM_SEPT_REMOVE = 30
+    TDH_SYS_KEY_CONFIG = 31
+    TDH_SYS_INFO = 32
+    TDH_SYS_INIT = 33
+    TDH_SYS_RD = 34
+    TDH_SYS_LP_INIT = 35
+    TDH_SYS_TDMR_INIT = 36
+    TDH_SYS_RDALL = 37
+    TDH_MEM_TRACK = 38
+    TDH_MEM_RANGE_UNBLOCK = 39
+    TDH_PHYMEM_CACHE_WB = 40
+    TDH_PHYMEM_PAGE_WBINVD = 41
+    TDH_MEM_SEPT_WR = 42
+    TDH_VP_WR = 43
+    TDH_SYS_LP_SHUTDOWN = 44
+    TDH_SYS_CONFIG = 45
+    TDH_SERVTD_BIND = 48  # module-only [MOD]
+    TDH_SERVTD_PREBIND = 49
+    TDH_SYS_SHUTDOWN = 52
+    TDH_SYS_UPDATE = 53
+    TDH_PHYMEM_PAMT_ADD = 58  # Dynamic-PAMT series only, not mainline
+    TDH_PHYMEM_PAMT_REMOVE = 59
+    TDH_MIG_STREAM_CREATE = 96
+
+
+@unique
+class TdcallLeaf(IntEnum):
+    """Guest TDCALL leaves, module ``tdcall_leaf_opcode_t`` [MOD]."""
+
+    TDG_VP_VMCALL = 0
+    TDG_VP_INFO = 1
+    TDG_MR_RTMR_EXTEND = 2
+    TDG_VP_VEINFO_GET = 3
+    TDG_MR_REPORT = 4
+    TDG_VP_CPUIDVE_SET = 5
+    TDG_MEM_PAGE_ACCEPT = 6
+    TDG_VM_RD = 7
+    TDG_VM_WR = 8
+    TDG_VP_RD = 9
+    TDG_VP_WR = 10
+    TDG_SYS_RD = 11
+    TDG_SYS_RDALL = 12
+    TDG_MEM_PAGE_ATTR_RD = 23
+    TDG_MEM_PAGE_ATTR_WR = 24
+
+
+@unique
+class Status(IntEnum):
+    """TDX status values (RAX), named without the ``TDX_`` prefix.
+
+    Kernel SW codes from [ASM-TDX]; codes Linux uses from [ERRNO]; the rest from the module's
+    generated table [MOD]. Most members are *classes* (low 32 bits zero) to which the module adds
+    an operand ID; SW_ERROR's members SEAMCALL_GP/UD/VMFAILINVALID carry their own low bits.
+    """
+
+    SUCCESS = 0
+    # Kernel SW-defined codes: no module involved (SEAMCALL faulted or VMfailInvalid).
+    SW_ERROR = 0x8000FF0000000000
+    SEAMCALL_VMFAILINVALID = 0x8000FF00FFFF0000
+    SEAMCALL_GP = 0x8000FF000000000D
+    SEAMCALL_UD = 0x8000FF0000000006
+    # Used by Linux [ERRNO].
+    NON_RECOVERABLE_VCPU = 0x4000000100000000
+    NON_RECOVERABLE_TD = 0x4000000200000000
+    NON_RECOVERABLE_TD_NON_ACCESSIBLE = 0x6000000500000000
+    NON_RECOVERABLE_TD_WRONG_APIC_MODE = 0x6000000700000000
+    INTERRUPTED_RESUMABLE = 0x8000000300000000
+    OPERAND_INVALID = 0xC000010000000000
+    OPERAND_BUSY = 0x8000020000000000
+    PREVIOUS_TLB_EPOCH_BUSY = 0x8000020100000000
+    SYS_BUSY = 0x8000020200000000
+    RND_NO_ENTROPY = 0x8000020300000000
+    PAGE_METADATA_INCORRECT = 0xC000030000000000
+    VCPU_NOT_ASSOCIATED = 0x8000070200000000
+    KEY_GENERATION_FAILED = 0x8000080000000000
+    KEY_STATE_INCORRECT = 0xC000081100000000
+    KEY_CONFIGURED = 0x0000081500000000
+    NO_HKID_READY_TO_WBCACHE = 0x0000082100000000
+    FLUSHVP_NOT_DONE = 0x8000082400000000
+    EPT_WALK_FAILED = 0xC0000B0000000000
+    EPT_ENTRY_STATE_INCORRECT = 0xC0000B0D00000000
+    METADATA_FIELD_NOT_READABLE = 0xC0000C0200000000
+    # Module-only [MOD].
+    INTERRUPTED_RESTARTABLE = 0x8000000400000000
+    INVALID_RESUMPTION = 0xC000000600000000
+    NON_RECOVERABLE_TD_CORRUPTED_MD = 0x6000000A00000000
+    OPERAND_ADDR_RANGE_ERROR = 0xC000010100000000
+    OPERAND_BUSY_HOST_PRIORITY = 0x8000020400000000
+    HOST_PRIORITY_BUSY_TIMEOUT = 0x9000020500000000
+    PAGE_ALREADY_FREE = 0x0000030100000000
+    TD_ASSOCIATED_PAGES_EXIST = 0xC000040000000000
+    LIFECYCLE_STATE_INCORRECT = 0xC000060700000000
+    VCPU_STATE_INCORRECT = 0xC000070000000000
+    VCPU_ASSOCIATED = 0x8000070100000000
+    TSC_ROLLBACK = 0xC000070600000000
+    TD_KEYS_NOT_CONFIGURED = 0x8000081000000000
+    WBCACHE_NOT_COMPLETE = 0x8000081700000000
+    WBCACHE_RESUME_ERROR = 0xC000082300000000
+    EPT_ENTRY_FREE = 0xC0000B0100000000
+    EPT_ENTRY_NOT_FREE = 0xC0000B0200000000
+    GPA_RANGE_NOT_BLOCKED = 0xC0000B0600000000
+    GPA_RANGE_ALREADY_BLOCKED = 0x00000B0700000000
+    TLB_TRACKING_NOT_DONE = 0xC0000B0800000000
+    PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000
+    GPA_RANGE_BLOCKED = 0xC0000B0C00000000
+
+
+# The module 1.5.01 table [MOD] disagrees with the kernel header [ERRNO] on two codes (it sets
+# the fatal bit 61, and bit 63 for WRONG_APIC_MODE). The enum keeps the kernel values because
+# KVM's masked-equality checks are what the emulated KVM must recognise; these are the module's.
+MODULE_NON_RECOVERABLE_TD = 0x6000000200000000
+MODULE_NON_RECOVERABLE_TD_WRONG_APIC_MODE = 0xE000000700000000
+
+# Statuses after which KVM keeps VP.ENTER's low 32 bits as the exit reason
+# (tdx_to_vmx_exit_reason() [KVM-new]); any other class means exit reason -1u.
+EXIT_REASON_STATUS_CLASSES = frozenset({
+    Status.SUCCESS, Status.NON_RECOVERABLE_VCPU, Status.NON_RECOVERABLE_TD,
+    Status.NON_RECOVERABLE_TD_NON_ACCESSIBLE, Status.NON_RECOVERABLE_TD_WRONG_APIC_MODE,
+})
+
+
+@unique
+class OperandId(IntEnum):
+    """Operand IDs in a status's low bits [MOD]: GPR numbers, then TD structures and locks."""
+
+    RAX = 0
+    RCX = 1  # also how an S-EPT *entry* lock conflict on the GPA operand is reported
+    RDX = 2
+    R8 = 8
+    R9 = 9
+    R10 = 10
+    R11 = 11
+    R12 = 12
+    R13 = 13
+    R14 = 14
+    R15 = 15
+    TDR = 0x80
+    TDCX = 0x81
+    TDVPR = 0x82
+    TDCS = 0x90
+    TDVPS = 0x91
+    SEPT_TREE = 0x92  # kernel TDX_OPERAND_ID_SEPT
+    SEPT_ENTRY = 0x93
+    TD_EPOCH = 0xA9
+    KOT = 0xBA
+    WBCACHE = 0xBC
+
+
+@unique
+class ExitReason(IntEnum):
+    """VMX basic exit reasons that matter for TDs (Linux ``uapi/asm/vmx.h``, reference §3.2)."""
+
+    EXCEPTION_NMI = 0
+    EXTERNAL_INTERRUPT = 1
+    TRIPLE_FAULT = 2
+    OTHER_SMI = 6
+    CPUID = 10
+    HLT = 12
+    VMCALL = 18
+    IO_INSTRUCTION = 30
+    MSR_READ = 31
+    MSR_WRITE = 32
+    MCE_DURING_VMENTRY = 41
+    EPT_VIOLATION = 48
+    EPT_MISCONFIG = 49
+    TDCALL = 77
+
+
+EXIT_REASON_INVALID = 0xFFFFFFFF  # kvm_exit's reason when VP.ENTER did not succeed [KVM-new]
+
+
+@unique
+class TdvmcallLeaf(IntEnum):
+    """TDVMCALL (GHCI) sub-functions in guest R11 [KVM-new, GUEST]."""
+
+    GET_TD_VM_CALL_INFO = 0x10000
+    MAP_GPA = 0x10001
+    GET_QUOTE = 0x10002
+    REPORT_FATAL_ERROR = 0x10003
+    SETUP_EVENT_NOTIFY_INTERRUPT = 0x10004
+
+
+@unique
+class TdvmcallStatus(IntEnum):
+    """TDVMCALL statuses the host returns in R10 [KVM-new]; GPA_INUSE is from the GHCI header."""
+
+    SUCCESS = 0
+    RETRY = 1
+    INVALID_OPERAND = 0x8000000000000000
+    GPA_INUSE = 0x8000000000000001
+    ALIGN_ERROR = 0x8000000000000002
+    SUBFUNC_UNSUPPORTED = 0x8000000000000003
+
+
+# --- constants the emulator uses (reference §§1, 4, 5) ---------------------------------------
+SHADOW_NONPRESENT_VALUE = 0x8000000000000000  # bit 63 "suppress #VE" [TDP spte.h]
+FROZEN_SPTE = SHADOW_NONPRESENT_VALUE | 0x5A0  # 0x80000000000005A0 [TDP]
+STEPPING_EPF_THRESHOLD = 6  # zero-step: EPT violations at one RIP before GPAs are listed [MOD]
+EPF_GPA_LIST_SIZE = 32  # per-vCPU last_epf_gpa_list[] capacity [MOD]
+TDX_SEAMCALL_RETRIES = 10000  # CACHE.WB resume budget per package [KVM-new]
+TDX_MAP_GPA_MAX_LEN = 2 * 1024 * 1024  # MapGPA bytes per userspace exit [KVM-new]
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_MAP_GPA_RANGE_DECRYPTED = 0
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3  # Linux uapi/linux/kvm.h
+TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6  # extended exit qualification type [KVM-new]
+EPT_VIOLATION_ACC_WRITE = 1 << 1  # exit-qualification bit KVM forces on private faults
+PAGE_SIZE = 4096
+TDX_PS_4K = 0
+TDX_PS_2M = 1
+TDX_PS_1G = 2
+PG_LEVEL_4K = 1  # the kernel's enum pg_level, which tdx_level() converts
+PG_LEVEL_2M = 2
+PG_LEVEL_1G = 3
+EAGAIN = 11  # Linux errno values userspace returns in run->hypercall.ret
+EINVAL = 22
+
+# --- name tables ---------------------------------------------------------------------------
+
+
+def _dotted(name: str) -> str:
+    return name.replace("_", ".")
+
+
+LEAF_NAMES: dict[int, str] = {int(m): _dotted(m.name) for m in Leaf}
+TDCALL_LEAF_NAMES: dict[int, str] = {int(m): _dotted(m.name) for m in TdcallLeaf}
+OPERAND_NAMES: dict[int, str] = {int(m): m.name for m in OperandId}
+# Exact statuses (including the SW codes with low bits) and, separately, the classes that a
+# status masked with STATUS_MASK can equal; the module-table variants get their own names.
+STATUS_NAMES: dict[int, str] = {int(m): f"TDX_{m.name}" for m in Status}
+STATUS_CLASS_NAMES: dict[int, str] = {
+    **{v: n for v, n in STATUS_NAMES.items() if v & OPERAND_MASK == 0},
+    MODULE_NON_RECOVERABLE_TD: "TDX_MODULE_NON_RECOVERABLE_TD",
+    MODULE_NON_RECOVERABLE_TD_WRONG_APIC_MODE: "TDX_MODULE_NON_RECOVERABLE_TD_WRONG_APIC_MODE",
+}
+EXIT_REASON_NAMES: dict[int, str] = {
+    **{int(m): m.name for m in ExitReason}, EXIT_REASON_INVALID: "INVALID(-1)",
+}
+# "Instruction" TDVMCALLs use the VMX exit reason as their leaf [KVM-new].
+INSTRUCTION_TDVMCALLS = (
+    ExitReason.CPUID, ExitReason.HLT, ExitReason.IO_INSTRUCTION, ExitReason.MSR_READ,
+    ExitReason.MSR_WRITE, ExitReason.EPT_VIOLATION,
+)
+TDVMCALL_NAMES: dict[int, str] = {
+    **{int(m): m.name for m in INSTRUCTION_TDVMCALLS},
+    **{int(m): m.name for m in TdvmcallLeaf},
+}
+TDVMCALL_STATUS_NAMES: dict[int, str] = {int(m): m.name for m in TdvmcallStatus}
+
+_STATUS_BY_NAME: dict[str, int] = {
+    **{m.name: int(m) for m in Status},
+    "MODULE_NON_RECOVERABLE_TD": MODULE_NON_RECOVERABLE_TD,
+    "MODULE_NON_RECOVERABLE_TD_WRONG_APIC_MODE": MODULE_NON_RECOVERABLE_TD_WRONG_APIC_MODE,
+}
+_HEX = re.compile(r"0[xX][0-9a-fA-F]+")
+_DECIMAL = re.compile(r"[0-9]+")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _number(text: str) -> int | None:
+    # Hex needs its 0x; decimal may have leading zeros ("06"), which int(text, 0) refuses.
+    if _HEX.fullmatch(text):
+        return int(text, 16)
+    return int(text, 10) if _DECIMAL.fullmatch(text) else None
+
+
+def status_class(status: int) -> int:
+    """The half the kernel compares: ``status & TDX_SEAMCALL_STATUS_MASK`` [ERRNO]."""
+    return status & STATUS_MASK
+
+
+def operand_id(status: int) -> int:
+    """The low 32 bits: operand ID for operand errors, exit reason after VP.ENTER."""
+    return status & OPERAND_MASK
+
+
+def with_operand(status: int, operand: int) -> int:
+    """The module's ``api_error_with_operand_id(error, operand_id)`` = ``error + operand`` [MOD]."""
+    if status & OPERAND_MASK or not 0 <= operand <= OPERAND_MASK:
+        raise ValueError(f"cannot add operand {operand:#x} to status {status:#x}")
+    return status + operand
+
+
+def is_busy(status: int) -> bool:
+    """True for TDX_OPERAND_BUSY with any operand, as the kernel's masked checks see it.
+
+    PREVIOUS_TLB_EPOCH_BUSY, SYS_BUSY and OPERAND_BUSY_HOST_PRIORITY are other classes.
+    """
+    return status & STATUS_MASK == Status.OPERAND_BUSY
+
+
+def is_error(status: int) -> bool:
+    """Bit 63 (``TDX_ERROR``): a failure, as opposed to success or an informational status."""
+    return bool(status & TDX_ERROR)
+
+
+def is_sw_error(status: int) -> bool:
+    """The kernel's own codes (#GP, #UD, VMfailInvalid on SEAMCALL): ``TDX_SW_ERROR`` set."""
+    return status & Status.SW_ERROR == Status.SW_ERROR
+
+
+# Classes whose low bits are VP.ENTER's exit reason, not an operand (TD-exit statuses [MOD]).
+_EXIT_DETAIL_CLASSES = EXIT_REASON_STATUS_CLASSES | {
+    Status.NON_RECOVERABLE_TD_CORRUPTED_MD, MODULE_NON_RECOVERABLE_TD,
+    MODULE_NON_RECOVERABLE_TD_WRONG_APIC_MODE,
+}
+
+
+def _low_bits_are_operand(status_cls: int) -> bool:
+    # SW codes carry their own detail (#GP = 0xD, #UD = 6); every other class reports an
+    # operand ID through api_error_with_operand_id() [MOD].
+    return status_cls not in _EXIT_DETAIL_CLASSES and not is_sw_error(status_cls)
+
+
+def leaf_name(leaf: int) -> str:
+    """``6`` -> ``"TDH.MEM.PAGE.AUG"``; an unknown number -> ``"leaf_<n>"``."""
+    return LEAF_NAMES.get(leaf, f"leaf_{leaf}")
+
+
+def tdcall_name(leaf: int) -> str:
+    """``6`` -> ``"TDG.MEM.PAGE.ACCEPT"``; an unknown number -> ``"tdcall_<n>"``."""
+    return TDCALL_LEAF_NAMES.get(leaf, f"tdcall_{leaf}")
+
+
+def parse_leaf(text: str) -> Leaf:
+    """A leaf from ``TDH.MEM.PAGE.AUG``, ``TDH_MEM_PAGE_AUG``, ``mem.page.aug`` or ``6``."""
+    raw = text.strip()
+    leaf: Leaf | None
+    number = _number(raw)
+    if number is not None:
+        leaf = Leaf(number) if number in LEAF_NAMES else None
+    else:
+        key = raw.upper().replace(".", "_").replace("-", "_")
+        leaf = Leaf.__members__.get(key if key.startswith("TDH_") else f"TDH_{key}")
+    if leaf is None:
+        raise UnknownCodeError(
+            f"unknown SEAMCALL leaf {text!r} (expected a name like TDH.MEM.PAGE.AUG or a number)"
+        )
+    return leaf
+
+
+def operand_name(operand: int) -> str:
+    """``0x92`` -> ``"SEPT_TREE"``; an unknown ID -> hex such as ``"0xBB"``."""
+    return OPERAND_NAMES.get(operand, f"0x{operand:X}")
+
+
+def status_name(status: int) -> str:
+    """Render a 64-bit status: ``TDX_SUCCESS``, ``TDX_OPERAND_BUSY|SEPT_TREE``, ``0x...``.
+
+    A known class with low bits set shows them after ``|``: as an operand name for operand
+    errors, in hex for the classes whose low bits are an exit reason or SW detail.
+    """
+    if not 0 <= status < 1 << 64:
+        return str(status)
+    exact = STATUS_NAMES.get(status)
+    if exact is not None:
+        return exact
+    cls, low = status & STATUS_MASK, status & OPERAND_MASK
+    class_name = STATUS_CLASS_NAMES.get(cls)
+    if class_name is None:
+        return f"0x{status:016X}"
+    if low == 0:
+        return class_name
+    detail = operand_name(low) if _low_bits_are_operand(cls) else f"0x{low:X}"
+    return f"{class_name}|{detail}"
+
+
+def parse_status(text: str) -> int:
+    """The inverse of :func:`status_name`; also bare hex/decimal and names without ``TDX_``.
+
+    Case-insensitive. The part after ``|`` is an operand name or a number below 2**32.
+    """
+    head, bar, tail = (part.strip().upper() for part in text.partition("|"))
+    value = _status_head(head)
+    if bar and value is not None:
+        operand = _operand_value(tail)
+        # Only a class (low half zero) takes an operand: TDX_SEAMCALL_GP|RCX names nothing.
+        value = None if operand is None or value & OPERAND_MASK else value + operand
+    if value is None or not 0 <= value < 1 << 64:
+        raise UnknownCodeError(
+            f"unknown TDX status {text!r} (expected a name like TDX_OPERAND_BUSY|SEPT_TREE "
+            "or a hex value like 0x8000020000000092)"
+        )
+    return value
+
+
+def _status_head(text: str) -> int | None:
+    number = _number(text)
+    return number if number is not None else _STATUS_BY_NAME.get(text.removeprefix("TDX_"))
+
+
+def _operand_value(text: str) -> int | None:
+    number = _number(text)
+    if number is not None:
+        return number if number <= OPERAND_MASK else None
+    member = OperandId.__members__.get(text.removeprefix("OPERAND_ID_"))
+    return None if member is None else int(member)
+
+
+def exit_reason_name(reason: int) -> str:
+    """``48`` -> ``"EPT_VIOLATION"``, ``0xFFFFFFFF`` -> ``"INVALID(-1)"``, unknown -> ``"<n>"``."""
+    return EXIT_REASON_NAMES.get(reason, str(reason))
+
+
+def tdvmcall_name(leaf: int) -> str:
+    """``0x10001`` -> ``"MAP_GPA"``, ``12`` -> ``"HLT"``; unknown -> hex."""
+    return TDVMCALL_NAMES.get(leaf, f"0x{leaf:X}")
+
+
+def tdvmcall_status_name(status: int) -> str:
+    """``1`` -> ``"RETRY"``; unknown -> hex."""
+    return TDVMCALL_STATUS_NAMES.get(status, f"0x{status:X}")
+
+
+def tdx_level(pg_level: int) -> int:
+    """The kernel's ``pg_level_to_tdx_sept_level()``: PG_LEVEL_4K (1) -> TDX_PS_4K (0)."""
+    if not PG_LEVEL_4K <= pg_level <= PG_LEVEL_1G:
+        raise ValueError(f"pg_level {pg_level} is not 4K (1), 2M (2) or 1G (3)")
+    return pg_level - 1

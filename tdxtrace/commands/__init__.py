@@ -1,0 +1,10 @@
+"""The CLI's commands, one module each; :data:`COMMANDS` is what ``tdxtrace`` offers."""
+
+from __future__ import annotations
+
+import click
+
+from tdxtrace.commands.info import info_command
+from tdxtrace.commands.schema_cmd import schema_command
+
+COMMANDS: list[click.Command] = [info_command, schema_command]

@@ -1,0 +1,107 @@
+"""How long things take: one duration distribution per SEAMCALL leaf and per KVM step.
+
+No citable public source gives SEAMCALL cycle costs (tdx-reference.md §8 marks them
+[UNVERIFIED]), so every figure is configurable from the scenario's ``[costs]`` table. The defaults
+are chosen so that the published figures come out of the model rather than being pasted in:
+
+* a private 4K fault costs ~8 µs end to end (§8, [DSTACK]): TD exit 0.8 µs + KVM exit handling
+  1.5 µs + the mirror walk 0.7 µs + PAGE.AUG 3.0 µs + VP.ENTER 1.2 µs ≈ 7.2 µs, plus the guest's
+  ACCEPT;
+* teardown figures (per-page zap and per-page RECLAIM) are calibrated in docs/calibration.md.
+
+A duration is ``base * (1 + jitter * u)`` with ``u`` uniform in [-1, 1) from the ``costs`` random
+stream, and with probability ``tail_p`` it is multiplied by ``tail_x`` (a slow outlier: an SMI,
+a cache miss storm, a preempted host thread).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tdxtrace.codes import Leaf
+
+
+@dataclass(frozen=True)
+class Cost:
+    base_ns: int
+    jitter: float = 0.2
+    tail_p: float = 0.0
+    tail_x: float = 1.0
+
+
+# Keys are the SEAMCALL names lower-cased without the "tdh." prefix, or a KVM step name.
+DEFAULT_LEAF_COSTS: dict[Leaf, Cost] = {
+    Leaf.TDH_VP_ENTER: Cost(1200),
+    Leaf.TDH_MNG_ADDCX: Cost(3000),
+    Leaf.TDH_MEM_PAGE_ADD: Cost(6000),
+    Leaf.TDH_MEM_SEPT_ADD: Cost(2500),
+    Leaf.TDH_VP_ADDCX: Cost(3000),
+    Leaf.TDH_MEM_PAGE_AUG: Cost(3000, 0.25, 0.01, 8.0),
+    Leaf.TDH_MEM_RANGE_BLOCK: Cost(1500),
+    Leaf.TDH_MNG_KEY_CONFIG: Cost(5000),
+    Leaf.TDH_MNG_CREATE: Cost(10000),
+    Leaf.TDH_VP_CREATE: Cost(5000),
+    Leaf.TDH_MR_EXTEND: Cost(1000),
+    Leaf.TDH_MR_FINALIZE: Cost(50000),
+    Leaf.TDH_VP_FLUSH: Cost(5000),
+    Leaf.TDH_MNG_VPFLUSHDONE: Cost(2000),
+    Leaf.TDH_MNG_KEY_FREEID: Cost(2000),
+    Leaf.TDH_MNG_INIT: Cost(100000),
+    Leaf.TDH_VP_INIT: Cost(20000),
+    Leaf.TDH_PHYMEM_PAGE_RECLAIM: Cost(4500),
+    Leaf.TDH_MEM_PAGE_REMOVE: Cost(2500),
+    Leaf.TDH_MEM_TRACK: Cost(800),
+    Leaf.TDH_PHYMEM_CACHE_WB: Cost(200000),
+    Leaf.TDH_PHYMEM_PAGE_WBINVD: Cost(1500),
+}
+
+DEFAULT_STEP_COSTS: dict[str, Cost] = {
+    "td_exit": Cost(800),  # VM exit back into KVM, module side
+    "exit_handling": Cost(1500),  # tdx_handle_exit() up to the fault handler
+    "mmu_walk": Cost(700),  # kvm_tdp_mmu_map() walk of the mirror root
+    "retry_resched": Cost(300),  # one local-retry turn incl. cond_resched()
+    "fastpath_loop": Cost(200),  # EXIT_FASTPATH_EXIT_HANDLED back to VP.ENTER
+    "kick": Cost(2500),  # kvm_make_all_cpus_request(): IPIs + wait for acknowledgement
+    "kick_per_vcpu": Cost(600),  # extra per vCPU that was in guest mode (calibration.md)
+    "ipi": Cost(2000),  # smp_call_function_single() round trip
+    "guest_accept": Cost(1500),  # TDG.MEM.PAGE.ACCEPT in the guest
+    "guest_touch": Cost(400),  # guest work between two memory touches
+    "userspace_exit": Cost(15000),  # KVM_EXIT_HYPERCALL round trip through the VMM
+    "spinlock": Cost(100),  # seamcall_spinlock policy: lock/unlock overhead
+}
+
+
+def cost_key(leaf: Leaf) -> str:
+    """The scenario key of a leaf's cost: ``TDH_MEM_PAGE_AUG`` -> ``mem.page.aug``."""
+    return leaf.name.removeprefix("TDH_").lower().replace("_", ".")
+
+
+LEAF_BY_KEY: dict[str, Leaf] = {cost_key(leaf): leaf for leaf in Leaf}
+
+
+class CostModel:
+    """Samples durations from per-leaf and per-step distributions with one random stream."""
+
+    def __init__(self, rng: random.Random, leaf_costs: dict[Leaf, Cost],
+                 step_costs: dict[str, Cost]) -> None:
+        self._random = rng.random
+        self._leaf = {int(k): v for k, v in leaf_costs.items()}
+        self._step = dict(step_costs)
+        self._default = Cost(2000)
+
+    def _sample(self, cost: Cost) -> int:
+        rand = self._random
+        value = cost.base_ns * (1.0 + cost.jitter * (2.0 * rand() - 1.0))
+        if cost.tail_p and rand() < cost.tail_p:
+            value *= cost.tail_x
+        return max(1, int(value))
+
+    def seamcall(self, leaf: int) -> int:
+        return self._sample(self._leaf.get(leaf, self._default))
+
+    def step(self, name: str) -> int:
+        return self._sample(self._step[name])
+
+    def base(self, name: str) -> int:
+        return self._step[name].base_ns

@@ -1,0 +1,51 @@
+"""Run a scenario: the emulator's entry points for ``record``, ``replay`` and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tdxtrace.sim.recorder import BatchSink
+from tdxtrace.sim.scenario import Scenario
+from tdxtrace.sim.world import World
+from tdxtrace.trace import RunMetadata, Summary, TraceWriter
+
+Progress = Callable[[int, int], None]  # (simulated ns so far, simulated ns in all)
+
+
+def run_scenario(scenario: Scenario, seed: int, sink: BatchSink,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Run ``scenario`` with ``seed``, handing every record batch to ``sink``; returns truth."""
+    world = World(scenario, seed, _with_progress(sink, progress, scenario))
+    world.run()
+    return world.log.truth()
+
+
+def _with_progress(sink: BatchSink, progress: Progress | None, scenario: Scenario) -> BatchSink:
+    if progress is None:
+        return sink
+    total = int(scenario.run.duration_us) * 1000
+
+    def forward(batch: pa.RecordBatch) -> None:
+        sink(batch)
+        progress(int(batch.column("ts_ns")[-1].as_py()), total)
+
+    return forward
+
+
+def metadata_for(scenario: Scenario, seed: int) -> RunMetadata:
+    return RunMetadata(producer="emulator", scenario_name=scenario.name,
+                       scenario_text=scenario.canonical(), seed=seed,
+                       policies=scenario.policies())
+
+
+def record(scenario: Scenario, seed: int, path: str | Path, *, force: bool = False,
+           compression: str = "zstd", progress: Progress | None = None) -> Summary:
+    """Record ``scenario`` to ``path`` (written as ``path.partial``, renamed when finished)."""
+    with TraceWriter(path, metadata_for(scenario, seed), compression=compression,
+                     force=force) as writer:
+        truth = run_scenario(scenario, seed, writer.write_batch, progress)
+        return writer.close(truth)

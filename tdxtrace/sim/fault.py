@@ -1,0 +1,182 @@
+"""KVM's private-GPA fault path (tdx-reference.md §4(a), §5.2).
+
+``tdx_handle_ept_violation()`` fires ``kvm_page_fault`` once, then maps under mmu_lock read:
+for each missing non-leaf level, freeze the mirror SPTE (FROZEN_SPTE), TDH.MEM.SEPT.ADD, then
+write the real SPTE; for the leaf the same with TDH.MEM.PAGE.AUG. Meeting a frozen SPTE, or a
+BUSY from the module (SPTE restored), is RET_PF_RETRY. The ``frozen_spte`` policy decides what
+RET_PF_RETRY does next:
+
+* ``local_retry`` (mainline, Sean Christopherson's proposal in seed 000): retry inside the host
+  until it resolves, leaving only for a pending event or a signal, so the guest is never
+  resumed on an unresolved private fault and zero-step firing means a bug;
+* ``resume_guest`` (the earlier design): return to the guest, which faults again at the same
+  RIP; if the winner of the frozen SPTE is slow, the module's zero-step mitigation arms.
+
+Any other status from SEPT.ADD / PAGE.AUG is TDX_BUG_ON: the VM is bugged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tdxtrace.codes import Leaf, is_busy
+from tdxtrace.events import FaultOutcome, Flow, Kind, RetryCause, RootKind
+from tdxtrace.sim.mmu import FROZEN, NONPRESENT, present_spte
+from tdxtrace.sim.module import SUCCESS, nonleaf_keys
+
+if TYPE_CHECKING:
+    from tdxtrace.sim.kvm import Kvm, Vcpu
+    from tdxtrace.sim.world import World
+
+SEPT_ADD = int(Leaf.TDH_MEM_SEPT_ADD)
+PAGE_AUG = int(Leaf.TDH_MEM_PAGE_AUG)
+FLOW = int(Flow.FAULT)
+MIRROR = int(RootKind.MIRROR)
+
+
+@dataclass
+class Fault:
+    vcpu: Vcpu
+    gpa: int
+    gfn: int
+    corr: int
+    retries: int = 0
+
+
+class FaultPath:
+    def __init__(self, world: World, kvm: Kvm) -> None:
+        self.world = world
+        self.kvm = kvm
+        self.sim = world.sim
+        self.log = world.log
+        self.costs = world.costs
+        self.local_retry = world.policy.frozen_spte == "local_retry"
+        self._preempt = world.rng.stream("kvm.preempt")
+        self._signal = world.rng.stream("kvm.signal")
+        self.preempt_p = world.scenario.kvm.preempt_p
+        self.preempt_ns = world.scenario.kvm.preempt_ns
+        self.signal_p = world.scenario.kvm.signal_p
+
+    def handle(self, v: Vcpu, gpa: int) -> None:
+        """tdx_handle_ept_violation() for a private GPA."""
+        if v.stopped or v.td.bugged:
+            return
+        fault = Fault(v, gpa, gpa >> 12, self.log.new_corr())
+        self.log.count("faults")
+        if fault.gfn in v.td.zapped_gfns:
+            v.td.zapped_gfns.discard(fault.gfn)
+            self.log.count("refaults")
+        self.log.emit(Kind.PAGE_FAULT, flow=FLOW, corr=fault.corr, td=v.td.index, vcpu=v.index,
+                      lp=v.lp, gpa=gpa, rip=v.workload.current.rip, arg0=0x2)
+        self._attempt(fault)
+
+    def _attempt(self, f: Fault) -> None:
+        f.vcpu.td.mmu.acquire_read(lambda: self.sim.after(self.costs.step("mmu_walk"),
+                                                          self._walk, f, 0))
+
+    def _walk(self, f: Fault, level_index: int) -> None:
+        td = f.vcpu.td
+        mirror = td.mirror
+        keys = nonleaf_keys(f.gfn)
+        while level_index < len(keys) and keys[level_index] in mirror.nonleaf:
+            level_index += 1
+        if level_index < len(keys):
+            key: object = keys[level_index]
+            if key in mirror.frozen:
+                self._retry(f, RetryCause.FROZEN_SPTE)
+                return
+            self._freeze_and_call(f, key, SEPT_ADD, keys[level_index][0], level_index)
+            return
+        if f.gfn in mirror.leaves:
+            td.mmu.release_read()
+            self._done(f, FaultOutcome.ALREADY_MAPPED)
+            return
+        if f.gfn in mirror.frozen:
+            self._retry(f, RetryCause.FROZEN_SPTE)
+            return
+        self._freeze_and_call(f, f.gfn, PAGE_AUG, 0, level_index)
+
+    def _freeze_and_call(self, f: Fault, key: object, leaf: int, level: int,
+                         level_index: int) -> None:
+        v = f.vcpu
+        v.td.mirror.frozen[key] = f.corr
+        self._spte(f, level, NONPRESENT, FROZEN)
+        delay = 0
+        if self.preempt_p and self._preempt.random() < self.preempt_p:
+            delay = self.preempt_ns  # the winner is descheduled with the SPTE frozen
+        self.sim.after(delay, self._call, f, key, leaf, level, level_index)
+
+    def _call(self, f: Fault, key: object, leaf: int, level: int, level_index: int) -> None:
+        v = f.vcpu
+        td = v.td
+        module_td = td.module
+        module = self.kvm.module
+        if leaf == SEPT_ADD:
+            nonleaf_key = nonleaf_keys(f.gfn)[level_index]
+
+            def call(now: int, until: int, me: tuple[int, int, int]) -> int:
+                return module.sept_add(module_td, nonleaf_key, now, until, me)
+        else:
+            def call(now: int, until: int, me: tuple[int, int, int]) -> int:
+                return module.page_aug(module_td, f.gfn, now, until, me)
+
+        self.kvm.seamcall(td, leaf, v.lp, f.corr, FLOW, call,
+                          lambda status: self._called(f, key, leaf, level, level_index, status),
+                          vcpu=v.index, gpa=f.gfn << 12, level=level)
+
+    def _called(self, f: Fault, key: object, leaf: int, level: int, level_index: int,
+                status: int) -> None:
+        td = f.vcpu.td
+        del td.mirror.frozen[key]
+        if status == SUCCESS:
+            self._spte(f, level, FROZEN, present_spte(f.gfn, level))
+            if leaf == SEPT_ADD:
+                td.mirror.nonleaf.add(key)  # type: ignore[arg-type]
+                self._walk(f, level_index + 1)
+                return
+            td.mirror.leaves.add(f.gfn)
+            td.mmu.release_read()
+            self._done(f, FaultOutcome.MAPPED)
+            return
+        self._spte(f, level, FROZEN, NONPRESENT)
+        if is_busy(status):
+            self._retry(f, RetryCause.SEAMCALL_BUSY, leaf, status)
+            return
+        td.mmu.release_read()
+        self.kvm.bug_on(td, leaf, status, f.corr, FLOW)
+        self._done(f, FaultOutcome.ERROR)
+
+    def _retry(self, f: Fault, cause: RetryCause, leaf: int | None = None,
+               status: int | None = None) -> None:
+        """RET_PF_RETRY: the policy decides between a local retry and resuming the guest."""
+        v = f.vcpu
+        v.td.mmu.release_read()
+        self.log.emit(Kind.FAULT_RETRY, sub=cause, flow=FLOW, corr=f.corr, td=v.td.index,
+                      vcpu=v.index, lp=v.lp, gpa=f.gpa, leaf=leaf, status=status)
+        if not self.local_retry:
+            self._done(f, FaultOutcome.RESUME_GUEST)
+            return
+        if self.sim.now >= v.next_timer:
+            self._done(f, FaultOutcome.PENDING_EVENT)  # kvm_vcpu_has_events()
+            return
+        if self.signal_p and self._signal.random() < self.signal_p:
+            self._done(f, FaultOutcome.SIGNAL)
+            return
+        f.retries += 1
+        self.log.count("local_retries")
+        self.sim.after(self.costs.step("retry_resched"), self._attempt, f)
+
+    def _done(self, f: Fault, outcome: FaultOutcome) -> None:
+        v = f.vcpu
+        self.log.emit(Kind.FAULT_DONE, sub=outcome, flow=FLOW, corr=f.corr, td=v.td.index,
+                      vcpu=v.index, lp=v.lp, gpa=f.gpa, arg0=f.retries)
+        if self.sim.now >= v.next_timer:
+            v.next_timer = self.sim.now + self.kvm.timer_period
+        self.kvm.enter(v)
+
+    def _spte(self, f: Fault, level: int, old: int, new: int) -> None:
+        td = f.vcpu.td
+        self.log.emit(Kind.SPTE_CHANGED, sub=MIRROR, flow=FLOW, corr=f.corr, td=td.index,
+                      vcpu=f.vcpu.index, gpa=f.gfn << 12, level=level, arg0=old, arg1=new,
+                      arg2=td.mirror.root_id)

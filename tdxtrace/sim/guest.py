@@ -1,0 +1,68 @@
+"""Guest workloads: which private page each vCPU touches next, and at which RIP.
+
+A workload is a stream of memory touches per vCPU. Each touch is one instruction: a new RIP
+and the GFN it accesses. While the access cannot complete (the page is not mapped in the
+S-EPT) the vCPU stays at that RIP, so repeated EPT violations there are what the TDX module's
+zero-step detector counts. The guest accepts AUGed pages lazily from its #VE handler
+(TDG.MEM.PAGE.ACCEPT), i.e. a guest with ``pending_ve_disable = N``; EPT violations caused by
+ACCEPT itself do not count toward zero-step (tdx-reference.md §5.1), and in this model ACCEPT
+only runs on pages that are already AUGed, so it never causes one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tdxtrace.errors import ScenarioError
+
+WORKLOADS = ("sequential", "random", "hot")
+CODE_BASE = 0xFFFFFFFF81000000  # guest kernel text
+INSTRUCTION_BYTES = 7
+
+
+@dataclass
+class Touch:
+    rip: int
+    gfn: int
+
+
+class Workload:
+    """One vCPU's stream of touches over ``pages`` private pages starting at ``base_gfn``."""
+
+    def __init__(self, kind: str, vcpu: int, vcpus: int, base_gfn: int, pages: int,
+                 hot_pages: int, hot_fraction: float, rng: random.Random) -> None:
+        if kind not in WORKLOADS:
+            raise ScenarioError(f"guest.workload: unknown workload {kind!r} "
+                                f"(allowed: {', '.join(WORKLOADS)})")
+        self.kind = kind
+        self._rng = rng
+        self._base = base_gfn
+        self._pages = pages
+        span = max(1, pages // max(1, vcpus))
+        self._own_start = vcpu * span
+        self._own_span = span
+        self._hot = max(1, min(hot_pages, pages))
+        self._hot_fraction = hot_fraction
+        self._cursor = 0
+        self._instruction = vcpu * 4096  # distinct code paths per vCPU
+        self.current = self._next()
+
+    def _next_page(self) -> int:
+        if self.kind == "random":
+            return self._rng.randrange(self._pages)
+        if self.kind == "hot" and self._rng.random() < self._hot_fraction:
+            return self._rng.randrange(self._hot)
+        page = self._own_start + self._cursor % self._own_span
+        self._cursor += 1
+        return page % self._pages
+
+    def _next(self) -> Touch:
+        self._instruction += 1
+        rip = CODE_BASE + (self._instruction % 65536) * INSTRUCTION_BYTES
+        return Touch(rip, self._base + self._next_page())
+
+    def advance(self) -> Touch:
+        """The touch completed: move to the next instruction."""
+        self.current = self._next()
+        return self.current

@@ -1,0 +1,208 @@
+"""KVM's side: TDs and vCPUs, the vCPU run loop, SEAMCALL issue, kicks and KVM_BUG_ON.
+
+The private fault path is in :mod:`.fault`, the zap path in :mod:`.zap`; both call
+:meth:`Kvm.seamcall`, the one place that runs a SEAMCALL against the module model, writes its
+row and counts BUSY. VP.ENTER handling follows tdx-reference.md §4(b): a BUSY VP.ENTER is
+reported by kvm_exit with exit reason -1u and the fastpath loops back without re-entering at
+once; while ``wait_for_sept_zap`` is set the loop returns before VP.ENTER (and before
+kvm_entry, so no row is written).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, is_busy, leaf_name
+from tdxtrace.events import Flow, Kind, KickReason
+from tdxtrace.sim.guest import Workload
+from tdxtrace.sim.mmu import MirrorRoot, MmuLock
+from tdxtrace.sim.module import SUCCESS, ModuleTd, TdxModule
+
+if TYPE_CHECKING:
+    from tdxtrace.sim.world import World
+
+VP_ENTER = int(Leaf.TDH_VP_ENTER)
+EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
+EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
+SEAMCALL = int(Kind.SEAMCALL)
+
+
+@dataclass
+class Vcpu:
+    td: KvmTd
+    index: int
+    lp: int
+    workload: Workload
+    run_corr: int | None = None  # corr shared by a chain of BUSY-retried VP.ENTERs
+    in_guest: bool = False
+    token: int = 0  # bumped to cancel the guest's scheduled next step (kick, stop)
+    next_timer: int = 0
+    stopped: bool = False
+    faulting: bool = False
+
+
+@dataclass
+class KvmTd:
+    index: int
+    module: ModuleTd
+    mirror: MirrorRoot
+    mmu: MmuLock = field(default_factory=MmuLock)
+    vcpus: list[Vcpu] = field(default_factory=list)
+    wait_for_sept_zap: bool = False
+    bugged: bool = False
+    spin_free_at: int = 0  # seamcall_spinlock policy: when the per-TD spinlock is free
+    zapped_gfns: set[int] = field(default_factory=set)  # for refault accounting
+
+
+class Kvm:
+    """The vCPU run loop and the services the fault and zap paths share."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.sim = world.sim
+        self.log = world.log
+        self.costs = world.costs
+        self.module: TdxModule = world.module
+        self.timer_period = world.timer_period_ns
+        self.on_private_fault: Callable[[Vcpu, int], None] = lambda v, gpa: None
+
+    # --- SEAMCALLs ------------------------------------------------------------------------
+    def seamcall(self, td: KvmTd, leaf: int, lp: int, corr: int | None, flow: int,
+                 call: Callable[[int, int, tuple[int, int, int]], int],
+                 then: Callable[[int], None], *, vcpu: int | None = None,
+                 gpa: int | None = None, level: int | None = None,
+                 arg0: int | None = None) -> None:
+        """Run one SEAMCALL now (or when the policy spinlock frees), then ``then(status)``."""
+        sim = self.sim
+        if self.world.policy.zap_busy == "seamcall_spinlock" and sim.now < td.spin_free_at:
+            # The 2022 design: a per-TD spinlock around every TDH.MEM.* call (seed 002).
+            sim.at(td.spin_free_at, self.seamcall, td, leaf, lp, corr, flow, call, then,
+                   vcpu=vcpu, gpa=gpa, level=level, arg0=arg0)
+            return
+        now = sim.now
+        dur = self.costs.seamcall(leaf)
+        if self.world.policy.zap_busy == "seamcall_spinlock":
+            dur += self.costs.step("spinlock")
+            td.spin_free_at = now + dur
+        self.module.last_busy = None
+        status = self.world.faults.maybe_spurious_busy(leaf, now) or call(
+            now, now + dur, (lp, leaf, corr or 0))
+        self.log.emit(SEAMCALL, flow=flow, corr=corr, td=td.index, vcpu=vcpu, lp=lp, leaf=leaf,
+                      status=status, gpa=gpa, level=level, arg0=arg0, dur=dur)
+        if is_busy(status):
+            self.note_busy(td, leaf, status, corr)
+        sim.after(dur, then, status)
+
+    def note_busy(self, td: KvmTd, leaf: int, status: int, corr: int | None) -> None:
+        self.log.count_busy(leaf, status)
+        holder = self.module.last_busy
+        if holder is not None and holder.status == status:
+            h_lp, h_leaf, h_corr = holder.holder
+            self.log.emit(Kind.T_LOCK_HOLDER, sub=status & 0xFFFF, corr=corr, td=td.index,
+                          leaf=leaf, status=status, arg0=max(h_lp, 0), arg1=max(h_leaf, 0),
+                          arg2=max(h_corr, 0))
+
+    def bug_on(self, td: KvmTd, leaf: int, status: int, corr: int | None, flow: int) -> None:
+        """KVM_BUG_ON: the VM is bugged, an error is logged, every vCPU stops."""
+        if td.bugged:
+            return
+        td.bugged = True
+        self.log.count("vms_bugged")
+        self.log.emit(Kind.VM_BUGGED, flow=flow, corr=corr, td=td.index, leaf=leaf,
+                      status=status)
+        self.world.note(f"KVM_BUG_ON: TD {td.index}: {leaf_name(leaf)} returned {status:#x}")
+        for v in td.vcpus:
+            v.stopped = True
+            v.token += 1
+
+    # --- the run loop ---------------------------------------------------------------------
+    def start(self, v: Vcpu, when: int) -> None:
+        v.next_timer = when + self.timer_period
+        self.sim.at(when, self.enter, v)
+
+    def enter(self, v: Vcpu) -> None:
+        td = v.td
+        if v.stopped or td.bugged or self.world.stopping:
+            return
+        if td.wait_for_sept_zap:
+            self.sim.after(self.costs.step("fastpath_loop"), self.enter, v)
+            return
+        if v.run_corr is None:
+            v.run_corr = self.log.new_corr()
+        log, sim, module = self.log, self.sim, self.module
+        rip = v.workload.current.rip
+        log.emit(Kind.TD_ENTRY, flow=Flow.RUN, corr=v.run_corr, td=td.index, vcpu=v.index,
+                 lp=v.lp, leaf=VP_ENTER, rip=rip)
+        dur = self.costs.seamcall(VP_ENTER)
+        status, synthesized = module.vp_enter(td.module, v.index, v.lp, rip, sim.now,
+                                              sim.now + dur, (v.lp, VP_ENTER, v.run_corr))
+        if is_busy(status):
+            self.note_busy(td, VP_ENTER, status, v.run_corr)
+            sim.after(dur, self._busy_exit, v, status)
+        elif synthesized is not None:
+            log.emit(Kind.T_SYNTHESIZED_EXIT, td=td.index, vcpu=v.index, gpa=synthesized,
+                     rip=rip)
+            log.count("synthesized_exits")
+            sim.after(dur, self._exit, v, EPT_VIOLATION, synthesized, False)
+        elif status != SUCCESS:
+            sim.after(dur, self._busy_exit, v, status)
+            v.stopped = True  # unexpected VP.ENTER status: exit to userspace, vCPU stops
+        else:
+            v.in_guest = True
+            v.token += 1
+            sim.after(dur, self.world.guest_step, v, v.token)
+
+    def _busy_exit(self, v: Vcpu, status: int) -> None:
+        self.log.emit(Kind.TD_EXIT, flow=Flow.RUN, corr=v.run_corr, td=v.td.index,
+                      vcpu=v.index, lp=v.lp, leaf=VP_ENTER, status=status,
+                      exit_reason=EXIT_REASON_INVALID, rip=v.workload.current.rip)
+        # tdx_exit_handlers_fastpath(): EXIT_FASTPATH_EXIT_HANDLED, loop back to VP.ENTER.
+        self.sim.after(self.costs.step("fastpath_loop"), self.enter, v)
+
+    def exit_guest(self, v: Vcpu, reason: int, gpa: int | None) -> None:
+        """A real TD exit (the guest was running)."""
+        v.in_guest = False
+        v.token += 1
+        self._exit(v, reason, gpa, True)
+
+    def _exit(self, v: Vcpu, reason: int, gpa: int | None, real: bool) -> None:
+        td, log = v.td, self.log
+        rip = v.workload.current.rip
+        if real:
+            armed, reset = self.module.td_exit(td.module, v.index, rip,
+                                               gpa if reason == EPT_VIOLATION else None)
+            if reset:
+                log.emit(Kind.T_ZERO_STEP_RESET, td=td.index, vcpu=v.index, rip=rip)
+            if armed:
+                log.count("zero_step_incidents")
+                log.emit(Kind.T_ZERO_STEP_ARMED, td=td.index, vcpu=v.index, rip=rip, gpa=gpa,
+                         arg0=6)
+        log.emit(Kind.TD_EXIT, flow=Flow.RUN, corr=v.run_corr, td=td.index, vcpu=v.index,
+                 lp=v.lp, leaf=VP_ENTER, status=SUCCESS | reason, exit_reason=reason, gpa=gpa,
+                 rip=rip)
+        v.run_corr = None
+        delay = self.costs.step("td_exit") + self.costs.step("exit_handling")
+        if reason == EPT_VIOLATION and gpa is not None:
+            self.sim.after(delay, self.on_private_fault, v, gpa)
+        else:
+            self.sim.after(delay, self.enter, v)
+
+    def _kicked(self, v: Vcpu, token: int) -> None:
+        if v.in_guest and v.token == token:
+            self.exit_guest(v, EXTERNAL_INTERRUPT, None)
+
+    # --- kicks ----------------------------------------------------------------------------
+    def kick_all(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
+                 lp: int, then: Callable[[], None]) -> None:
+        """kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE): IPI and wait for acks."""
+        in_guest = [v for v in td.vcpus if v.in_guest]
+        self.log.emit(Kind.KICK, sub=reason, flow=flow, corr=corr, td=td.index, lp=lp,
+                      arg0=len(in_guest))
+        ipi = self.world.faults.ipi_delay(self.costs.step("ipi") // 4)
+        for v in in_guest:
+            v.token += 1
+            self.sim.after(ipi, self._kicked, v, v.token)
+        wait = self.costs.step("kick") + self.costs.base("kick_per_vcpu") * len(td.vcpus)
+        self.sim.after(max(wait, ipi + 1), then)

@@ -1,0 +1,40 @@
+"""The TDX module's try-locks, modelled by the time interval each holder keeps them.
+
+The module never waits: an acquisition that conflicts returns ``TDX_OPERAND_BUSY | operand``
+at once (tdx-reference.md §6.1). Because the emulator decides a SEAMCALL's outcome when it
+starts and knows how long it will run, a holder is simply "busy until t": no release events
+are needed, and a conflict is a comparison with the current time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Holder = tuple[int, int, int]  # (lp, leaf, corr) of the SEAMCALL holding the lock
+
+
+@dataclass
+class SharexLock:
+    """A shared/exclusive try-lock (``sharex_lock``) reported with ``operand`` on conflict."""
+
+    operand: int
+    excl_until: int = -1
+    excl_holder: Holder = (-1, -1, -1)
+    shared_until: int = -1
+    shared_holder: Holder = (-1, -1, -1)
+
+    def conflict(self, now: int, exclusive: bool) -> Holder | None:
+        """The holder that makes an acquisition fail now, or None when it would succeed."""
+        if self.excl_until > now:
+            return self.excl_holder
+        if exclusive and self.shared_until > now:
+            return self.shared_holder
+        return None
+
+    def hold(self, now: int, until: int, exclusive: bool, holder: Holder) -> None:
+        if exclusive:
+            self.excl_until = until
+            self.excl_holder = holder
+        elif until > self.shared_until:
+            self.shared_until = until
+            self.shared_holder = holder

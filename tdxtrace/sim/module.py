@@ -1,0 +1,273 @@
+"""The TDX module model: TD state, TLB epochs, try-locks, S-EPT entries, zero-step tracking.
+
+Rules follow tdx-reference.md §5.1 (zero-step), §6.2 (who takes which lock), §6.4 (TLB epochs).
+A SEAMCALL's outcome is decided when it starts; its locks are held for its whole duration
+(``until``). Deviation, on purpose: state changes apply at the start, not the end, of a call.
+Other calls cannot observe the difference because the entry/tree locks are held for the whole
+interval and make them fail with OPERAND_BUSY instead.
+
+Teardown leaves (VP.FLUSH, VPFLUSHDONE, CACHE.WB, FREEID, RECLAIM) live in
+:mod:`tdxtrace.sim.module_teardown`, which works on the same :class:`ModuleTd` state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from tdxtrace.codes import (
+    EPF_GPA_LIST_SIZE,
+    STEPPING_EPF_THRESHOLD,
+    ExitReason,
+    Leaf,
+    OperandId,
+    Status,
+    with_operand,
+)
+from tdxtrace.events import SeptState
+from tdxtrace.sim.locks import Holder, SharexLock
+
+BUSY = int(Status.OPERAND_BUSY)
+SUCCESS = int(Status.SUCCESS)
+EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
+MAPPED_STATES = (SeptState.MAPPED, SeptState.PENDING)
+
+
+class TdLifecycle(IntEnum):
+    CREATED = 0  # MNG.CREATE done (HKID assigned)
+    KEYS_CONFIGURED = 1
+    INITIALIZED = 2  # MNG.INIT done, not finalized
+    RUNNABLE = 3  # MR.FINALIZE done
+    BLOCKED = 4  # VPFLUSHDONE done
+    TEARDOWN = 5  # KEY.FREEID done: pages may be reclaimed
+
+
+@dataclass
+class SeptEntry:
+    """A leaf S-EPT entry (4K): its state, blocking epoch and entry lock."""
+
+    state: SeptState = SeptState.FREE
+    bepoch: int = -1
+    lock_until: int = -1
+    lock_holder: Holder = (-1, -1, -1)
+
+
+@dataclass
+class ModuleVcpu:
+    assoc_lp: int = -1
+    in_guest: bool = False
+    entered_epoch: int = 0
+    rip_on_entry: int = -1
+    zs_count: int = 0  # possibly_epf_stepping
+    zs_gpas: list[int] = field(default_factory=list)  # last_epf_gpa_list
+
+
+@dataclass
+class ModuleTd:
+    td: int
+    hkid: int
+    lifecycle: TdLifecycle = TdLifecycle.CREATED
+    tdr: SharexLock = field(default_factory=lambda: SharexLock(OperandId.TDR))
+    epoch_lock: SharexLock = field(default_factory=lambda: SharexLock(OperandId.TD_EPOCH))
+    sept_tree: SharexLock = field(default_factory=lambda: SharexLock(OperandId.SEPT_TREE))
+    epoch: int = 1
+    refcount: list[int] = field(default_factory=lambda: [0, 0])
+    entries: dict[int, SeptEntry] = field(default_factory=dict)  # gfn -> leaf entry
+    nonleaf: set[tuple[int, int]] = field(default_factory=set)  # (tdx level, index)
+    vcpus: list[ModuleVcpu] = field(default_factory=list)
+    num_assoc: int = 0
+
+    def entry(self, gfn: int) -> SeptEntry:
+        found = self.entries.get(gfn)
+        if found is None:
+            found = self.entries[gfn] = SeptEntry()
+        return found
+
+
+@dataclass(frozen=True)
+class Busy:
+    """An OPERAND_BUSY outcome and who held the lock (for truth rows)."""
+
+    status: int
+    holder: Holder
+
+
+def nonleaf_keys(gfn: int) -> tuple[tuple[int, int], ...]:
+    """The non-leaf S-EPT entries a 4K mapping of ``gfn`` needs, top level first."""
+    return ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9))
+
+
+class TdxModule:
+    """SEAMCALL semantics. Methods take the call's start time and end time (``until``)."""
+
+    def __init__(self) -> None:
+        self.tds: list[ModuleTd] = []
+        self.last_busy: Busy | None = None  # set by a method that returned OPERAND_BUSY
+
+    def _busy(self, lock: SharexLock, holder: Holder) -> int:
+        status = with_operand(BUSY, lock.operand)
+        self.last_busy = Busy(status, holder)
+        return status
+
+    def _take(self, lock: SharexLock, now: int, until: int, exclusive: bool,
+              me: Holder) -> int:
+        held_by = lock.conflict(now, exclusive)
+        if held_by is not None:
+            return self._busy(lock, held_by)
+        lock.hold(now, until, exclusive, me)
+        return SUCCESS
+
+    def _take_entry(self, entry: SeptEntry, now: int, until: int, me: Holder) -> int:
+        if entry.lock_until > now:
+            self.last_busy = Busy(with_operand(BUSY, OperandId.RCX), entry.lock_holder)
+            return self.last_busy.status
+        entry.lock_until = until
+        entry.lock_holder = me
+        return SUCCESS
+
+    # --- S-EPT building (fault path) -------------------------------------------------------
+    def sept_add(self, td: ModuleTd, key: tuple[int, int], now: int, until: int,
+                 me: Holder) -> int:
+        for lock in (td.tdr, td.sept_tree):
+            status = self._take(lock, now, until, False, me)
+            if status:
+                return status
+        if key in td.nonleaf:
+            return with_operand(int(Status.EPT_ENTRY_NOT_FREE), OperandId.RCX)
+        td.nonleaf.add(key)
+        return SUCCESS
+
+    def page_aug(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
+        for lock in (td.tdr, td.sept_tree):
+            status = self._take(lock, now, until, False, me)
+            if status:
+                return status
+        if any(key not in td.nonleaf for key in nonleaf_keys(gfn)):
+            return with_operand(int(Status.EPT_WALK_FAILED), OperandId.RCX)
+        entry = td.entry(gfn)
+        status = self._take_entry(entry, now, until, me)
+        if status:
+            return status
+        if entry.state != SeptState.FREE:
+            return with_operand(int(Status.EPT_ENTRY_NOT_FREE), OperandId.RCX)
+        entry.state = SeptState.PENDING
+        return SUCCESS
+
+    # --- removal (zap path): BLOCK -> TRACK -> REMOVE ----------------------------------------
+    def range_block(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
+        status = self._take(td.tdr, now, until, False, me) or self._take(
+            td.sept_tree, now, until, True, me)
+        if status:
+            return status
+        entry = td.entry(gfn)
+        status = self._take_entry(entry, now, until, me)
+        if status:
+            return status
+        if entry.state == SeptState.FREE:
+            return with_operand(int(Status.EPT_ENTRY_FREE), OperandId.RCX)
+        if entry.state in (SeptState.BLOCKED, SeptState.PENDING_BLOCKED):
+            return int(Status.GPA_RANGE_ALREADY_BLOCKED)
+        entry.state = (SeptState.PENDING_BLOCKED if entry.state == SeptState.PENDING
+                       else SeptState.BLOCKED)
+        entry.bepoch = td.epoch
+        return SUCCESS
+
+    def track(self, td: ModuleTd, now: int, until: int, me: Holder) -> int:
+        status = self._take(td.tdr, now, until, False, me) or self._take(
+            td.epoch_lock, now, until, True, me)
+        if status:
+            return status
+        if td.refcount[(td.epoch - 1) & 1]:
+            return int(Status.PREVIOUS_TLB_EPOCH_BUSY)
+        td.epoch += 1
+        return SUCCESS
+
+    def page_remove(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
+        status = self._take(td.tdr, now, until, False, me) or self._take(
+            td.sept_tree, now, until, False, me)
+        if status:
+            return status
+        entry = td.entry(gfn)
+        status = self._take_entry(entry, now, until, me)
+        if status:
+            return status
+        if entry.state not in (SeptState.BLOCKED, SeptState.PENDING_BLOCKED):
+            return with_operand(int(Status.GPA_RANGE_NOT_BLOCKED), OperandId.RCX)
+        tracked = entry.bepoch < td.epoch - 1 or (
+            entry.bepoch == td.epoch - 1 and td.refcount[entry.bepoch & 1] == 0)
+        if not tracked:
+            return with_operand(int(Status.TLB_TRACKING_NOT_DONE), OperandId.RCX)
+        entry.state = SeptState.FREE
+        entry.bepoch = -1
+        return SUCCESS
+
+    # --- guest side -----------------------------------------------------------------------
+    def guest_accept(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
+        """TDG.MEM.PAGE.ACCEPT; the host has priority on the entry lock (§6.1)."""
+        entry = td.entry(gfn)
+        if entry.lock_until > now:
+            return int(Status.OPERAND_BUSY_HOST_PRIORITY)
+        if entry.state == SeptState.MAPPED:
+            return int(Status.PAGE_ALREADY_ACCEPTED)
+        if entry.state != SeptState.PENDING:
+            return with_operand(int(Status.EPT_ENTRY_STATE_INCORRECT), OperandId.RCX)
+        entry.lock_until = until
+        entry.lock_holder = me
+        entry.state = SeptState.MAPPED
+        return SUCCESS
+
+    # --- VP.ENTER and TD exit ---------------------------------------------------------------
+    def vp_enter(self, td: ModuleTd, vcpu: int, lp: int, rip: int, now: int, until: int,
+                 me: Holder) -> tuple[int, int | None]:
+        """Returns (status, synthesized GPA). Status SUCCESS with a GPA: an emulated exit 48."""
+        mv = td.vcpus[vcpu]
+        if mv.assoc_lp not in (-1, lp):
+            return int(Status.VCPU_ASSOCIATED), None
+        status = self._take(td.tdr, now, until, False, me) or self._take(
+            td.epoch_lock, now, until, False, me)
+        if status:
+            return status, None
+        if mv.assoc_lp == -1:
+            mv.assoc_lp = lp
+            td.num_assoc += 1
+        if mv.zs_gpas:
+            # Zero-step enforcement: the S-EPT tree lock, exclusively, before entering.
+            status = self._take(td.sept_tree, now, until, True, me)
+            if status:
+                return status, None
+            for gpa in mv.zs_gpas:
+                if td.entry(gpa >> 12).state not in MAPPED_STATES:
+                    return SUCCESS | EPT_VIOLATION, gpa
+        td.refcount[td.epoch & 1] += 1
+        mv.in_guest = True
+        mv.entered_epoch = td.epoch
+        mv.rip_on_entry = rip
+        return SUCCESS, None
+
+    def td_exit(self, td: ModuleTd, vcpu: int, rip: int, private_ept_gpa: int | None
+                ) -> tuple[bool, bool]:
+        """A real TD exit. Returns (armed_now, reset) for the zero-step truth rows."""
+        mv = td.vcpus[vcpu]
+        if mv.in_guest:
+            td.refcount[mv.entered_epoch & 1] -= 1
+            mv.in_guest = False
+        reset = False
+        if rip != mv.rip_on_entry and (mv.zs_count or mv.zs_gpas):
+            # Only a reset of an armed vCPU is worth a truth row ("disarmed").
+            reset = mv.zs_count >= STEPPING_EPF_THRESHOLD
+            mv.zs_count = 0
+            mv.zs_gpas.clear()
+        if private_ept_gpa is None:
+            return False, reset
+        if mv.zs_count < STEPPING_EPF_THRESHOLD:
+            mv.zs_count += 1
+            return mv.zs_count == STEPPING_EPF_THRESHOLD, reset
+        if private_ept_gpa not in mv.zs_gpas and len(mv.zs_gpas) < EPF_GPA_LIST_SIZE:
+            mv.zs_gpas.append(private_ept_gpa)
+        return False, reset
+
+
+SEAMCALL_LEAVES_USING_GPA = frozenset({
+    Leaf.TDH_MEM_SEPT_ADD, Leaf.TDH_MEM_PAGE_AUG, Leaf.TDH_MEM_RANGE_BLOCK,
+    Leaf.TDH_MEM_PAGE_REMOVE, Leaf.TDH_MEM_PAGE_ADD,
+})

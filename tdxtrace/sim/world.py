@@ -1,0 +1,175 @@
+"""Wiring: one simulated host with its TDs, KVM, the guests and the VMM.
+
+:class:`World` builds every model from a resolved scenario and a seed, runs the guests' side
+(touching private memory, accepting AUGed pages, timer interrupts) and the VMM's periodic zaps.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from tdxtrace.codes import PAGE_SIZE, ExitReason, Leaf, Status
+from tdxtrace.events import Flow, Kind, SeptState, ZapReason, ZapScope
+from tdxtrace.sim.costs import (
+    DEFAULT_LEAF_COSTS,
+    DEFAULT_STEP_COSTS,
+    LEAF_BY_KEY,
+    Cost,
+    CostModel,
+)
+from tdxtrace.sim.fault import FaultPath
+from tdxtrace.sim.faults import FaultPlan
+from tdxtrace.sim.guest import Workload
+from tdxtrace.sim.kernel import RandomStreams, Simulator
+from tdxtrace.sim.kvm import Kvm, KvmTd, Vcpu
+from tdxtrace.sim.mmu import MirrorRoot
+from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdLifecycle, TdxModule
+from tdxtrace.sim.recorder import BatchSink, EventLog
+from tdxtrace.sim.scenario import Scenario
+from tdxtrace.sim.zap import ZapPath
+
+PRIVATE_BASE_GFN = 0x100000  # private memory starts at 4 GiB
+EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
+EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
+ACCEPT_OK = (int(Status.SUCCESS), int(Status.PAGE_ALREADY_ACCEPTED))
+ZAP_SCOPES = {"range_leafs": ZapScope.RANGE_LEAFS, "all_roots": ZapScope.ALL_ROOTS,
+              "everything": ZapScope.EVERYTHING}
+
+
+def _cost_models(scenario: Scenario, world_rng: RandomStreams) -> CostModel:
+    leaf_costs = dict(DEFAULT_LEAF_COSTS)
+    step_costs = dict(DEFAULT_STEP_COSTS)
+    for name, spec in scenario.data["costs"].items():
+        default = leaf_costs.get(LEAF_BY_KEY[name], Cost(2000)) if name in LEAF_BY_KEY \
+            else step_costs[name]
+        cost = Cost(int(spec.get("base_ns", default.base_ns)), spec.get("jitter", default.jitter),
+                    spec.get("tail_p", default.tail_p), spec.get("tail_x", default.tail_x))
+        if name in LEAF_BY_KEY:
+            leaf_costs[LEAF_BY_KEY[name]] = cost
+        else:
+            step_costs[name] = cost
+    return CostModel(world_rng.stream("costs"), leaf_costs, step_costs)
+
+
+class World:
+    def __init__(self, scenario: Scenario, seed: int, sink: BatchSink) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.sim = Simulator()
+        self.rng = RandomStreams(seed)
+        self.log = EventLog(sink, lambda: self.sim.now)
+        self.costs = _cost_models(scenario, self.rng)
+        policy = scenario.policy
+        self.policy = SimpleNamespace(**vars(policy),
+                                      zap_scope_code=int(ZAP_SCOPES[policy.zap_scope]))
+        self.faults = FaultPlan(scenario.faults, self.rng)
+        self.module = TdxModule()
+        host = scenario.host
+        self.lps = host.lps
+        self.host_lp = host.lps - 1
+        self.timer_period_ns = 1_000_000_000 // scenario.guest.timer_hz
+        self.stopping = False
+        self.notes: list[str] = []
+        self.kvm = Kvm(self)
+        self.fault_path = FaultPath(self, self.kvm)
+        self.kvm.on_private_fault = self.fault_path.handle
+        self.zap = ZapPath(self, self.kvm)
+        self.tds = [self._build_td(t) for t in range(scenario.td.count)]
+        self._vmm_rng = self.rng.stream("vmm")
+        self._touch_ns = self.costs.base("guest_touch")
+        self._max_touches = scenario.guest.max_touches
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @property
+    def pages(self) -> int:
+        return int(self.scenario.td.memory_mb) * (1024 * 1024 // PAGE_SIZE)
+
+    def _build_td(self, index: int) -> KvmTd:
+        cfg, guest = self.scenario.td, self.scenario.guest
+        mtd = ModuleTd(td=index, hkid=index + 1, lifecycle=TdLifecycle.RUNNABLE,
+                       vcpus=[ModuleVcpu() for _ in range(cfg.vcpus)])
+        self.module.tds.append(mtd)
+        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1))
+        vcpu_lps = max(1, self.lps - 1)  # the last LP runs the VMM / zap thread
+        for i in range(cfg.vcpus):
+            workload = Workload(guest.workload, i, cfg.vcpus, PRIVATE_BASE_GFN, self.pages,
+                                guest.hot_pages, guest.hot_fraction,
+                                self.rng.stream(f"guest.td{index}.vcpu{i}"))
+            td.vcpus.append(Vcpu(td, i, (index * cfg.vcpus + i) % vcpu_lps, workload))
+        return td
+
+    # --- the guest ------------------------------------------------------------------------
+    def guest_step(self, v: Vcpu, token: int) -> None:
+        """The guest runs until its next exit: a timer tick, an EPT violation, or a kick."""
+        if token != v.token or v.stopped:
+            return
+        sim, kvm = self.sim, self.kvm
+        now = sim.now
+        if now >= v.next_timer:
+            while v.next_timer <= now:
+                v.next_timer += self.timer_period_ns
+            kvm.exit_guest(v, EXTERNAL_INTERRUPT, None)
+            return
+        entries = v.td.module.entries
+        touch = v.workload.current
+        entry = entries.get(touch.gfn)
+        state = entry.state if entry is not None else SeptState.FREE
+        if state == SeptState.MAPPED:
+            spent = 0
+            limit = min(self._max_touches, max(1, (v.next_timer - now) // self._touch_ns))
+            done = 0
+            while state == SeptState.MAPPED and done < limit:
+                touch = v.workload.advance()
+                spent += self._touch_ns
+                done += 1
+                entry = entries.get(touch.gfn)
+                state = entry.state if entry is not None else SeptState.FREE
+            sim.after(spent, self.guest_step, v, token)
+        elif state == SeptState.PENDING:
+            dur = self.costs.step("guest_accept")
+            status = self.module.guest_accept(v.td.module, touch.gfn, now, now + dur,
+                                              (v.lp, 6, 0))
+            self.log.emit(Kind.GUEST_ACCEPT, td=v.td.index, vcpu=v.index, lp=v.lp,
+                          gpa=touch.gfn << 12, level=0, status=status, dur=dur)
+            sim.after(dur, self.guest_step, v, token)
+        else:
+            kvm.exit_guest(v, EPT_VIOLATION, touch.gfn << 12)
+
+    # --- the VMM --------------------------------------------------------------------------
+    def _vmm_zap(self, td: KvmTd) -> None:
+        if self.stopping or td.bugged:
+            return
+        vmm = self.scenario.vmm
+        count = min(vmm.zap_pages, self.pages)
+        start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
+        gfns = list(range(start, start + count))
+        if vmm.zap_reason == "conversion":
+            self.log.emit(Kind.MEM_ATTR, flow=Flow.ZAP, td=td.index, lp=self.host_lp,
+                          gpa=start << 12, arg0=count, arg1=0)
+            reason = ZapReason.CONVERSION
+        else:
+            reason = ZapReason.TRUNCATION
+        self.zap.zap(td, gfns, reason, Flow.ZAP)
+        self.sim.after(vmm.zap_interval_us * 1000, self._vmm_zap, td)
+
+    # --- running --------------------------------------------------------------------------
+    def run(self) -> None:
+        scenario = self.scenario
+        stagger = self.rng.stream("start")
+        for td in self.tds:
+            for v in td.vcpus:
+                self.kvm.start(v, stagger.randrange(1000, 5000))
+            if scenario.vmm.zap_interval_us:
+                self.sim.after(scenario.vmm.zap_interval_us * 1000, self._vmm_zap, td)
+        end = scenario.run.duration_us * 1000
+        max_events = scenario.run.max_events
+        log = self.log
+        stop = (lambda: log.events >= max_events) if max_events else None
+        self.sim.run(end, stop)
+        self.stopping = True
+        self.log.flush()
+
+
+VP_ENTER = int(Leaf.TDH_VP_ENTER)

@@ -1,0 +1,163 @@
+"""KVM's zap path for private leaves (tdx-reference.md §4(b)).
+
+Under mmu_lock write, for each present private 4K leaf: the mirror SPTE goes non-present, then
+``tdx_sept_remove_leaf_spte()``: TDH.MEM.RANGE.BLOCK, ``tdx_track()`` (TDH.MEM.TRACK, then kick
+every vCPU out of guest mode and wait), TDH.MEM.PAGE.REMOVE, TDH.PHYMEM.PAGE.WBINVD. BLOCK,
+TRACK and REMOVE go through ``tdh_do_no_vcpus()`` as the ``zap_busy`` policy says:
+
+* ``kick_retry_once`` (mainline since the 2025 cleanup, [CLEANUP-v3]): on OPERAND_BUSY set
+  wait_for_sept_zap, kick every vCPU, retry exactly once; a second failure is a KVM bug;
+* ``retry_loop``: the dropped "[HACK]" of the 2024 thread ([YAN-0913]): retry up to
+  SEAMCALL_RETRY_MAX (16) times without kicking; vCPUs keep entering, so it can livelock;
+* ``seamcall_spinlock``: the 2022 design (seed 002): a per-TD spinlock around every TDH.MEM.*
+  call and no retry at all; the spinlock does not cover VP.ENTER, so a BUSY from it is a bug.
+
+Any status KVM does not expect ends in KVM_BUG_ON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tdxtrace.codes import Leaf, Status, is_busy
+from tdxtrace.events import Kind, KickReason, RootKind, ZapReason
+from tdxtrace.sim.mmu import NONPRESENT, present_spte
+from tdxtrace.sim.module import SUCCESS
+
+if TYPE_CHECKING:
+    from tdxtrace.sim.kvm import Kvm, KvmTd
+    from tdxtrace.sim.world import World
+
+BLOCK = int(Leaf.TDH_MEM_RANGE_BLOCK)
+TRACK = int(Leaf.TDH_MEM_TRACK)
+REMOVE = int(Leaf.TDH_MEM_PAGE_REMOVE)
+WBINVD = int(Leaf.TDH_PHYMEM_PAGE_WBINVD)
+RETRY_LOOP_MAX = 16  # SEAMCALL_RETRY_MAX of the dropped retry hack
+ALREADY_BLOCKED = int(Status.GPA_RANGE_ALREADY_BLOCKED)
+
+Done = Callable[[], None]
+
+
+class ZapPath:
+    def __init__(self, world: World, kvm: Kvm) -> None:
+        self.world = world
+        self.kvm = kvm
+        self.sim = world.sim
+        self.log = world.log
+        self.module = world.module
+        self.policy = world.policy.zap_busy
+        self.lp = world.host_lp
+
+    def zap(self, td: KvmTd, gfns: list[int], reason: ZapReason, flow: int,
+            then: Done | None = None) -> None:
+        """Zap the private leaves of ``gfns`` (kvm_unmap_gfn_range on the mirror root)."""
+        corr = self.log.new_corr()
+        self.log.count("zaps")
+        start = gfns[0] << 12 if gfns else 0
+        self.log.emit(Kind.ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=self.lp,
+                      gpa=start, arg0=len(gfns), arg1=self.world.policy.zap_scope_code)
+        state = {"zapped": 0}
+
+        def finish() -> None:
+            td.mmu.release_write()
+            self.log.emit(Kind.ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
+                          lp=self.lp, arg0=state["zapped"], arg1=state["zapped"])
+            if then is not None:
+                then()
+
+        def next_page(i: int) -> None:
+            while i < len(gfns) and gfns[i] not in td.mirror.leaves:
+                i += 1
+            if i >= len(gfns) or td.bugged:
+                finish()
+                return
+            gfn = gfns[i]
+            td.mirror.leaves.discard(gfn)
+            td.zapped_gfns.add(gfn)
+            state["zapped"] += 1
+            self.log.count("sptes_zapped")
+            self.log.emit(Kind.SPTE_CHANGED, sub=RootKind.MIRROR, flow=flow, corr=corr,
+                          td=td.index, gpa=gfn << 12, level=0, arg0=present_spte(gfn, 0),
+                          arg1=NONPRESENT, arg2=td.mirror.root_id)
+            self.remove_leaf(td, gfn, corr, flow, lambda: next_page(i + 1))
+
+        td.mmu.acquire_write(lambda: next_page(0))
+
+    def remove_leaf(self, td: KvmTd, gfn: int, corr: int, flow: int, then: Done) -> None:
+        """tdx_sept_remove_leaf_spte(): BLOCK -> TRACK + kick -> REMOVE -> PAGE.WBINVD."""
+        module, mtd = self.module, td.module
+
+        def block(now: int, until: int, me: tuple[int, int, int]) -> int:
+            return module.range_block(mtd, gfn, now, until, me)
+
+        def remove(now: int, until: int, me: tuple[int, int, int]) -> int:
+            return module.page_remove(mtd, gfn, now, until, me)
+
+        def wbinvd(now: int, until: int, me: tuple[int, int, int]) -> int:
+            return SUCCESS
+
+        gpa = gfn << 12
+        after_remove = lambda: self.kvm.seamcall(  # noqa: E731
+            td, WBINVD, self.lp, corr, flow, wbinvd, lambda s: self._check(td, WBINVD, s,
+                                                                          corr, flow, then),
+            arg0=gfn)
+        after_track = lambda: self.no_vcpus(td, REMOVE, remove, corr, flow, after_remove,  # noqa: E731
+                                            gpa=gpa)
+        after_block = lambda: self.track(td, corr, flow, after_track)  # noqa: E731
+        self.no_vcpus(td, BLOCK, block, corr, flow, after_block, gpa=gpa)
+
+    def track(self, td: KvmTd, corr: int, flow: int, then: Done) -> None:
+        """tdx_track(): TRACK, then kick so vCPUs of the old epoch leave the guest."""
+        module, mtd = self.module, td.module
+
+        def track(now: int, until: int, me: tuple[int, int, int]) -> int:
+            return module.track(mtd, now, until, me)
+
+        kick = lambda: self.kvm.kick_all(td, KickReason.TRACK, corr, flow, self.lp, then)  # noqa: E731
+        self.no_vcpus(td, TRACK, track, corr, flow, kick)
+
+    def no_vcpus(self, td: KvmTd, leaf: int, call: Callable[[int, int, tuple[int, int, int]], int],
+                 corr: int, flow: int, then: Done, *, gpa: int | None = None,
+                 attempt: int = 0) -> None:
+        """tdh_do_no_vcpus(): issue; on OPERAND_BUSY act as the zap_busy policy says."""
+        level = 0 if gpa is not None else None
+
+        def result(status: int) -> None:
+            if status == SUCCESS or (leaf == BLOCK and status == ALREADY_BLOCKED):
+                if attempt and self.policy == "kick_retry_once":
+                    td.wait_for_sept_zap = False
+                then()
+                return
+            if not is_busy(status) or self.policy == "seamcall_spinlock":
+                self._bug(td, leaf, status, corr, flow)
+                return
+            if self.policy == "kick_retry_once":
+                if attempt:
+                    self._bug(td, leaf, status, corr, flow)
+                    return
+                td.wait_for_sept_zap = True
+                self.kvm.kick_all(td, KickReason.NO_VCPUS_RETRY, corr, flow, self.lp,
+                                  lambda: self.no_vcpus(td, leaf, call, corr, flow, then,
+                                                        gpa=gpa, attempt=1))
+                return
+            if attempt + 1 >= RETRY_LOOP_MAX:
+                self._bug(td, leaf, status, corr, flow)
+                return
+            self.sim.after(self.world.costs.step("retry_resched"), self.no_vcpus, td, leaf,
+                           call, corr, flow, then, gpa=gpa, attempt=attempt + 1)
+
+        self.kvm.seamcall(td, leaf, self.lp, corr, flow, call, result, gpa=gpa, level=level)
+
+    def _check(self, td: KvmTd, leaf: int, status: int, corr: int, flow: int,
+               then: Done) -> None:
+        if status != SUCCESS:
+            self._bug(td, leaf, status, corr, flow)
+            return
+        then()
+
+    def _bug(self, td: KvmTd, leaf: int, status: int, corr: int, flow: int) -> None:
+        td.wait_for_sept_zap = False
+        self.kvm.bug_on(td, leaf, status, corr, flow)
+        if td.mmu.writer:
+            td.mmu.release_write()
