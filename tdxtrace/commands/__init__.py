@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from tdxtrace.commands.info import info_command
+from tdxtrace.commands.record import record_command
+from tdxtrace.commands.scenarios_cmd import scenarios_command
 from tdxtrace.commands.schema_cmd import schema_command
 
-COMMANDS: list[click.Command] = [info_command, schema_command]
+COMMANDS: list[click.Command] = [info_command, record_command, scenarios_command,
+                                 schema_command]

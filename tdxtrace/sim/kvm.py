@@ -78,8 +78,9 @@ class Kvm:
         sim = self.sim
         if self.world.policy.zap_busy == "seamcall_spinlock" and sim.now < td.spin_free_at:
             # The 2022 design: a per-TD spinlock around every TDH.MEM.* call (seed 002).
-            sim.at(td.spin_free_at, self.seamcall, td, leaf, lp, corr, flow, call, then,
-                   vcpu=vcpu, gpa=gpa, level=level, arg0=arg0)
+            sim.at(td.spin_free_at, lambda: self.seamcall(
+                td, leaf, lp, corr, flow, call, then, vcpu=vcpu, gpa=gpa, level=level,
+                arg0=arg0))
             return
         now = sim.now
         dur = self.costs.seamcall(leaf)

@@ -27,6 +27,12 @@ _TYPES = {f.name: f.type for f in _SCHEMA}
 
 BatchSink = Callable[[pa.RecordBatch], None]
 
+# Counters every trace's truth carries, 0 when nothing happened (issues 3 and 4).
+TRUTH_COUNTERS = ("busy_total", "faults", "hkid_leaks", "local_retries", "mapgpa_conversions",
+                  "mapgpa_giveups", "mapgpa_retries", "migrations", "private_zaps_unexpected",
+                  "refaults", "sptes_zapped", "synthesized_exits", "teardowns", "vms_bugged",
+                  "zaps", "zero_step_incidents")
+
 
 class EventLog:
     """Collects events, hands full batches to ``sink`` and keeps the ground-truth counters."""
@@ -39,7 +45,7 @@ class EventLog:
         self._batch_rows = batch_rows
         self._next_seq = 0
         self._next_corr = 0
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(TRUTH_COUNTERS, 0))
         self.busy_by_leaf_operand: Counter[str] = Counter()
         self.per_td: dict[str, dict[int, int]] = {}
 

@@ -144,8 +144,8 @@ class ZapPath:
             if attempt + 1 >= RETRY_LOOP_MAX:
                 self._bug(td, leaf, status, corr, flow)
                 return
-            self.sim.after(self.world.costs.step("retry_resched"), self.no_vcpus, td, leaf,
-                           call, corr, flow, then, gpa=gpa, attempt=attempt + 1)
+            self.sim.after(self.world.costs.step("retry_resched"), lambda: self.no_vcpus(
+                td, leaf, call, corr, flow, then, gpa=gpa, attempt=attempt + 1))
 
         self.kvm.seamcall(td, leaf, self.lp, corr, flow, call, result, gpa=gpa, level=level)
 

@@ -1,0 +1,5 @@
+"""``python -m tdxtrace`` runs the CLI."""
+
+from tdxtrace.cli import main
+
+main()
