@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from emulator_helpers import run
 
 from tdxtrace.codes import EXIT_REASON_INVALID, Leaf, OperandId, Status, with_operand
-from tdxtrace.events import FaultOutcome, Kind, KickReason, RetryCause, SeptState
+from tdxtrace.events import FaultOutcome, KickReason, Kind, RetryCause, SeptState
 from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdxModule
-
-from emulator_helpers import run
 
 BUSY_SEPT = with_operand(int(Status.OPERAND_BUSY), OperandId.SEPT_TREE)
 BUSY_EPOCH = with_operand(int(Status.OPERAND_BUSY), OperandId.TD_EPOCH)

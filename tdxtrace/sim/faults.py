@@ -40,5 +40,5 @@ class FaultPlan:
 
     def ipi_delay(self, base: int) -> int:
         if self._ipi_p and self._ipi_rng.random() < self._ipi_p:
-            return base + self._ipi_ns
+            return base + int(self._ipi_ns)
         return base

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, is_busy, leaf_name
-from tdxtrace.events import Flow, Kind, KickReason
+from tdxtrace.events import Flow, KickReason, Kind
 from tdxtrace.sim.guest import Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
 from tdxtrace.sim.module import SUCCESS, ModuleTd, TdxModule

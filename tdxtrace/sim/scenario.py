@@ -102,9 +102,10 @@ def _check_value(where: str, key: Key, value: Any) -> Any:
     if key.allowed and value not in key.allowed:
         raise ScenarioError(f"{where}: {value!r} is not allowed "
                             f"(allowed: {', '.join(map(str, key.allowed))})")
-    if key.low is not None and value < key.low:
+    number: Any = value
+    if key.low is not None and number < key.low:
         raise ScenarioError(f"{where}: {value!r} is below the minimum {key.low:g}")
-    if key.high is not None and value > key.high:
+    if key.high is not None and number > key.high:
         raise ScenarioError(f"{where}: {value!r} is above the limit {key.high:g}")
     return value
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import Leaf, Status, is_busy
-from tdxtrace.events import Kind, KickReason, RootKind, ZapReason
+from tdxtrace.events import KickReason, Kind, RootKind, ZapReason
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS
 
