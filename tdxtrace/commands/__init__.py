@@ -6,8 +6,9 @@ import click
 
 from tdxtrace.commands.info import info_command
 from tdxtrace.commands.record import record_command
+from tdxtrace.commands.report_cmd import report_command
 from tdxtrace.commands.scenarios_cmd import scenarios_command
 from tdxtrace.commands.schema_cmd import schema_command
 
-COMMANDS: list[click.Command] = [info_command, record_command, scenarios_command,
-                                 schema_command]
+COMMANDS: list[click.Command] = [info_command, record_command, report_command,
+                                 scenarios_command, schema_command]

@@ -1,0 +1,173 @@
+"""Damaged, unfinished and foreign files: what can be saved is read, the rest is one clear line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+from polars.testing import assert_frame_equal
+
+from tdxtrace.errors import TraceFormatError
+from tdxtrace.schema import FIELDS, META_SCHEMA_VERSION, META_SEED, arrow_schema
+from tdxtrace.trace import RunMetadata, TraceWriter, open_trace
+from tdxtrace.trace.metadata import Summary
+from tdxtrace.trace.writer import conform_events
+
+
+def _message_ends(path: Path) -> list[int]:
+    """Byte offsets where the schema and each record batch (summary included) end."""
+    with pa.memory_map(str(path)) as source:
+        source.seek(8)
+        stream = ipc.open_stream(source)
+        ends = [source.tell()]
+        for _ in stream:
+            ends.append(source.tell())
+    return ends
+
+
+def _cut_points(path: Path) -> list[tuple[int, int | None]]:
+    """(cut offset, complete data batches expected; None = nothing readable)."""
+    ends = _message_ends(path)  # schema, 10 data batches, summary
+    size = path.stat().st_size
+    points: list[tuple[int, int | None]] = [(7, None), (9, None), (ends[0] - 1, None)]
+    for k, end in enumerate(ends[:-1]):
+        points.append((end, k))  # exactly at a batch boundary
+        following = ends[k + 1]
+        points += [(end + 1, k), ((end + following) // 2, k), (following - 1, k)]
+    data_batches = len(ends) - 2
+    points += [(ends[-1], data_batches), (ends[-1] + 4, data_batches),
+               (size - 10, data_batches), (size - 1, data_batches)]
+    return points
+
+
+def test_a_file_cut_anywhere_keeps_every_complete_batch(tmp_path: Path, trace_file: Path) -> None:
+    data = trace_file.read_bytes()
+    full = open_trace(trace_file).events().collect()
+    points = _cut_points(trace_file)
+    assert len(points) >= 30
+    cut = tmp_path / "cut.arrow"
+    for offset, batches in points:
+        cut.write_bytes(data[:offset])
+        if batches is None:
+            with pytest.raises(TraceFormatError, match=f"^{cut}: damaged Arrow IPC file"):
+                open_trace(cut)
+            continue
+        trace = open_trace(cut)
+        assert not trace.finished and trace.summary is None, offset
+        assert trace.warnings[0] == (f"{cut}: unfinished trace (no summary): {batches} "
+                                     f"complete batches, {batches * 100} events read")
+        assert trace.warnings[1].startswith(f"{cut}: damaged tail: the Arrow footer is missing")
+        assert trace.num_events() == batches * 100
+        assert len(list(trace.iter_batches())) == batches
+        assert_frame_equal(trace.events().collect(), full.head(batches * 100))
+
+
+def test_close_unfinished_gives_an_unfinished_trace_with_every_batch(
+        tmp_path: Path, events_frame: pl.DataFrame, run_metadata: RunMetadata) -> None:
+    path = tmp_path / "run.arrow"
+    table = conform_events(events_frame)
+    writer = TraceWriter(path, run_metadata)
+    for batch in table.to_batches(max_chunksize=400):
+        writer.write_batch(batch)
+    assert writer.close_unfinished() == path
+    trace = open_trace(path)
+    assert not trace.finished and trace.summary is None
+    assert trace.warnings == (
+        f"{path}: unfinished trace (no summary): 3 complete batches, 1000 events read",)
+    assert trace.metadata == run_metadata
+    assert_frame_equal(trace.events().collect(), pl.from_arrow(table))  # type: ignore[arg-type]
+
+
+def test_a_summary_that_disagrees_with_the_batches_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "run.arrow"
+    schema = arrow_schema(RunMetadata().to_arrow())
+    batch = conform_events(pl.DataFrame({"ts_ns": [0, 1, 2], "kind": [1, 1, 1]}))
+    with ipc.new_file(str(path), schema) as writer:
+        writer.write_table(batch.cast(schema))
+        writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema),
+                           custom_metadata=Summary(5, "sha256:00", {}).to_arrow())
+    trace = open_trace(path)
+    assert trace.finished and trace.num_events() == 3
+    assert trace.warnings == (f"{path}: the summary says 5 events but the file holds 3",)
+
+
+def _arrow_file(path: Path, schema: pa.Schema) -> Path:
+    with ipc.new_file(str(path), schema) as writer:
+        writer.write_table(schema.empty_table())
+    return path
+
+
+def _v1_schema(**meta: str) -> pa.Schema:
+    return arrow_schema({**RunMetadata().to_arrow(), **meta})
+
+
+def _without(schema: pa.Schema, column: str) -> pa.Schema:
+    return schema.remove(schema.get_field_index(column))
+
+
+def _retyped(schema: pa.Schema, column: str, new_type: pa.DataType) -> pa.Schema:
+    index = schema.get_field_index(column)
+    return schema.set(index, schema.field(index).with_type(new_type))
+
+
+def _bad_files(tmp: Path) -> list[tuple[Path, str]]:
+    fifo = tmp / "fifo.arrow"
+    os.mkfifo(fifo)
+    (tmp / "folder.arrow").mkdir()
+    (tmp / "empty.arrow").write_bytes(b"")
+    (tmp / "garbage.arrow").write_bytes(b"PAR1 this is not an arrow file at all\n" * 20)
+    (tmp / "magic-only.arrow").write_bytes(b"ARROW1")
+    table = pa.table({"x": [1, 2]})
+    with ipc.new_stream(str(tmp / "stream.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    return [
+        (tmp / "missing.arrow", "does not exist"),
+        (tmp / "folder.arrow", "is a directory, not a trace file"),
+        (fifo, "not a regular file"),
+        (tmp / "empty.arrow", "empty file"),
+        (tmp / "garbage.arrow", "not an Arrow IPC file (bad magic)"),
+        (tmp / "stream.arrow", "not an Arrow IPC file (bad magic)"),
+        (tmp / "magic-only.arrow", "damaged Arrow IPC file (cut short before the schema ended)"),
+        (_arrow_file(tmp / "plain.arrow", table.schema),
+         "not a tdxtrace trace (no tdxtrace.format metadata)"),
+        (_arrow_file(tmp / "v99.arrow", _v1_schema(**{META_SCHEMA_VERSION: "99"})),
+         "schema version 99 is not supported (this tdxtrace reads 1)"),
+        (_arrow_file(tmp / "other.arrow", _v1_schema(**{"tdxtrace.format": "perfetto"})),
+         "not a tdxtrace trace (tdxtrace.format is 'perfetto')"),
+        (_arrow_file(tmp / "seed.arrow", _v1_schema(**{META_SEED: "forty-two"})),
+         "metadata tdxtrace.seed is 'forty-two', expected a decimal integer"),
+        (_arrow_file(tmp / "no-gpa.arrow", _without(_v1_schema(), "gpa")),
+         "missing column gpa"),
+        (_arrow_file(tmp / "int-gpa.arrow", _retyped(_v1_schema(), "gpa", pa.int64())),
+         "column gpa has type int64, expected uint64"),
+    ]
+
+
+def test_unreadable_files_give_one_line_naming_the_file_and_the_problem(tmp_path: Path) -> None:
+    for path, problem in _bad_files(tmp_path):
+        with pytest.raises(TraceFormatError) as caught:
+            open_trace(path)
+        assert str(caught.value) == f"{path}: {problem}"
+
+
+def test_every_v1_column_is_checked(tmp_path: Path) -> None:
+    for f in FIELDS:
+        path = _arrow_file(tmp_path / f"no-{f.name}.arrow", _without(_v1_schema(), f.name))
+        with pytest.raises(TraceFormatError, match=f"missing column {f.name}$"):
+            open_trace(path)
+
+
+def test_a_damaged_batch_inside_an_intact_file_is_named(tmp_path: Path, trace_file: Path) -> None:
+    ends = _message_ends(trace_file)
+    data = bytearray(trace_file.read_bytes())
+    middle = (ends[3] + ends[4]) // 2
+    data[middle:ends[4]] = b"\xff" * (ends[4] - middle)  # the tail of batch 3's body
+    damaged = tmp_path / "damaged.arrow"
+    damaged.write_bytes(bytes(data))
+    trace = open_trace(damaged)  # the footer is intact: opening does not decompress anything
+    with pytest.raises(TraceFormatError, match=f"^{damaged}: record batch 3 cannot be read: "):
+        list(trace.iter_batches())
