@@ -1,0 +1,122 @@
+"""SEAMCALL latency per leaf, in the shape of ``perf kvm stat``: how often, how long, how busy.
+
+Every SEAMCALL other than VP.ENTER is one row whose ``dur_ns`` is the call's execution time.
+TDH.VP.ENTER is not a SEAMCALL row: its latency is the time from a vCPU's TD_ENTRY to its next
+TD_EXIT (time spent in the guest plus the entry/exit cost), paired by order per (td, vCPU). A
+TD_EXIT without a preceding TD_ENTRY (the trace began with the vCPU in the guest) and a
+TD_ENTRY without an exit (the trace ended first) are left out.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import polars as pl
+
+from tdxtrace import hookimpl
+from tdxtrace.analysis import Analyzer, AnalyzerResult
+from tdxtrace.codes import LEAF_NAMES, STATUS_MASK, Leaf, Status
+from tdxtrace.events import Kind
+from tdxtrace.trace import Trace
+
+_CLASS_DIVISOR = 1 << 32  # status // this = the class half (bits 63:32)
+_BUSY_CLASS = int(Status.OPERAND_BUSY) // _CLASS_DIVISOR
+assert _BUSY_CLASS * _CLASS_DIVISOR == Status.OPERAND_BUSY & STATUS_MASK
+
+BY_LEAF_SCHEMA: dict[str, pl.DataType] = {
+    "leaf": pl.String(), "leaf_id": pl.Int64(), "count": pl.Int64(), "pct": pl.Float64(),
+    "min_ns": pl.Int64(), "mean_ns": pl.Float64(), "p50_ns": pl.Int64(), "p99_ns": pl.Int64(),
+    "max_ns": pl.Int64(), "busy_pct": pl.Float64(),
+}
+
+
+def is_operand_busy(status: pl.Expr) -> pl.Expr:
+    """TDX_OPERAND_BUSY with any operand, compared on the class half as KVM does."""
+    return (status // _CLASS_DIVISOR == _BUSY_CLASS).fill_null(False)
+
+
+def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per SEAMCALL other than VP.ENTER: leaf_id, dur_ns, busy."""
+    return events.filter(pl.col("kind") == Kind.SEAMCALL).select(
+        pl.col("leaf").cast(pl.Int64).alias("leaf_id"),
+        pl.col("dur_ns"),
+        is_operand_busy(pl.col("status")).alias("busy"),
+    )
+
+
+def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU: leaf_id 0, dur_ns, busy."""
+    pairs = (
+        events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT]))
+        .sort("seq")
+        .with_columns(
+            pl.col("kind").shift(1).over("td", "vcpu").alias("prev_kind"),
+            pl.col("ts_ns").shift(1).over("td", "vcpu").alias("prev_ts"),
+        )
+        .filter((pl.col("kind") == Kind.TD_EXIT) & (pl.col("prev_kind") == Kind.TD_ENTRY))
+    )
+    return pairs.select(
+        pl.lit(int(Leaf.TDH_VP_ENTER), pl.Int64).alias("leaf_id"),
+        (pl.col("ts_ns") - pl.col("prev_ts")).alias("dur_ns"),
+        is_operand_busy(pl.col("status")).alias("busy"),
+    )
+
+
+def nearest_rank(values: pl.Expr, percent: int) -> pl.Expr:
+    """The nearest-rank percentile: the value at rank ceil(percent * n / 100), in integers."""
+    rank = (pl.len().cast(pl.Int64) * percent + 99) // 100
+    return values.sort().get(rank.clip(lower_bound=1) - 1).cast(pl.Int64)
+
+
+def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
+    """The per-leaf table from calls (leaf_id, dur_ns, busy); columns as BY_LEAF_SCHEMA."""
+    total = calls.height
+    if total == 0:
+        return pl.DataFrame(schema=BY_LEAF_SCHEMA)
+    dur = pl.col("dur_ns")
+    table = calls.group_by("leaf_id").agg(
+        pl.len().cast(pl.Int64).alias("count"),
+        dur.min().alias("min_ns"),
+        dur.mean().alias("mean_ns"),
+        nearest_rank(dur, 50).alias("p50_ns"),
+        nearest_rank(dur, 99).alias("p99_ns"),
+        dur.max().alias("max_ns"),
+        (pl.col("busy").mean() * 100).alias("busy_pct"),
+    )
+    return table.with_columns(
+        pl.col("leaf_id").replace_strict(
+            LEAF_NAMES, default=pl.format("LEAF_{}", pl.col("leaf_id")),
+            return_dtype=pl.String).fill_null("unknown").alias("leaf"),
+        (pl.col("count") * 100 / total).alias("pct"),
+    ).select(
+        [pl.col(name).cast(dtype) for name, dtype in BY_LEAF_SCHEMA.items()]
+    ).sort(["count", "leaf_id"], descending=[True, False], nulls_last=True)
+
+
+class SeamcallLatency(Analyzer):
+    name: ClassVar[str] = "seamcall_latency"
+    description: ClassVar[str] = (
+        "SEAMCALL count, share, latency (min/mean/p50/p99/max) and BUSY share per leaf")
+    columns: ClassVar[tuple[str, ...]] = (
+        "seq", "ts_ns", "dur_ns", "kind", "td", "vcpu", "leaf", "status")
+    key_metrics: ClassVar[tuple[str, ...]] = ("seamcalls", "busy")
+
+    def analyze(self, trace: Trace) -> AnalyzerResult:
+        events = trace.observable().select(self.columns)
+        calls = pl.concat([seamcall_calls(events), vp_enter_calls(events)]).collect()
+        table = by_leaf(calls)
+        metrics: dict[str, int | float] = {
+            "seamcalls": calls.height,
+            "busy": int(calls["busy"].sum()),
+            "leaves": table.height,
+        }
+        notes = (
+            "TDH.VP.ENTER latency is TD_ENTRY to TD_EXIT of the same vCPU, time in the guest "
+            "included; busy means TDX_OPERAND_BUSY with any operand.",
+        )
+        return AnalyzerResult(metrics=metrics, tables={"by_leaf": table}, notes=notes)
+
+
+@hookimpl
+def register_analyzers() -> list[Analyzer]:
+    return [SeamcallLatency()]

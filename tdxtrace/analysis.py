@@ -1,0 +1,179 @@
+"""The analyzer contract and how analyzers run: one failing analyzer never stops the others.
+
+Plugin authors subclass :class:`Analyzer` and return an :class:`AnalyzerResult` (data only:
+polars frames and numbers, never HTML). :func:`run_analyzers` runs a set of them over one trace,
+turning an exception or a malformed result into a failed :class:`AnalyzerOutcome`, and orders
+the outcomes by analyzer name, never by plugin load order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import polars as pl
+
+from tdxtrace.errors import TdxtraceError
+from tdxtrace.schema import COLUMN_NAMES
+
+if TYPE_CHECKING:
+    from tdxtrace.trace import RunMetadata, Trace
+
+ANALYZER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# Columns the per-batch adapter always keeps: Trace.from_frame needs them to order rows and
+# observable() needs truth to hide the ground-truth rows.
+_ALWAYS_KEPT = ("seq", "ts_ns", "kind", "truth")
+
+
+@dataclass(frozen=True)
+class AnalyzerResult:
+    """What an analyzer found in one trace.
+
+    ``metrics``: flat, keys without the analyzer prefix, ints for counts, JSON numbers only
+    (no NaN or infinity). ``tables``: name -> frame with a deterministic row order.
+    ``notes``: caveats for humans (e.g. what the trace cannot show).
+    """
+
+    metrics: dict[str, int | float]
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class _BatchState:
+    metadata: RunMetadata
+    frames: list[pl.DataFrame] = field(default_factory=list)
+
+
+class Analyzer(ABC):
+    """Base class of every analyzer; a plugin returns instances from ``register_analyzers``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    version: ClassVar[str] = "1"
+    columns: ClassVar[tuple[str, ...]] = COLUMN_NAMES
+    key_metrics: ClassVar[tuple[str, ...]] = ()
+    # metric -> (warn_at, fail_at): value >= warn_at => warn, value >= fail_at => fail.
+    thresholds: ClassVar[dict[str, tuple[float, float]]] = {}
+    template: ClassVar[str | None] = None
+
+    @abstractmethod
+    def analyze(self, trace: Trace) -> AnalyzerResult:
+        """Analyze a whole trace; read ``trace.observable()`` only."""
+
+    # The per-batch form (replay --analyze). This default buffers the columns the analyzer
+    # declared and runs analyze() at the end; override all three only to stream for real.
+    def start(self, metadata: RunMetadata) -> Any:
+        return _BatchState(metadata)
+
+    def feed(self, state: Any, batch: pl.DataFrame) -> None:
+        # Truth rows stay (seq must remain gap-free); observable() hides them from analyze().
+        wanted = set(self.columns) | set(_ALWAYS_KEPT)
+        state.frames.append(batch.select([c for c in batch.columns if c in wanted]))
+
+    def finish(self, state: Any) -> AnalyzerResult:
+        from tdxtrace.trace import Trace  # local: the trace package imports nothing from here
+
+        frames = [f for f in state.frames if f.width]
+        frame = pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+        return self.analyze(Trace.from_frame(frame, state.metadata))
+
+
+@dataclass(frozen=True)
+class AnalyzerOutcome:
+    """One analyzer's run: its result, or the one-line error that made it fail."""
+
+    name: str
+    result: AnalyzerResult | None
+    error: str | None
+    analyzer: Analyzer | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its type and its message."""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def check_result(name: str, result: object) -> AnalyzerResult:
+    """``result`` if it honours the AnalyzerResult contract, else a TypeError/ValueError."""
+    if not isinstance(result, AnalyzerResult):
+        raise TypeError(f"{name}.analyze() returned {type(result).__name__}, "
+                        "expected AnalyzerResult")
+    if not isinstance(result.metrics, dict):
+        raise TypeError(f"{name}: metrics must be a dict, got {type(result.metrics).__name__}")
+    for key, value in result.metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name}: metric name {key!r} is not a string")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name}: metric {key!r} is {type(value).__name__}, "
+                            "expected int or float")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}: metric {key!r} is {value} (JSON numbers only)")
+    if not isinstance(result.tables, dict):
+        raise TypeError(f"{name}: tables must be a dict, got {type(result.tables).__name__}")
+    for key, table in result.tables.items():
+        if not isinstance(key, str) or not isinstance(table, pl.DataFrame):
+            raise TypeError(f"{name}: table {key!r} is {type(table).__name__}, "
+                            "expected polars.DataFrame")
+    return result
+
+
+def check_analyzer(analyzer: object, plugin: str) -> Analyzer:
+    """``analyzer`` if it is a usable Analyzer instance, else a TypeError naming the plugin."""
+    if not isinstance(analyzer, Analyzer):
+        raise TypeError(f"register_analyzers returned {type(analyzer).__name__}, "
+                        "expected tdxtrace.analysis.Analyzer instances")
+    name = getattr(analyzer, "name", None)
+    if not isinstance(name, str) or not ANALYZER_NAME.match(name):
+        raise TypeError(f"{type(analyzer).__name__}.name {name!r} is not a snake_case name")
+    return analyzer
+
+
+def select_analyzers(analyzers: Iterable[Analyzer], only: Sequence[str] = ()) -> list[Analyzer]:
+    """The analyzers named in ``only`` (all when empty), sorted by name.
+
+    An unknown name is a :class:`TdxtraceError` listing the available names.
+    """
+    by_name: dict[str, Analyzer] = {}
+    for analyzer in analyzers:
+        if analyzer.name in by_name:
+            raise TdxtraceError(f"two analyzers are named {analyzer.name!r}: "
+                                f"{type(by_name[analyzer.name]).__qualname__} and "
+                                f"{type(analyzer).__qualname__}")
+        by_name[analyzer.name] = analyzer
+    unknown = sorted(set(only) - by_name.keys())
+    if unknown:
+        available = ", ".join(sorted(by_name)) or "none"
+        raise TdxtraceError(f"unknown analyzer {', '.join(map(repr, unknown))}; "
+                            f"available: {available}")
+    wanted = set(only) if only else set(by_name)
+    return [by_name[n] for n in sorted(wanted)]
+
+
+def run_one(analyzer: Analyzer, trace: Trace) -> AnalyzerOutcome:
+    """Run one analyzer; any exception or malformed result becomes a failed outcome."""
+    try:
+        result = check_result(analyzer.name, analyzer.analyze(trace))
+    except Exception as err:  # an analyzer's bug must not take the others down
+        return AnalyzerOutcome(analyzer.name, None, error_line(err), analyzer)
+    return AnalyzerOutcome(analyzer.name, result, None, analyzer)
+
+
+def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *,
+                  only: Sequence[str] = ()) -> list[AnalyzerOutcome]:
+    """Run analyzers over ``trace``; outcomes ordered by analyzer name.
+
+    There is deliberately no per-analyzer timeout: whether an analyzer finishes within a wall
+    clock budget depends on the machine, so it would make the output non-deterministic, and a
+    Python thread running polars cannot be stopped anyway.
+    """
+    return [run_one(a, trace) for a in select_analyzers(analyzers, only)]
