@@ -1,0 +1,174 @@
+"""Runs of private EPT-violation exits at one RIP, as the TDX module's zero-step logic counts them.
+
+Helpers for :mod:`tdxtrace_plugins.zero_step` (whose docstring states the rules). Rows are
+sorted once by (vCPU, seq); a segment id that is global across vCPUs then replaces every
+``over(td, vcpu)`` window: a change of vCPU is just another boundary, found with ``shift``.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from tdxtrace.codes import (
+    EPF_GPA_LIST_SIZE,
+    EXIT_REASON_INVALID,
+    STEPPING_EPF_THRESHOLD,
+    ExitReason,
+    OperandId,
+    Status,
+)
+from tdxtrace.events import Kind
+
+# Bit 47 is the shared bit of a TD with 4-level S-EPT (GPAW 48); a GPA with it clear is private.
+SHARED_BIT = 1 << 47
+NOT_SHARED = 0xFFFF_FFFF_FFFF_FFFF ^ SHARED_BIT
+PAGE_MASK = 0xFFFF_FFFF_FFFF_F000  # a GPA's 4K page (the module lists pages)
+# What TDH.VP.ENTER returns while the zero-step GPA list is non-empty and another CPU holds the
+# S-EPT tree lock; also what concurrent TDH.MEM.* calls get while such a VP.ENTER holds it.
+BUSY_SEPT = int(Status.OPERAND_BUSY) | int(OperandId.SEPT_TREE)
+VCPU = ("td", "vcpu")
+
+
+def u64(value: int) -> pl.Expr:
+    return pl.lit(value, dtype=pl.UInt64)
+
+
+def vcpu_key() -> pl.Expr:
+    """(td, vcpu) packed in one Int64, so per-vCPU order is one integer sort key."""
+    return (pl.col("td").cast(pl.Int64) * (1 << 32) + (pl.col("vcpu").cast(pl.Int64) & 0xFFFFFFFF)
+            ).alias("vkey")
+
+
+def td_exits(observable: pl.LazyFrame) -> pl.LazyFrame:
+    """Every TD_EXIT of a known vCPU, classified, sorted by (vkey, seq).
+
+    ``real``: VP.ENTER entered the guest (not the BUSY pseudo-exit with reason -1u);
+    ``private_ept``: an EPT violation on a private GPA (the only exits the module counts);
+    ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE.
+    """
+    reason = pl.col("exit_reason")
+    return (
+        observable.filter(
+            (pl.col("kind") == int(Kind.TD_EXIT))
+            & pl.col("td").is_not_null()
+            & pl.col("vcpu").is_not_null()
+        )
+        .select(
+            "seq", "ts_ns", "td", "vcpu", "rip", "gpa",
+            vcpu_key(),
+            (reason.is_not_null() & (reason != EXIT_REASON_INVALID)).alias("real"),
+            (
+                (reason == int(ExitReason.EPT_VIOLATION))
+                & pl.col("gpa").is_not_null()
+                & ((pl.col("gpa") & u64(SHARED_BIT)) == 0)
+            ).fill_null(False).alias("private_ept"),
+            (pl.col("status") == u64(BUSY_SEPT)).fill_null(False).alias("busy_sept"),
+        )
+        .sort("vkey", "seq")
+    )
+
+
+def segment_exits(exits: pl.LazyFrame) -> pl.LazyFrame:
+    """Real exits with ``seg`` (a new one per vCPU change or RIP move), ``fault_no``, ``moved``.
+
+    ``fault_no`` is the position of a private EPT violation within its segment: the module's
+    counter after that exit is ``min(fault_no, 6)``; from ``fault_no == 7`` on it lists GPAs.
+    Non-EPT exits at the same RIP neither count nor reset (they keep the segment).
+    """
+    private = pl.col("private_ept").cast(pl.Int64)
+    moved = (
+        (pl.col("vkey") != pl.col("vkey").shift(1)).fill_null(True)
+        | pl.col("rip").ne_missing(pl.col("rip").shift(1))
+    )
+    return (
+        exits.filter(pl.col("real"))
+        .with_columns(moved.alias("moved"), private.cum_sum().alias("_faults"))
+        .with_columns(
+            pl.col("moved").cast(pl.Int64).cum_sum().set_sorted().alias("seg"),
+            (pl.col("_faults") - pl.when("moved").then(pl.col("_faults") - private).forward_fill())
+            .alias("fault_no"),
+        )
+        .drop("_faults")
+    )
+
+
+def assign_segments(segmented: pl.LazyFrame, rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Give each of ``rows`` (td, vcpu, seq, ...) the segment of its vCPU's latest real exit.
+
+    Rows before their vCPU's first real exit get a null ``seg``.
+    """
+    marks = segmented.select("vkey", "seq", "seg", pl.lit(True).alias("_mark"))
+    tagged = rows.with_columns(vcpu_key(), pl.lit(False).alias("_mark"))
+    mark_vkey = pl.when("_mark").then(pl.col("vkey")).forward_fill()
+    return (
+        pl.concat([marks, tagged], how="diagonal_relaxed")
+        .sort("vkey", "seq")
+        .with_columns(
+            pl.when(mark_vkey == pl.col("vkey")).then(pl.col("seg").forward_fill()).alias("seg")
+        )
+        .filter(~pl.col("_mark"))
+        .drop("_mark")
+    )
+
+
+def runs(exits: pl.LazyFrame, segmented: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per segment with at least one private EPT violation.
+
+    Columns: seg, vkey, td, vcpu, rip, faults, start_ns, first_seq, armed_ns (ts of the 6th
+    fault, null below the threshold), end_ns (the first exit at another RIP, else the vCPU's
+    last exit, BUSY ones included).
+    """
+    same_vcpu_next = pl.col("vkey").shift(-1) == pl.col("vkey")
+    ends = segmented.filter("moved").select(
+        "seg", pl.when(same_vcpu_next).then(pl.col("ts_ns").shift(-1)).alias("_next_start")
+    )
+    last_exit = exits.group_by("vkey").agg(pl.col("ts_ns").max().alias("_last_exit"))
+    # fault_no stays put on the non-EPT exits after a fault: only the fault itself arms.
+    armed = segmented.filter(
+        pl.col("private_ept") & (pl.col("fault_no") == STEPPING_EPF_THRESHOLD)
+    ).select(
+        "seg", pl.col("ts_ns").alias("armed_ns")
+    )
+    per_run = (
+        segmented.filter("private_ept")
+        .group_by("seg")
+        .agg(
+            pl.col("vkey", "td", "vcpu", "rip").first(),
+            pl.len().cast(pl.Int64).alias("faults"),
+            pl.col("ts_ns").min().alias("start_ns"),
+            pl.col("seq").min().alias("first_seq"),
+        )
+    )
+    return (
+        per_run.join(armed, on="seg", how="left")
+        .join(ends, on="seg", how="left")
+        .join(last_exit, on="vkey", how="left")
+        .with_columns(pl.coalesce("_next_start", "_last_exit").alias("end_ns"))
+        .drop("_next_start", "_last_exit")
+        .sort("seg")
+    )
+
+
+def listed_gpas(segmented: pl.LazyFrame) -> pl.LazyFrame:
+    """Per segment: the module's GPA list and the exits it (probably) synthesized.
+
+    The list holds the distinct pages of faults 7, 8, ... in first-seen order, at most 32.
+    The first exit on each listed page is the real guest fault that listed it; later exits on a
+    listed page are counted as synthesized (VP.ENTER found the page still unmapped). KVM cannot
+    tell the two apart, so this is an estimate.
+    """
+    after = segmented.filter(
+        pl.col("private_ept") & (pl.col("fault_no") > STEPPING_EPF_THRESHOLD)
+    ).with_columns((pl.col("gpa") & u64(PAGE_MASK)).alias("page"))
+    pages = (
+        after.group_by("seg", "page")
+        .agg(pl.col("seq").min().alias("_first"), pl.len().cast(pl.Int64).alias("_exits"))
+        .sort("seg", "_first")
+        .with_columns(pl.int_range(1, pl.len() + 1).over("seg").alias("_rank"))
+        .filter(pl.col("_rank") <= EPF_GPA_LIST_SIZE)
+    )
+    return pages.group_by("seg").agg(
+        pl.len().cast(pl.Int64).alias("listed_gpas"),
+        pl.col("page").sort_by("_first").first().alias("first_listed_gpa"),
+        (pl.col("_exits") - 1).sum().cast(pl.Int64).alias("synthesized_exits"),
+    )

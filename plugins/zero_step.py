@@ -1,0 +1,202 @@
+"""zero_step: the TDX module's zero-step mitigation firing, inferred from what KVM can see.
+
+The module (TDX 1.5 ``td_exit_stepping``, tdx-reference §5.1) keeps a per-vCPU counter of
+private EPT-violation exits at an unchanged guest RIP. On each such exit: if the RIP differs
+from the RIP of the last TD entry, the counter and GPA list reset; then if the counter is below
+6 it is incremented, otherwise the GPA is appended to a list of at most 32. While the list is
+non-empty, TDH.VP.ENTER takes the S-EPT tree lock exclusively (BUSY|SEPT_TREE for it or for
+concurrent TDH.MEM.* calls) and synthesizes EPT-violation exits for listed GPAs still unmapped.
+No host interface reports any of this (§5.2), so this analyzer reconstructs it from observable
+rows only.
+
+Rules:
+
+* A **run** is, per vCPU in ``seq`` order, the private EPT-violation TD_EXITs (exit reason 48,
+  GPA bit 47 clear) between two RIP changes. Any real TD_EXIT at another RIP ends the run
+  (forward progress); non-EPT exits at the same RIP neither count nor end it; VP.ENTER BUSY
+  pseudo-exits (reason 0xFFFFFFFF) are ignored. Runs of two vCPUs never merge, even at the
+  same RIP value.
+* An **incident** is a run of at least 6 faults: the module's counter reached its threshold at
+  the 6th (``armed_ns``). Five faults are not an incident; from the 7th fault on the module
+  lists GPAs. ``start_ns`` is the first fault, ``end_ns`` the progress exit (or the vCPU's last
+  exit when the trace ends first), ``faults`` the run length.
+* ``listed_gpas`` / ``first_listed_gpa``: the distinct pages of faults 7, 8, ... (first 32).
+  ``synthesized_exits`` estimates the module's emulated exits: every exit on a listed page
+  after the first one (which was the real fault that listed it). KVM cannot tell them apart.
+* ``vp_enter_busy_sept``: this vCPU's VP.ENTERs that returned BUSY|SEPT_TREE
+  (0x8000020000000092) inside the incident window; ``other_vcpu_mem_busy_sept``: TDH.MEM.*
+  SEAMCALLs of the same TD on other vCPUs (or on no vCPU: the zap path) that returned
+  BUSY|SEPT_TREE inside it. Windows are closed intervals [start_ns, end_ns].
+* ``cause``, the first that holds over the fault-handler invocations (PAGE_FAULT .. FAULT_DONE
+  of one corr) that the run's exits triggered:
+  1. ``frozen_spte_contention``: a FAULT_RETRY(FROZEN_SPTE), or a FAULT_DONE(RESUME_GUEST)
+     while another vCPU's fault on the same TD and GFN was in flight (intervals overlap).
+  2. ``busy_on_fault_path``: a FAULT_RETRY(SEAMCALL_BUSY) or an OPERAND_BUSY SEAMCALL.
+  3. ``slow_fault_handling``: a GFN resolved (MAPPED / ALREADY_MAPPED) earlier in the run
+     faulted again (it was unmapped again), or one invocation took longer than
+     ``slow_fault_ns`` (default 100 µs; ~8 µs typical, ~153 µs under heavy load, §8).
+  4. ``other``: e.g. one instruction touching more than 6 pages, or re-entry after a
+     KVM_EXIT_MEMORY_FAULT (the cases KVM's comment accepts).
+
+Tables: ``incidents`` (one row per incident, columns above); ``runs_hist`` (run length ->
+runs, for runs of 2+ faults); ``timeline`` (per vCPU, runs of 2+ faults with state "incident"
+or "fault_run", merged into 100 time bins, so at most 200 rows per vCPU); ``by_vcpu``
+(incidents, faults in them, and all VP.ENTER BUSY|SEPT_TREE returns of each vCPU that had
+either). Metrics: ``incidents``, ``vcpus_affected``, ``synthesized_exits`` and
+``vp_enter_busy_sept`` (sums over incidents), ``other_vcpu_busy_sept`` (distinct calls, even
+when inside two incidents' windows), ``max_run`` (longest run), ``runs`` (runs of 2+ faults).
+
+Why any incident fails the check: with the ``local_retry`` policy KVM retries RET_PF_RETRY
+faults inside the host instead of resuming the guest; Sean Christopherson's argument for it
+(LKML, 2024-09-13, "Retry seamcall when TDX_OPERAND_BUSY with operand SEPT"): the goal is that
+"KVM _never_ triggers zero-step, unless there is a bug somewhere", so that when it fires KVM can
+tell a KVM bug from guest interference. Under ``resume_guest`` incidents are the expected cost
+of that policy, and the threshold can be relaxed from the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import polars as pl
+
+from tdxtrace import hookimpl
+from tdxtrace.analysis import Analyzer, AnalyzerResult
+from tdxtrace.codes import STEPPING_EPF_THRESHOLD, Leaf
+from tdxtrace.events import Kind
+from tdxtrace.trace import Trace
+
+from ._zero_step_cause import DEFAULT_SLOW_FAULT_NS, incident_causes
+from ._zero_step_runs import BUSY_SEPT, VCPU, listed_gpas, runs, segment_exits, td_exits, u64
+from ._zero_step_tables import by_vcpu, runs_hist, timeline
+from ._zero_step_windows import count_points_in_windows, windows_open_at_points
+
+MEM_LEAVES = sorted(int(leaf) for leaf in Leaf if leaf.name.startswith("TDH_MEM_"))
+
+INCIDENT_SCHEMA: dict[str, pl.DataType] = {
+    "td": pl.Int32(), "vcpu": pl.Int32(), "rip": pl.UInt64(), "start_ns": pl.Int64(),
+    "armed_ns": pl.Int64(), "end_ns": pl.Int64(), "faults": pl.Int64(),
+    "listed_gpas": pl.Int64(), "first_listed_gpa": pl.UInt64(),
+    "synthesized_exits": pl.Int64(), "vp_enter_busy_sept": pl.Int64(),
+    "other_vcpu_mem_busy_sept": pl.Int64(), "cause": pl.String(),
+}
+
+
+class ZeroStep(Analyzer):
+    name: ClassVar[str] = "zero_step"
+    description: ClassVar[str] = (
+        "Zero-step mitigation incidents: 6+ private EPT violations at one RIP without progress"
+    )
+    columns: ClassVar[tuple[str, ...]] = (
+        "seq", "ts_ns", "kind", "truth", "sub", "corr", "td", "vcpu", "leaf", "status",
+        "exit_reason", "gpa", "rip",
+    )
+    key_metrics: ClassVar[tuple[str, ...]] = ("incidents", "max_run")
+    # Any incident under local_retry means a KVM bug (see the module docstring).
+    thresholds: ClassVar[dict[str, tuple[float, float]]] = {"incidents": (1, 1)}
+
+    def __init__(self, slow_fault_ns: int = DEFAULT_SLOW_FAULT_NS) -> None:
+        self.slow_fault_ns = slow_fault_ns
+
+    def analyze(self, trace: Trace) -> AnalyzerResult:
+        observable = trace.observable().select(self.columns)
+        # Materialized once: everything below reads them several times.
+        exits = td_exits(observable).collect().lazy()
+        segmented = segment_exits(exits).collect().lazy()
+        all_runs = runs(exits, segmented).collect()
+        mem_busy = _mem_busy_sept(observable).collect().lazy()
+        incidents = self._incidents(observable, exits, segmented, all_runs, mem_busy)
+        other_busy = _other_vcpu_busy_total(mem_busy, incidents.lazy())
+        vp_busy = exits.filter(pl.col("busy_sept")).group_by(VCPU).agg(
+            pl.len().cast(pl.Int64).alias("busy_sept")
+        )
+        longest = all_runs.get_column("faults").max()
+        metrics: dict[str, int | float] = {
+            "incidents": incidents.height,
+            "vcpus_affected": incidents.select(VCPU).unique().height,
+            "synthesized_exits": int(incidents.get_column("synthesized_exits").sum()),
+            "vp_enter_busy_sept": int(incidents.get_column("vp_enter_busy_sept").sum()),
+            "other_vcpu_busy_sept": other_busy,
+            "max_run": int(longest) if isinstance(longest, int) else 0,
+            "runs": all_runs.filter(pl.col("faults") >= 2).height,
+        }
+        tables = {
+            "incidents": incidents,
+            "runs_hist": runs_hist(all_runs),
+            "timeline": timeline(all_runs),
+            "by_vcpu": by_vcpu(incidents, vp_busy.collect()),
+        }
+        notes = (
+            "synthesized_exits is an estimate: a module-synthesized EPT-violation exit looks "
+            "exactly like a real one, so every exit on an already-listed page is counted.",
+            "EPT violations caused by TDG.MEM.PAGE.ACCEPT do not count for the module but "
+            "cannot be told apart in a TD_EXIT row; they are counted here.",
+        )
+        return AnalyzerResult(metrics=metrics, tables=tables, notes=notes)
+
+    def _incidents(
+        self,
+        observable: pl.LazyFrame,
+        exits: pl.LazyFrame,
+        segmented: pl.LazyFrame,
+        all_runs: pl.DataFrame,
+        busy: pl.LazyFrame,
+    ) -> pl.DataFrame:
+        armed = all_runs.lazy().filter(pl.col("faults") >= STEPPING_EPF_THRESHOLD)
+        windows = armed.select("vkey", *VCPU, "first_seq", "start_ns", "end_ns")
+        vp_busy = count_points_in_windows(
+            exits.filter(pl.col("busy_sept")), windows, ["vkey"], "first_seq"
+        ).rename({"points": "vp_enter_busy_sept"})
+        on_td = count_points_in_windows(busy, windows, ["td"], "first_seq")
+        on_vcpu = count_points_in_windows(busy, windows, VCPU, "first_seq")
+        other = on_td.join(on_vcpu, on="first_seq", how="left", suffix="_own").select(
+            "first_seq",
+            (pl.col("points") - pl.col("points_own").fill_null(0)).alias(
+                "other_vcpu_mem_busy_sept"
+            ),
+        )
+        causes = incident_causes(observable, segmented, armed, self.slow_fault_ns)
+        joined = (
+            armed.join(listed_gpas(segmented), on="seg", how="left")
+            .join(vp_busy, on="first_seq", how="left")
+            .join(other, on="first_seq", how="left")
+            .join(causes.lazy(), on="seg", how="left")
+            .with_columns(
+                pl.col("listed_gpas", "synthesized_exits", "vp_enter_busy_sept",
+                       "other_vcpu_mem_busy_sept").fill_null(0),
+                pl.col("cause").fill_null("other"),
+            )
+        )
+        return (
+            joined.select([pl.col(c).cast(t) for c, t in INCIDENT_SCHEMA.items()])
+            .sort("td", "vcpu", "start_ns")
+            .collect()
+        )
+
+
+def _mem_busy_sept(observable: pl.LazyFrame) -> pl.LazyFrame:
+    """TDH.MEM.* SEAMCALLs of a known TD that returned BUSY|SEPT_TREE."""
+    return observable.filter(
+        (pl.col("kind") == int(Kind.SEAMCALL))
+        & pl.col("leaf").is_in(MEM_LEAVES)
+        & (pl.col("status") == u64(BUSY_SEPT))
+        & pl.col("td").is_not_null()
+    ).select("seq", "ts_ns", "td", "vcpu")
+
+
+def _other_vcpu_busy_total(busy: pl.LazyFrame, incidents: pl.LazyFrame) -> int:
+    """Distinct BUSY|SEPT TDH.MEM.* calls inside an incident window of *another* vCPU."""
+    windows = incidents.select(
+        *VCPU, "start_ns", "end_ns", pl.int_range(pl.len()).alias("_window")
+    )
+    on_td = windows_open_at_points(busy, windows, ["td"], "_window")
+    on_vcpu = windows_open_at_points(busy, windows, VCPU, "_window")
+    covered = on_td.join(on_vcpu, on="seq", how="left", suffix="_own").filter(
+        pl.col("open") - pl.col("open_own").fill_null(0) > 0
+    )
+    return int(covered.select(pl.len()).collect().item())
+
+
+@hookimpl
+def register_analyzers() -> list[Analyzer]:
+    return [ZeroStep()]
