@@ -304,6 +304,7 @@ def holders_table(attributed: pl.DataFrame) -> pl.DataFrame:
 
 class BusyRetry(Analyzer):
     name: ClassVar[str] = "busy_retry"
+    template: ClassVar[str | None] = "templates/busy_retry.html"
     description: ClassVar[str] = (
         "BUSY statuses by leaf and operand, retry chains, livelock candidates, inferred holders")
     columns: ClassVar[tuple[str, ...]] = (

@@ -176,6 +176,7 @@ def conversions_table(rows: pl.DataFrame, guest_mode: bool) -> pl.DataFrame:
 
 class MapGpa(Analyzer):
     name: ClassVar[str] = "mapgpa"
+    template: ClassVar[str | None] = "templates/mapgpa.html"
     description: ClassVar[str] = (
         "MapGPA conversions: chunks, RETRYs with and without progress, give-ups, bad R11")
     columns: ClassVar[tuple[str, ...]] = COLUMNS

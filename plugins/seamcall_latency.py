@@ -95,6 +95,7 @@ def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
 
 class SeamcallLatency(Analyzer):
     name: ClassVar[str] = "seamcall_latency"
+    template: ClassVar[str | None] = "templates/seamcall_latency.html"
     description: ClassVar[str] = (
         "SEAMCALL count, share, latency (min/mean/p50/p99/max) and BUSY share per leaf")
     columns: ClassVar[tuple[str, ...]] = (

@@ -150,6 +150,7 @@ def per_td_table(rows: pl.DataFrame, instances: pl.DataFrame) -> pl.DataFrame:
 
 class TeardownLatency(Analyzer):
     name: ClassVar[str] = "teardown_latency"
+    template: ClassVar[str | None] = "templates/teardown_latency.html"
     description: ClassVar[str] = (
         "TD teardown time per phase, per-page cost, seconds per GB with extrapolation, HKID leaks")
     columns: ClassVar[tuple[str, ...]] = COLUMNS

@@ -77,6 +77,7 @@ def _typed(frame: pl.LazyFrame, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
 
 class ZapScopeAnalyzer(Analyzer):
     name: ClassVar[str] = "zap_scope"
+    template: ClassVar[str | None] = "templates/zap_scope.html"
     description: ClassVar[str] = (
         "SPTEs zapped per reason and root, refaults, private leaves zapped unexpectedly"
     )

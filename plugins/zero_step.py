@@ -84,6 +84,7 @@ INCIDENT_SCHEMA: dict[str, pl.DataType] = {
 
 class ZeroStep(Analyzer):
     name: ClassVar[str] = "zero_step"
+    template: ClassVar[str | None] = "templates/zero_step.html"
     description: ClassVar[str] = (
         "Zero-step mitigation incidents: 6+ private EPT violations at one RIP without progress"
     )

@@ -7,7 +7,6 @@ from typing import Any
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-from tdxtrace_plugins.mapgpa import MapGpa
 
 from tdxtrace.codes import (
     EAGAIN,
@@ -17,6 +16,7 @@ from tdxtrace.codes import (
 )
 from tdxtrace.events import Flow, GuestMapGpa, Kind
 from tdxtrace.testing import make_trace, run_analyzer
+from tdxtrace_plugins.mapgpa import MapGpa
 
 ANALYZER = MapGpa()
 MIB = 1 << 20

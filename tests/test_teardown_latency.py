@@ -7,12 +7,12 @@ from typing import Any
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-from tdxtrace_plugins._teardown_fit import EXTRAPOLATION_GB, GIB
-from tdxtrace_plugins.teardown_latency import TeardownLatency
 
 from tdxtrace.codes import Leaf, Status
 from tdxtrace.events import Flow, IpiPurpose, KickReason, Kind, Phase
 from tdxtrace.testing import make_trace, run_analyzer
+from tdxtrace_plugins._teardown_fit import EXTRAPOLATION_GB, GIB
+from tdxtrace_plugins.teardown_latency import TeardownLatency
 
 ANALYZER = TeardownLatency()
 
