@@ -14,6 +14,7 @@ from polars.testing import assert_frame_equal
 from tdxtrace.errors import TraceFormatError
 from tdxtrace.schema import FIELDS, META_SCHEMA_VERSION, META_SEED, arrow_schema
 from tdxtrace.trace import RunMetadata, TraceWriter, open_trace
+from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import Summary
 from tdxtrace.trace.writer import conform_events
 
@@ -86,10 +87,11 @@ def test_a_summary_that_disagrees_with_the_batches_is_reported(tmp_path: Path) -
     path = tmp_path / "run.arrow"
     schema = arrow_schema(RunMetadata().to_arrow())
     batch = conform_events(pl.DataFrame({"ts_ns": [0, 1, 2], "kind": [1, 1, 1]}))
+    digest = digest_batches(batch.to_batches())  # right events, wrong count
     with ipc.new_file(str(path), schema) as writer:
         writer.write_table(batch.cast(schema))
         writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema),
-                           custom_metadata=Summary(5, "sha256:00", {}).to_arrow())
+                           custom_metadata=Summary(5, digest, {}).to_arrow())
     trace = open_trace(path)
     assert trace.finished and trace.num_events() == 3
     assert trace.warnings == (f"{path}: the summary says 5 events but the file holds 3",)
@@ -161,13 +163,20 @@ def test_every_v1_column_is_checked(tmp_path: Path) -> None:
             open_trace(path)
 
 
-def test_a_damaged_batch_inside_an_intact_file_is_named(tmp_path: Path, trace_file: Path) -> None:
+def test_a_damaged_batch_inside_an_intact_file_ends_the_readable_part(
+        tmp_path: Path, trace_file: Path) -> None:
     ends = _message_ends(trace_file)
     data = bytearray(trace_file.read_bytes())
     middle = (ends[3] + ends[4]) // 2
     data[middle:ends[4]] = b"\xff" * (ends[4] - middle)  # the tail of batch 3's body
     damaged = tmp_path / "damaged.arrow"
     damaged.write_bytes(bytes(data))
-    trace = open_trace(damaged)  # the footer is intact: opening does not decompress anything
-    with pytest.raises(TraceFormatError, match=f"^{damaged}: record batch 3 cannot be read: "):
-        list(trace.iter_batches())
+    trace = open_trace(damaged)  # every batch is decoded and checked when the file is opened
+    assert not trace.finished and trace.num_events() == 300
+    assert len(trace.warnings) == 1
+    assert trace.warnings[0].startswith(f"{damaged}: record batch 3 is damaged (")
+    assert trace.warnings[0].endswith("reading the 300 events of the 3 batches before it, "
+                                      "6 later batches and the summary ignored")
+    full = open_trace(trace_file).events().collect()
+    assert_frame_equal(trace.events().collect(), full.head(300))
+    assert len(list(trace.iter_batches())) == 3

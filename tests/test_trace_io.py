@@ -68,7 +68,10 @@ def test_events_metadata_and_summary_survive_a_round_trip(
         summary = write_events(path, frame, META, truth={"zero_step_armed": 2},
                                batch_rows=batch_rows, compression=compression)
         trace = open_trace(path)
-        assert trace.finished and trace.warnings == ()
+        # Arbitrary values may break the soft rules (unknown kinds, time going backwards):
+        # that is reported, but nothing is damaged and every event is read.
+        assert trace.finished
+        assert all(" events have " in warning for warning in trace.warnings), trace.warnings
         assert trace.metadata == META
         assert trace.summary == summary == Summary(frame.height, summary.digest,
                                                    {"zero_step_armed": 2})

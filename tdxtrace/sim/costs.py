@@ -38,7 +38,7 @@ DEFAULT_LEAF_COSTS: dict[Leaf, Cost] = {
     Leaf.TDH_MEM_SEPT_ADD: Cost(2500),
     Leaf.TDH_VP_ADDCX: Cost(3000),
     Leaf.TDH_MEM_PAGE_AUG: Cost(3000, 0.25, 0.01, 8.0),
-    Leaf.TDH_MEM_RANGE_BLOCK: Cost(1500),
+    Leaf.TDH_MEM_RANGE_BLOCK: Cost(1500),  # BLOCK..WBINVD, kick: docs/calibration.md
     Leaf.TDH_MNG_KEY_CONFIG: Cost(5000),
     Leaf.TDH_MNG_CREATE: Cost(10000),
     Leaf.TDH_VP_CREATE: Cost(5000),
@@ -49,11 +49,11 @@ DEFAULT_LEAF_COSTS: dict[Leaf, Cost] = {
     Leaf.TDH_MNG_KEY_FREEID: Cost(2000),
     Leaf.TDH_MNG_INIT: Cost(100000),
     Leaf.TDH_VP_INIT: Cost(20000),
-    Leaf.TDH_PHYMEM_PAGE_RECLAIM: Cost(4500),
-    Leaf.TDH_MEM_PAGE_REMOVE: Cost(2500),
-    Leaf.TDH_MEM_TRACK: Cost(800),
+    Leaf.TDH_PHYMEM_PAGE_RECLAIM: Cost(4750),  # early-release figures, calibration.md
+    Leaf.TDH_MEM_PAGE_REMOVE: Cost(3000),
+    Leaf.TDH_MEM_TRACK: Cost(1500),
     Leaf.TDH_PHYMEM_CACHE_WB: Cost(200000),
-    Leaf.TDH_PHYMEM_PAGE_WBINVD: Cost(1500),
+    Leaf.TDH_PHYMEM_PAGE_WBINVD: Cost(3500),
 }
 
 DEFAULT_STEP_COSTS: dict[str, Cost] = {
@@ -62,13 +62,16 @@ DEFAULT_STEP_COSTS: dict[str, Cost] = {
     "mmu_walk": Cost(700),  # kvm_tdp_mmu_map() walk of the mirror root
     "retry_resched": Cost(300),  # one local-retry turn incl. cond_resched()
     "fastpath_loop": Cost(200),  # EXIT_FASTPATH_EXIT_HANDLED back to VP.ENTER
-    "kick": Cost(2500),  # kvm_make_all_cpus_request(): IPIs + wait for acknowledgement
-    "kick_per_vcpu": Cost(600),  # extra per vCPU that was in guest mode (calibration.md)
+    "kick": Cost(3250),  # kvm_make_all_cpus_request(): IPIs + wait for acknowledgement
+    # ... plus this for every vCPU of the TD, running or not: the request walks them all
+    # and waits for each; why late teardown grows with vCPUs (docs/calibration.md)
+    "kick_per_vcpu": Cost(625),
     "ipi": Cost(2000),  # smp_call_function_single() round trip
     "guest_accept": Cost(1500),  # TDG.MEM.PAGE.ACCEPT in the guest
     "guest_touch": Cost(400),  # guest work between two memory touches
     "userspace_exit": Cost(15000),  # KVM_EXIT_HYPERCALL round trip through the VMM
     "spinlock": Cost(100),  # seamcall_spinlock policy: lock/unlock overhead
+    "direct_zap": Cost(60),  # zapping one SPTE of the shared (direct) root, no SEAMCALL
 }
 
 

@@ -160,7 +160,8 @@ class FaultPath:
         if self.sim.now >= v.next_timer:
             self._done(f, FaultOutcome.PENDING_EVENT)  # kvm_vcpu_has_events()
             return
-        if self.signal_p and self._signal.random() < self.signal_p:
+        if v.stopped or (self.signal_p and self._signal.random() < self.signal_p):
+            # A stopped vCPU (teardown, KVM_BUG_ON) has a signal pending: the loop exits.
             self._done(f, FaultOutcome.SIGNAL)
             return
         f.retries += 1

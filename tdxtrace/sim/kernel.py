@@ -50,8 +50,6 @@ class Simulator:
             callback(*args)
             if should_stop is not None and should_stop():
                 break
-        if not self.stopped and (not heap or heap[0][0] > until):
-            self.now = max(self.now, until) if not heap else self.now
 
     def pending(self) -> int:
         return len(self._heap)

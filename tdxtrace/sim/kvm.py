@@ -19,6 +19,7 @@ from tdxtrace.events import Flow, KickReason, Kind
 from tdxtrace.sim.guest import Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
 from tdxtrace.sim.module import SUCCESS, ModuleTd, TdxModule
+from tdxtrace.sim.roots_guest import SHARED_BIT
 
 if TYPE_CHECKING:
     from tdxtrace.sim.world import World
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 VP_ENTER = int(Leaf.TDH_VP_ENTER)
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
+TDCALL = int(ExitReason.TDCALL)
 SEAMCALL = int(Kind.SEAMCALL)
 
 
@@ -41,6 +43,8 @@ class Vcpu:
     next_timer: int = 0
     stopped: bool = False
     faulting: bool = False
+    cpu: int = -1  # KVM's vcpu->cpu: the LP it was last loaded on (-1: never, or flushed)
+    migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Kvm:
         self.module: TdxModule = world.module
         self.timer_period = world.timer_period_ns
         self.on_private_fault: Callable[[Vcpu, int], None] = lambda v, gpa: None
+        self.on_tdvmcall: Callable[[Vcpu], None] = self.enter  # MapGPA installs its handler
+        self.before_entry: Callable[[Vcpu], None] | None = None  # roots: kvm_mmu_reload()
 
     # --- SEAMCALLs ------------------------------------------------------------------------
     def seamcall(self, td: KvmTd, leaf: int, lp: int, corr: int | None, flow: int,
@@ -127,9 +133,14 @@ class Kvm:
         td = v.td
         if v.stopped or td.bugged or self.world.stopping:
             return
+        if v.cpu != v.lp or v.migrate_to >= 0:
+            self.world.lifecycle.placement.load(v)  # tdx_vcpu_load(); enters again after
+            return
         if td.wait_for_sept_zap:
             self.sim.after(self.costs.step("fastpath_loop"), self.enter, v)
             return
+        if self.before_entry is not None:
+            self.before_entry(v)
         if v.run_corr is None:
             v.run_corr = self.log.new_corr()
         log, sim, module = self.log, self.sim, self.module
@@ -150,6 +161,7 @@ class Kvm:
         elif status != SUCCESS:
             sim.after(dur, self._busy_exit, v, status)
             v.stopped = True  # unexpected VP.ENTER status: exit to userspace, vCPU stops
+            log.count("vcpus_stopped_unexpected")
         else:
             v.in_guest = True
             v.token += 1
@@ -172,8 +184,10 @@ class Kvm:
         td, log = v.td, self.log
         rip = v.workload.current.rip
         if real:
+            # The module counts EPT violations on private GPAs only toward zero-step.
+            private = reason == EPT_VIOLATION and gpa is not None and not gpa & SHARED_BIT
             armed, reset = self.module.td_exit(td.module, v.index, rip,
-                                               gpa if reason == EPT_VIOLATION else None)
+                                               gpa if private else None)
             if reset:
                 log.emit(Kind.T_ZERO_STEP_RESET, td=td.index, vcpu=v.index, rip=rip)
             if armed:
@@ -187,6 +201,8 @@ class Kvm:
         delay = self.costs.step("td_exit") + self.costs.step("exit_handling")
         if reason == EPT_VIOLATION and gpa is not None:
             self.sim.after(delay, self.on_private_fault, v, gpa)
+        elif reason == TDCALL:
+            self.sim.after(delay, self.on_tdvmcall, v)
         else:
             self.sim.after(delay, self.enter, v)
 

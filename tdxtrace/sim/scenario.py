@@ -66,6 +66,10 @@ SPEC: dict[str, dict[str, Key]] = {
         "timer_hz": Key(int, 250, low=1, high=100_000, doc="guest timer interrupts per second"),
         "max_touches": Key(int, 64, low=1, high=100_000,
                            doc="touches of mapped pages the guest does per scheduling step"),
+        "shared_fraction": Key(float, 0.0, low=0.0, high=1.0,
+                               doc="share of touches that go to shared memory (direct root)"),
+        "shared_pages": Key(int, 512, low=1, high=1 << 30,
+                            doc="size of the shared window (its own memslot), in 4K pages"),
     },
     "kvm": {
         "preempt_p": Key(float, 0.0, low=0.0, high=1.0,
@@ -81,6 +85,29 @@ SPEC: dict[str, dict[str, Key]] = {
         "zap_pages": Key(int, 64, low=1, high=1 << 30, doc="pages per zap"),
         "zap_reason": Key(str, "truncation", ("truncation", "conversion"),
                           doc="hole punch, or a private->shared attribute change"),
+        "memslot_interval_us": Key(int, 0, low=0, high=3_600_000_000,
+                                   doc="how often the VMM changes the shared memslot (0: never)"),
+        "notifier_interval_us": Key(int, 0, low=0, high=3_600_000_000,
+                                    doc="how often an mmu_notifier invalidation hits the VMM's "
+                                        "mapping of guest memory (0: never)"),
+        "notifier_pages": Key(int, 64, low=1, high=1 << 30,
+                              doc="pages per mmu_notifier invalidation"),
+    },
+    "mapgpa": {
+        "interval_us": Key(int, 0, low=0, high=3_600_000_000,
+                           doc="how often a vCPU of each TD converts a range (0: never)"),
+        "size_kb": Key(int, 4096, low=1, high=64 * 1024 * 1024,
+                       doc="bytes per conversion in KiB (not a multiple of 4: ALIGN_ERROR)"),
+        "direction": Key(str, "alternate", ("alternate", "to_shared", "to_private"),
+                         doc="alternate: to shared, then the same range back to private"),
+        "max_retries": Key(int, 3, low=1, high=1000,
+                           doc="guest: consecutive no-progress RETRYs before giving up"),
+        "vmm": Key(str, "complete", ("complete", "partial", "no_progress", "bad_r11", "reject"),
+                   doc="how the VMM answers each userspace exit"),
+        "partial_pages": Key(int, 512, low=1, high=1 << 30,
+                             doc="partial: pages converted per TDVMCALL before EAGAIN"),
+        "no_progress_calls": Key(int, 3, low=0, high=1000,
+                                 doc="no_progress: EAGAINs without progress per conversion"),
     },
     "faults": {
         "spurious_busy_leaf": Key(str, "", doc="leaf that sometimes returns OPERAND_BUSY "
@@ -88,6 +115,37 @@ SPEC: dict[str, dict[str, Key]] = {
         "spurious_busy_p": Key(float, 0.0, low=0.0, high=1.0, doc="its probability"),
         "ipi_delay_p": Key(float, 0.0, low=0.0, high=1.0, doc="chance an IPI is delayed"),
         "ipi_delay_ns": Key(int, 20000, low=0, high=10_000_000_000, doc="by how much"),
+        "mapgpa_interrupt_p": Key(float, 0.0, low=0.0, high=1.0,
+                                  doc="chance an interrupt is pending after each MapGPA chunk"),
+        "vcpu_load_during_teardown_p": Key(
+            float, 0.0, low=0.0, high=1.0,
+            doc="chance, per TD teardown, that a vCPU is loaded and entered again between the "
+                "VP.FLUSH round and VPFLUSHDONE (seed 001)"),
+        "skip_flush_on_migrate_p": Key(
+            float, 0.0, low=0.0, high=1.0,
+            doc="chance a migration skips VP.FLUSH on the old LP (an injected KVM bug)"),
+    },
+    # TD teardown after the run (lifecycle.py, docs/calibration.md).
+    "teardown": {
+        "enabled": Key(bool, True, doc="tear every TD down after the run"),
+        "flush_loop": Key(str, "resend_flush", ("resend_flush", "vpflushdone_only"),
+                          doc="on FLUSHVP_NOT_DONE: VP.FLUSH every vCPU again, or only "
+                              "re-issue VPFLUSHDONE (seed 001)"),
+        "vpflushdone_tries": Key(int, 3, low=1, high=10000,
+                                 doc="VPFLUSHDONE attempts before the HKID is leaked (1: "
+                                     "mainline, no loop)"),
+        "cache_wb_blocks": Key(int, 4, low=1, high=100_000,
+                               doc="sub-blocks of a package's CACHE.WB; every one but the last "
+                                   "returns INTERRUPTED_RESUMABLE"),
+        "prepopulate": Key(bool, False, doc="start with all private memory mapped and "
+                                            "accepted (no rows), as a long-running TD"),
+        "row_pages": Key(int, 64, low=0, high=1 << 30,
+                         doc="pages per teardown phase recorded one row per SEAMCALL; the "
+                             "rest are batched rows with arg1 = pages"),
+    },
+    "migration": {
+        "rate_hz": Key(float, 0.0, low=0.0, high=1_000_000.0,
+                       doc="migrations per second per vCPU between LPs (0: none)"),
     },
 }
 TOP_LEVEL = {"name": str, "description": str}

@@ -22,9 +22,13 @@ from tdxtrace.sim.faults import FaultPlan
 from tdxtrace.sim.guest import Workload
 from tdxtrace.sim.kernel import RandomStreams, Simulator
 from tdxtrace.sim.kvm import Kvm, KvmTd, Vcpu
+from tdxtrace.sim.lifecycle import Lifecycle
+from tdxtrace.sim.mapgpa import MapGpa
 from tdxtrace.sim.mmu import MirrorRoot
-from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdLifecycle, TdxModule
+from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdxModule
 from tdxtrace.sim.recorder import BatchSink, EventLog
+from tdxtrace.sim.roots import Roots
+from tdxtrace.sim.roots_guest import SHARED_GFN
 from tdxtrace.sim.scenario import Scenario
 from tdxtrace.sim.zap import ZapPath
 
@@ -57,7 +61,7 @@ class World:
         self.seed = seed
         self.sim = Simulator()
         self.rng = RandomStreams(seed)
-        self.log = EventLog(sink, lambda: self.sim.now)
+        self.log = self.make_log(sink)
         self.costs = _cost_models(scenario, self.rng)
         policy = scenario.policy
         self.policy = SimpleNamespace(**vars(policy),
@@ -78,6 +82,17 @@ class World:
         self._vmm_rng = self.rng.stream("vmm")
         self._touch_ns = self.costs.base("guest_touch")
         self._max_touches = scenario.guest.max_touches
+        # Direct roots, shared memory, memslot/notifier zaps and MapGPA: only when used.
+        self.roots = Roots(self) if Roots.wanted(scenario) else None
+        self.mapgpa = MapGpa(self) if MapGpa.wanted(scenario) else None
+        # Every TD is created (MNG.CREATE .. MR.FINALIZE) before its vCPUs start; the run
+        # starts when the last creation is done (lifecycle.py).
+        self.lifecycle = Lifecycle(self)
+        self.lifecycle.create_all()
+
+    def make_log(self, sink: BatchSink) -> EventLog:
+        """The event log (a hook: ``replay --until`` returns one that stops at an event)."""
+        return EventLog(sink, lambda: self.sim.now)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -88,7 +103,7 @@ class World:
 
     def _build_td(self, index: int) -> KvmTd:
         cfg, guest = self.scenario.td, self.scenario.guest
-        mtd = ModuleTd(td=index, hkid=index + 1, lifecycle=TdLifecycle.RUNNABLE,
+        mtd = ModuleTd(td=index, hkid=index + 1,
                        vcpus=[ModuleVcpu() for _ in range(cfg.vcpus)])
         self.module.tds.append(mtd)
         td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1))
@@ -112,6 +127,8 @@ class World:
                 v.next_timer += self.timer_period_ns
             kvm.exit_guest(v, EXTERNAL_INTERRUPT, None)
             return
+        if self.mapgpa is not None and self.mapgpa.guest_turn(v):
+            return
         entries = v.td.module.entries
         touch = v.workload.current
         entry = entries.get(touch.gfn)
@@ -134,6 +151,9 @@ class World:
             self.log.emit(Kind.GUEST_ACCEPT, td=v.td.index, vcpu=v.index, lp=v.lp,
                           gpa=touch.gfn << 12, level=0, status=status, dur=dur)
             sim.after(dur, self.guest_step, v, token)
+        elif touch.gfn >= SHARED_GFN and self.roots is not None and self.roots.guest_touch(
+                v, token):
+            return
         else:
             kvm.exit_guest(v, EPT_VIOLATION, touch.gfn << 12)
 
@@ -158,17 +178,25 @@ class World:
     def run(self) -> None:
         scenario = self.scenario
         stagger = self.rng.stream("start")
+        t0 = self.sim.now  # the end of TD creation
         for td in self.tds:
             for v in td.vcpus:
-                self.kvm.start(v, stagger.randrange(1000, 5000))
+                self.kvm.start(v, t0 + stagger.randrange(1000, 5000))
             if scenario.vmm.zap_interval_us:
                 self.sim.after(scenario.vmm.zap_interval_us * 1000, self._vmm_zap, td)
-        end = scenario.run.duration_us * 1000
+        if self.roots is not None:
+            self.roots.start()
+        if self.mapgpa is not None:
+            self.mapgpa.start()
+        self.lifecycle.placement.start()
+        end = t0 + scenario.run.duration_us * 1000
         max_events = scenario.run.max_events
         log = self.log
         stop = (lambda: log.events >= max_events) if max_events else None
         self.sim.run(end, stop)
         self.stopping = True
+        if scenario.teardown.enabled:
+            self.lifecycle.teardown_all()  # vCPUs stop, then every TD is torn down
         self.log.flush()
 
 

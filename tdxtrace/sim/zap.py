@@ -50,9 +50,12 @@ class ZapPath:
         self.lp = world.host_lp
 
     def zap(self, td: KvmTd, gfns: list[int], reason: ZapReason, flow: int,
-            then: Done | None = None) -> None:
-        """Zap the private leaves of ``gfns`` (kvm_unmap_gfn_range on the mirror root)."""
-        corr = self.log.new_corr()
+            then: Done | None = None, corr: int | None = None) -> None:
+        """Zap the private leaves of ``gfns`` (kvm_unmap_gfn_range on the mirror root).
+
+        ``corr``: the operation this zap is part of (a teardown); by default a new one.
+        """
+        corr = self.log.new_corr() if corr is None else corr
         self.log.count("zaps")
         start = gfns[0] << 12 if gfns else 0
         self.log.emit(Kind.ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=self.lp,

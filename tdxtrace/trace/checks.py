@@ -37,6 +37,7 @@ _KINDS = sorted(int(k) for k in Kind)
 _FLOWS = sorted(int(f) for f in Flow)
 _MAX_LEVEL = 4  # SEPT.ADD names non-leaf levels: 3 (512G) and, with 5-level EPT, 4
 _IN_FLIGHT = 2  # batches decoded but not yet hashed
+_HASH_IN_WORKER_ROWS = 8192  # smaller batches are hashed at once: handing over costs more
 
 
 def first_line(err: BaseException) -> str:
@@ -145,23 +146,31 @@ class BatchChecker:
                 return f"column {name} has {nulls} null values; it must not be null"
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
-        seq_breaks = frame.select(_seq_breaks(self.events).sum()).item()
-        if seq_breaks:
-            row = frame.with_row_index("_row").filter(_seq_breaks(self.events)).row(0)
+        seq_rule = _seq_breaks(self.events)
+        rules = _suspect_rules(self._last_ts)
+        # One pass for every rule: the count of rows breaking each.
+        counts = frame.select(seq_rule.sum().alias("seq"),
+                              *[rule.sum().alias(name) for name, rule in rules.items()])
+        broken = counts.row(0, named=True)
+        if broken.pop("seq"):
+            row = frame.with_row_index("_row").filter(seq_rule).row(0)
             return (f"seq does not continue the count 0, 1, 2, ...: event {self.events + row[0]}"
                     f" has seq {row[1]}")
-        self._note_suspects(frame)
-        self._drain(_IN_FLIGHT - 1)
-        self._pending.append(self._hasher.submit(self._digest.update, batch))
+        self._note_suspects(frame, rules, broken)
+        if batch.num_rows >= _HASH_IN_WORKER_ROWS:
+            self._drain(_IN_FLIGHT - 1)
+            self._pending.append(self._hasher.submit(self._digest.update, batch))
+        else:
+            self._drain(0)  # the digest takes batches in order
+            self._digest.update(batch)
         self.events += batch.num_rows
         self.batches += 1
         self._last_ts = batch.column("ts_ns")[batch.num_rows - 1].as_py()
         return None
 
-    def _note_suspects(self, frame: pl.DataFrame) -> None:
-        rules = _suspect_rules(self._last_ts)
-        counts = frame.select([rule.sum().alias(name) for name, rule in rules.items()])
-        for name, rows in counts.row(0, named=True).items():
+    def _note_suspects(self, frame: pl.DataFrame, rules: dict[str, pl.Expr],
+                       broken: dict[str, int]) -> None:
+        for name, rows in broken.items():
             if not rows:
                 continue
             suspect = self._suspects.get(name)

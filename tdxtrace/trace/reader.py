@@ -23,21 +23,25 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import COLUMN_NAMES, FIELDS, arrow_schema
+from tdxtrace.schema import FIELDS
+from tdxtrace.trace.checks import BatchChecker, first_line
 from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import RunMetadata, Summary
+from tdxtrace.trace.scan import STREAM_START, read_batches, scan_batches, stream_schema
 from tdxtrace.trace.writer import DEFAULT_BATCH_ROWS, conform_events
 
 ARROW_MAGIC = b"ARROW1"
-_STREAM_START = 8  # the file magic padded to 8 bytes; the IPC stream follows
+_STREAM_START = STREAM_START
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Where a trace's batches are: an intact Arrow file, a footer-less file, or memory."""
 
-    kind: str  # "file" | "stream" | "memory"
-    data_batches: int  # complete batches to read (file/stream: counted from the start)
+    # "file": an intact file; "prefix": an intact file whose batch data_batches is damaged;
+    # "stream": a footer-less file; "memory": a table.
+    kind: str
+    data_batches: int  # batches to read, counted from the start (stream: non-empty ones)
     table: pa.Table | None = None  # kind == "memory"
 
 
@@ -69,13 +73,8 @@ class Trace:
         if layout.kind == "memory":
             assert layout.table is not None
             return _frame(layout.table).lazy()
-        if layout.kind == "file":
-            assert self.path is not None
-            # glob/hive off: a file name with [ or * or key=value folders is just a name.
-            return pl.scan_ipc(self.path, glob=False, hive_partitioning=False).select(
-                COLUMN_NAMES)
-        table = pa.Table.from_batches(list(self.iter_batches()), schema=arrow_schema())
-        return _frame(table).lazy()
+        assert self.path is not None
+        return scan_batches(self.path, layout.kind == "stream", layout.data_batches)
 
     def observable(self) -> pl.LazyFrame:
         """The rows a real host could have recorded (``truth`` is false)."""
@@ -89,26 +88,7 @@ class Trace:
             yield from layout.table.to_batches(max_chunksize=DEFAULT_BATCH_ROWS)
             return
         assert self.path is not None
-        index = 0
-        try:
-            with pa.memory_map(str(self.path)) as source:
-                if layout.kind == "file":
-                    reader = ipc.open_file(source)
-                    batches: Iterator[pa.RecordBatch] = (
-                        reader.get_batch(i) for i in range(layout.data_batches))
-                else:
-                    source.seek(_STREAM_START)
-                    batches = _stream_data_batches(ipc.open_stream(source), layout.data_batches)
-                for batch in batches:
-                    if batch.num_rows:
-                        yield _v1_columns(batch)
-                    index += 1
-        except (pa.ArrowException, OSError) as err:
-            # Damage inside a batch the footer vouched for (a flipped bit, a file changed
-            # since it was opened): name the file and the batch, not Arrow's internals.
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise TraceFormatError(
-                f"{self.path}: record batch {index} cannot be read: {reason}") from None
+        yield from read_batches(self.path, layout.kind == "stream", layout.data_batches)
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, metadata: RunMetadata | None = None) -> Trace:
@@ -124,21 +104,6 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame
-
-
-def _v1_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
-    return batch if tuple(batch.schema.names) == COLUMN_NAMES else batch.select(COLUMN_NAMES)
-
-
-def _stream_data_batches(reader: ipc.RecordBatchStreamReader,
-                         count: int) -> Iterator[pa.RecordBatch]:
-    """The first ``count`` non-empty batches; never reads past them into a damaged tail."""
-    seen = 0
-    while seen < count:
-        batch = reader.read_next_batch()
-        if batch.num_rows:
-            seen += 1
-            yield batch
 
 
 def _validate_schema(schema: pa.Schema, source: str) -> RunMetadata:
@@ -159,8 +124,36 @@ def _unfinished(source: str, batches: int, events: int) -> str:
             f"{events} events read")
 
 
+def _suspects(source: str, checker: BatchChecker) -> list[str]:
+    return [f"{source}: {line}" for line in checker.suspect_rows()]
+
+
+def _damaged(source: str, index: int, problem: str, checker: BatchChecker,
+             reader: ipc.RecordBatchFileReader) -> str:
+    later = reader.num_record_batches - index - 1
+    ignored = f"{later} later batches ignored"
+    if later and _has_summary(reader):
+        ignored = f"{later - 1} later batches and the summary ignored"
+    return (f"{source}: record batch {index} is damaged ({problem}); reading the "
+            f"{checker.events} events of the {checker.batches} batches before it, {ignored}")
+
+
+def _has_summary(reader: ipc.RecordBatchFileReader) -> bool:
+    try:
+        last = reader.get_batch_with_custom_metadata(reader.num_record_batches - 1)
+        return (last.batch.num_rows == 0
+                and Summary.from_arrow(last.custom_metadata, source="") is not None)
+    except (pa.ArrowException, OSError, ValueError, TraceFormatError):
+        return False
+
+
 def open_trace(path: str | Path) -> Trace:
-    """Open and validate a trace file; errors are :class:`TraceFormatError` naming the file."""
+    """Open and validate a trace file; errors are :class:`TraceFormatError` naming the file.
+
+    Every batch is decoded and checked once here (see :mod:`tdxtrace.trace.checks`); a finished
+    trace's events must match its summary's digest. A damaged batch ends the readable part of
+    the trace: the batches before it are kept and a warning says what was lost.
+    """
     source = str(path)
     file = Path(path)
     try:
@@ -179,37 +172,83 @@ def open_trace(path: str | Path) -> Trace:
     try:
         with open(file, "rb") as handle:
             magic = handle.read(len(ARROW_MAGIC))
+        mapped = pa.memory_map(str(file))
     except OSError as err:
         raise TraceFormatError(f"{source}: cannot read: {err.strerror or err}") from None
     if magic != ARROW_MAGIC:
+        mapped.close()
         raise TraceFormatError(f"{source}: not an Arrow IPC file (bad magic)")
-    with pa.memory_map(str(file)) as mapped:
+    with mapped:
         try:
             reader = ipc.open_file(mapped)
-        except (pa.ArrowException, OSError):
+        except (pa.ArrowException, OSError, ValueError):
             return _open_footerless(file, source, mapped, info.st_size)
-        return _open_intact(file, source, reader)
+        return _open_intact(file, source, reader, mapped)
 
 
-def _open_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader) -> Trace:
+def _check_schema_copies(source: str, footer_schema: pa.Schema,
+                         mapped: pa.MemoryMappedFile) -> None:
+    """An Arrow file holds its schema twice; a flipped bit in either makes them differ.
+
+    The run metadata lives there and no digest covers it, so this is what catches damage to it.
+    """
+    try:
+        mapped.seek(_STREAM_START)
+        start_schema = stream_schema(mapped)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise TraceFormatError(
+            f"{source}: damaged Arrow IPC file (the schema at the start cannot be read: "
+            f"{first_line(err)})") from None
+    if not start_schema.equals(footer_schema, check_metadata=True):
+        raise TraceFormatError(
+            f"{source}: damaged Arrow IPC file (the schema at the start and its copy in the "
+            "footer differ)")
+
+
+def _open_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
+                 mapped: pa.MemoryMappedFile) -> Trace:
     metadata = _validate_schema(reader.schema, source)
+    _check_schema_copies(source, reader.schema, mapped)
+    with BatchChecker() as checker:
+        return _check_intact(file, source, reader, metadata, checker)
+
+
+def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
+                  metadata: RunMetadata, checker: BatchChecker) -> Trace:
     total = reader.num_record_batches
-    summary = None
-    data_batches = total
-    if total:
-        last = reader.get_batch_with_custom_metadata(total - 1)
-        if last.batch.num_rows == 0:
-            summary = Summary.from_arrow(last.custom_metadata, source=source)
-            if summary is not None:
-                data_batches = total - 1
-    events = reader.count_rows()  # from the batches' headers; no data is decompressed
     warnings: list[str] = []
+    summary: Summary | None = None
+    for index in range(total):
+        try:
+            with_meta = reader.get_batch_with_custom_metadata(index)
+            batch = with_meta.batch
+            if batch.num_rows == 0 and index == total - 1:
+                summary = Summary.from_arrow(with_meta.custom_metadata, source=source)
+                continue
+            problem = checker.check(batch)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            problem = f"cannot be decoded: {first_line(err)}"
+        except TraceFormatError as err:  # the summary's own text is damaged
+            warnings.append(f"{err}: the summary is ignored")
+            continue
+        if problem is not None:
+            warnings.append(_damaged(source, index, problem, checker, reader))
+            warnings += _suspects(source, checker)
+            return Trace(path=file, metadata=metadata, summary=None,
+                         num_events=checker.events, warnings=tuple(warnings),
+                         layout=_Layout("prefix", index))
+    data_batches = total - 1 if summary is not None else total
     if summary is None:
-        warnings.append(_unfinished(source, data_batches, events))
-    elif summary.events != events:
+        warnings.append(_unfinished(source, checker.batches, checker.events))
+    elif summary.digest != checker.hexdigest():
+        raise TraceFormatError(
+            f"{source}: damaged trace: the events' content digest does not match the "
+            "summary's (a value was changed after the run was recorded)")
+    elif summary.events != checker.events:
         warnings.append(f"{source}: the summary says {summary.events} events but the file "
-                        f"holds {events}")
-    return Trace(path=file, metadata=metadata, summary=summary, num_events=events,
+                        f"holds {checker.events}")
+    warnings += _suspects(source, checker)
+    return Trace(path=file, metadata=metadata, summary=summary, num_events=checker.events,
                  warnings=tuple(warnings), layout=_Layout("file", data_batches))
 
 
@@ -220,27 +259,36 @@ def _open_footerless(file: Path, source: str, mapped: pa.MemoryMappedFile, size:
     mapped.seek(_STREAM_START)
     try:
         stream = ipc.open_stream(mapped)
-    except (pa.ArrowException, OSError):
+    except (pa.ArrowException, OSError, ValueError):
         raise TraceFormatError(damaged) from None
     metadata = _validate_schema(stream.schema, source)
-    batches = events = 0
+    with BatchChecker() as checker:
+        return _check_stream(file, source, mapped, size, stream, metadata, checker)
+
+
+def _check_stream(file: Path, source: str, mapped: pa.MemoryMappedFile, size: int,
+                  stream: ipc.RecordBatchStreamReader, metadata: RunMetadata,
+                  checker: BatchChecker) -> Trace:
     end_of_complete = mapped.tell()
-    while True:
+    problem: str | None = None
+    while problem is None:
         try:
             batch = stream.read_next_batch()
         except StopIteration:
             break
-        except (pa.ArrowException, OSError):
+        except (pa.ArrowException, OSError, ValueError):
             break  # a batch cut in the middle: everything before it is good
-        end_of_complete = mapped.tell()
-        if batch.num_rows:
-            batches += 1
-            events += batch.num_rows
+        problem = checker.check(batch)
+        if problem is None:
+            end_of_complete = mapped.tell()
     tail = size - end_of_complete
-    warnings = (
-        _unfinished(source, batches, events),
+    warnings = [_unfinished(source, checker.batches, checker.events)]
+    if problem is not None:
+        warnings.append(f"{source}: record batch {checker.batches} is damaged ({problem}); "
+                        "it and everything after it were ignored")
+    warnings.append(
         f"{source}: damaged tail: the Arrow footer is missing (writer crashed or file cut "
-        f"short); {tail} bytes after the last complete batch were ignored",
-    )
-    return Trace(path=file, metadata=metadata, summary=None, num_events=events,
-                 warnings=warnings, layout=_Layout("stream", batches))
+        f"short); {tail} bytes after the last complete batch were ignored")
+    warnings += _suspects(source, checker)
+    return Trace(path=file, metadata=metadata, summary=None, num_events=checker.events,
+                 warnings=tuple(warnings), layout=_Layout("stream", checker.batches))

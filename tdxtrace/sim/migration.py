@@ -1,0 +1,170 @@
+"""vCPU placement: ``tdx_vcpu_load()``, VP.FLUSH on the LP a vCPU last ran on, and migration.
+
+tdx-reference.md §4(d). KVM remembers the LP a vCPU was last loaded on (``vcpu->cpu``, -1 before
+the first load and after a flush). When the vCPU's thread is scheduled on another LP,
+``tdx_vcpu_load()`` sends an IPI to the *old* LP, which runs TDH.VP.FLUSH there (the module
+dissociates the vCPU; TDX_VCPU_NOT_ASSOCIATED is ignored), before the first TDH.VP.ENTER on the
+new LP associates it again. Skipping that flush (fault ``faults.skip_flush_on_migrate_p``)
+leaves the vCPU associated with the old LP, so VP.ENTER on the new one returns
+TDX_VCPU_ASSOCIATED: KVM sees an unexpected exit and the vCPU stops.
+
+Migrations arrive per vCPU as a Poisson process of ``migration.rate_hz`` (random stream
+``migration``); one takes effect at the vCPU's next entry, i.e. when its thread is next
+scheduled, never while it is in guest mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, Status
+from tdxtrace.events import Flow, IpiPurpose, Kind
+from tdxtrace.sim.module import SUCCESS
+from tdxtrace.sim.module_teardown import LifecycleLeaves
+
+if TYPE_CHECKING:
+    from tdxtrace.sim.kvm import Vcpu
+    from tdxtrace.sim.world import World
+
+VP_FLUSH = int(Leaf.TDH_VP_FLUSH)
+VP_ENTER = int(Leaf.TDH_VP_ENTER)
+NOT_ASSOCIATED = int(Status.VCPU_NOT_ASSOCIATED)
+EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
+
+
+class VcpuPlacement:
+    def __init__(self, world: World, leaves: LifecycleLeaves) -> None:
+        self.world = world
+        self.kvm = world.kvm
+        self.sim = world.sim
+        self.log = world.log
+        self.costs = world.costs
+        self.leaves = leaves
+        self.rate_hz = float(world.scenario.migration.rate_hz)
+        self.skip_p = float(world.scenario.faults.skip_flush_on_migrate_p)
+        self._rng = world.rng.stream("migration")
+        self._skip_rng = world.rng.stream("faults.skip_flush_on_migrate")
+        self.vcpu_lps = max(1, world.lps - 1)  # the LPs vCPUs run on (the last is the VMM's)
+
+    # --- IPIs -----------------------------------------------------------------------------
+    def send_ipi(self, purpose: IpiPurpose, td: int, vcpu: int | None, target: int, source: int,
+                 corr: int, flow: int) -> tuple[int, int]:
+        """smp_call_function_single() from ``source``: (delivery, return) delays, with a row.
+
+        A call to the local LP runs without an IPI: (0, 0) and no row.
+        """
+        if target == source:
+            return 0, 0
+        round_trip = self.costs.step("ipi")
+        there = self.world.faults.ipi_delay(round_trip // 2)
+        self.log.emit(Kind.IPI, sub=purpose, flow=flow, corr=corr, td=td, vcpu=vcpu, lp=target,
+                      arg0=source, dur=there)
+        return there, round_trip - round_trip // 2
+
+    def flush_vp_on_cpu(self, v: Vcpu, corr: int, flow: int, source: int,
+                        then: Callable[[int], None]) -> None:
+        """tdx_flush_vp_on_cpu(): VP.FLUSH on ``v.cpu`` by IPI, then tdx_disassociate_vp()."""
+        target = v.cpu
+        if target < 0:  # never loaded, or already flushed
+            then(SUCCESS)
+            return
+        td = v.td
+        mtd = td.module
+        there, back = self.send_ipi(IpiPurpose.VP_FLUSH, td.index, v.index, target, source,
+                                    corr, flow)
+
+        def call(now: int, until: int, me: tuple[int, int, int]) -> int:
+            return self.leaves.vp_flush(mtd, v.index, target, now, until, me)
+
+        def flushed(status: int) -> None:
+            if status not in (SUCCESS, NOT_ASSOCIATED):
+                self.kvm.bug_on(td, VP_FLUSH, status, corr, flow)  # TDX_BUG_ON in the caller
+            self.log.count("vp_flushes")
+            v.cpu = -1
+            self.sim.after(back, then, status)
+
+        self.sim.after(there, partial(self.kvm.seamcall, td, VP_FLUSH, target, corr, flow, call,
+                                      flushed, vcpu=v.index))
+
+    # --- tdx_vcpu_load() --------------------------------------------------------------------
+    def load(self, v: Vcpu) -> None:
+        """The vCPU's thread runs on ``v.lp`` (or moves to ``v.migrate_to``): load, then enter."""
+        old = v.cpu
+        if v.migrate_to >= 0:
+            v.lp, v.migrate_to = v.migrate_to, -1
+        new = v.lp
+        if old == new:
+            self.kvm.enter(v)
+            return
+        if old < 0:
+            self.log.emit(Kind.VCPU_LOAD, flow=Flow.RUN, td=v.td.index, vcpu=v.index, lp=new)
+            v.cpu = new
+            self.kvm.enter(v)
+            return
+        corr = self.log.new_corr()
+        self.log.count("migrations")
+        self.log.emit(Kind.VCPU_LOAD, flow=Flow.MIGRATION, corr=corr, td=v.td.index,
+                      vcpu=v.index, lp=new, arg0=old)
+        if self.skip_p and self._skip_rng.random() < self.skip_p:
+            self.log.count("migration_flushes_skipped")  # the injected bug
+            self._loaded(v, new)
+            return
+        self.flush_vp_on_cpu(v, corr, Flow.MIGRATION, new, lambda _: self._loaded(v, new))
+
+    def _loaded(self, v: Vcpu, lp: int) -> None:
+        v.cpu = lp
+        self.kvm.enter(v)
+
+    # --- migrations -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Arm every vCPU's migration clock (nothing when ``migration.rate_hz`` is 0)."""
+        if not self.rate_hz or self.vcpu_lps < 2:
+            return
+        for td in self.world.tds:
+            for v in td.vcpus:
+                self._arm(v)
+
+    def _arm(self, v: Vcpu) -> None:
+        delay = int(self._rng.expovariate(self.rate_hz) * 1e9)
+        self.sim.after(max(1, delay), self._fire, v)
+
+    def _fire(self, v: Vcpu) -> None:
+        if self.world.stopping or v.stopped or v.td.bugged:
+            return
+        current = v.migrate_to if v.migrate_to >= 0 else v.lp
+        target = self._rng.randrange(self.vcpu_lps - 1)
+        v.migrate_to = target + 1 if target >= current else target
+        self._arm(v)
+
+    # --- the teardown race (seed 001) -----------------------------------------------------
+    def reload_and_enter(self, v: Vcpu, then: Callable[[None], None]) -> None:
+        """A vCPU ioctl racing teardown: vcpu_load on its LP, one VP.ENTER, an immediate exit.
+
+        Loading alone would not associate the vCPU (seed 001: only VP.ENTER does); entering
+        does, so the module counts it in num_assoc_vcpus again after the VP.FLUSH round.
+        """
+        td, lp = v.td, v.lp
+        self.log.emit(Kind.VCPU_LOAD, flow=Flow.RUN, td=td.index, vcpu=v.index, lp=lp)
+        v.cpu = lp
+        corr = self.log.new_corr()
+        rip = v.workload.current.rip
+        self.log.emit(Kind.TD_ENTRY, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index, lp=lp,
+                      leaf=VP_ENTER, rip=rip)
+        now = self.sim.now
+        dur = self.costs.seamcall(VP_ENTER)
+        status, _ = self.kvm.module.vp_enter(td.module, v.index, lp, rip, now, now + dur,
+                                             (lp, VP_ENTER, corr))
+
+        def exited() -> None:
+            if status == SUCCESS:
+                self.kvm.module.td_exit(td.module, v.index, rip, None)
+                reason, rax = EXTERNAL_INTERRUPT, SUCCESS | EXTERNAL_INTERRUPT
+            else:
+                reason, rax = EXIT_REASON_INVALID, status
+            self.log.emit(Kind.TD_EXIT, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index,
+                          lp=lp, leaf=VP_ENTER, status=rax, exit_reason=reason, rip=rip)
+            then(None)
+
+        self.sim.after(dur, exited)
