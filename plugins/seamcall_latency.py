@@ -36,12 +36,17 @@ def is_operand_busy(status: pl.Expr) -> pl.Expr:
 
 
 def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per SEAMCALL other than VP.ENTER: leaf_id, dur_ns, busy."""
+    """One row per SEAMCALL other than VP.ENTER: leaf_id, dur_ns, busy.
+
+    A batched row (``arg1`` = N identical calls, as teardown writes them for large TDs) stands
+    for N calls of ``dur_ns / N`` each, so counts and percentiles are per call, not per row.
+    """
+    calls = pl.col("arg1").cast(pl.Int64).fill_null(1).clip(lower_bound=1)
     return events.filter(pl.col("kind") == Kind.SEAMCALL).select(
         pl.col("leaf").cast(pl.Int64).alias("leaf_id"),
-        pl.col("dur_ns"),
-        is_operand_busy(pl.col("status")).alias("busy"),
-    )
+        (pl.col("dur_ns") // calls).repeat_by(calls).alias("dur_ns"),
+        is_operand_busy(pl.col("status")).repeat_by(calls).alias("busy"),
+    ).explode("dur_ns", "busy")
 
 
 def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -99,7 +104,7 @@ class SeamcallLatency(Analyzer):
     description: ClassVar[str] = (
         "SEAMCALL count, share, latency (min/mean/p50/p99/max) and BUSY share per leaf")
     columns: ClassVar[tuple[str, ...]] = (
-        "seq", "ts_ns", "dur_ns", "kind", "td", "vcpu", "leaf", "status")
+        "seq", "ts_ns", "dur_ns", "kind", "td", "vcpu", "leaf", "status", "arg1")
     key_metrics: ClassVar[tuple[str, ...]] = ("seamcalls", "busy")
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
@@ -114,6 +119,7 @@ class SeamcallLatency(Analyzer):
         notes = (
             "TDH.VP.ENTER latency is TD_ENTRY to TD_EXIT of the same vCPU, time in the guest "
             "included; busy means TDX_OPERAND_BUSY with any operand.",
+            "A batched SEAMCALL row (arg1 = N identical calls) counts as N calls of dur/N.",
         )
         return AnalyzerResult(metrics=metrics, tables={"by_leaf": table}, notes=notes)
 

@@ -73,3 +73,21 @@ def test_empty_trace() -> None:
 def test_found_by_name_through_the_plugin_system() -> None:
     result = run_analyzer("seamcall_latency", make_trace([call(0, Leaf.TDH_MEM_TRACK, 10)]))
     assert result.metrics["seamcalls"] == 1
+
+
+def test_a_batched_row_counts_as_its_calls_each_with_an_equal_share() -> None:
+    from tdxtrace.codes import Leaf
+    from tdxtrace.events import Kind
+    from tdxtrace.testing import make_trace, run_analyzer
+
+    reclaim = int(Leaf.TDH_PHYMEM_PAGE_RECLAIM)
+    trace = make_trace([
+        {"kind": Kind.SEAMCALL, "ts_ns": 0, "leaf": reclaim, "status": 0, "dur_ns": 9000},
+        {"kind": Kind.SEAMCALL, "ts_ns": 10, "leaf": reclaim, "status": 0, "dur_ns": 4000,
+         "arg1": 4},
+    ])
+    result = run_analyzer("seamcall_latency", trace)
+    assert result.metrics["seamcalls"] == 5
+    row = result.tables["by_leaf"].row(0, named=True)
+    assert row["count"] == 5 and row["min_ns"] == 1000 and row["max_ns"] == 9000
+    assert row["p50_ns"] == 1000
