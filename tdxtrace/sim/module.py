@@ -117,6 +117,19 @@ class TdxModule:
         lock.hold(now, until, exclusive, me)
         return SUCCESS
 
+    def _take_td(self, td: ModuleTd, lock: SharexLock, exclusive: bool, now: int, until: int,
+                 me: Holder) -> int:
+        """TDR shared, then ``lock``: what every TD-scope TDH.MEM.* call takes first (§6.2)."""
+        return self._take(td.tdr, now, until, False, me) or self._take(
+            lock, now, until, exclusive, me)
+
+    def _take_leaf(self, td: ModuleTd, gfn: int, tree_exclusive: bool, now: int, until: int,
+                   me: Holder) -> tuple[int, SeptEntry]:
+        """TDR, the S-EPT tree, then the leaf's entry lock: a TDH.MEM.* call on one 4K GPA."""
+        entry = td.entry(gfn)
+        status = self._take_td(td, td.sept_tree, tree_exclusive, now, until, me)
+        return (status or self._take_entry(entry, now, until, me)), entry
+
     def _take_entry(self, entry: SeptEntry, now: int, until: int, me: Holder) -> int:
         if entry.lock_until > now:
             self.last_busy = Busy(with_operand(BUSY, OperandId.RCX), entry.lock_holder)
@@ -128,24 +141,18 @@ class TdxModule:
     # --- S-EPT building (fault path) -------------------------------------------------------
     def sept_add(self, td: ModuleTd, key: tuple[int, int], now: int, until: int,
                  me: Holder) -> int:
-        for lock in (td.tdr, td.sept_tree):
-            status = self._take(lock, now, until, False, me)
-            if status:
-                return status
+        status = self._take_td(td, td.sept_tree, False, now, until, me)
+        if status:
+            return status
         if key in td.nonleaf:
             return with_operand(int(Status.EPT_ENTRY_NOT_FREE), OperandId.RCX)
         td.nonleaf.add(key)
         return SUCCESS
 
     def page_aug(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
-        for lock in (td.tdr, td.sept_tree):
-            status = self._take(lock, now, until, False, me)
-            if status:
-                return status
         if any(key not in td.nonleaf for key in nonleaf_keys(gfn)):
             return with_operand(int(Status.EPT_WALK_FAILED), OperandId.RCX)
-        entry = td.entry(gfn)
-        status = self._take_entry(entry, now, until, me)
+        status, entry = self._take_leaf(td, gfn, False, now, until, me)
         if status:
             return status
         if entry.state != SeptState.FREE:
@@ -155,12 +162,7 @@ class TdxModule:
 
     # --- removal (zap path): BLOCK -> TRACK -> REMOVE ----------------------------------------
     def range_block(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
-        status = self._take(td.tdr, now, until, False, me) or self._take(
-            td.sept_tree, now, until, True, me)
-        if status:
-            return status
-        entry = td.entry(gfn)
-        status = self._take_entry(entry, now, until, me)
+        status, entry = self._take_leaf(td, gfn, True, now, until, me)
         if status:
             return status
         if entry.state == SeptState.FREE:
@@ -173,8 +175,7 @@ class TdxModule:
         return SUCCESS
 
     def track(self, td: ModuleTd, now: int, until: int, me: Holder) -> int:
-        status = self._take(td.tdr, now, until, False, me) or self._take(
-            td.epoch_lock, now, until, True, me)
+        status = self._take_td(td, td.epoch_lock, True, now, until, me)
         if status:
             return status
         if td.refcount[(td.epoch - 1) & 1]:
@@ -183,12 +184,7 @@ class TdxModule:
         return SUCCESS
 
     def page_remove(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
-        status = self._take(td.tdr, now, until, False, me) or self._take(
-            td.sept_tree, now, until, False, me)
-        if status:
-            return status
-        entry = td.entry(gfn)
-        status = self._take_entry(entry, now, until, me)
+        status, entry = self._take_leaf(td, gfn, False, now, until, me)
         if status:
             return status
         if entry.state not in (SeptState.BLOCKED, SeptState.PENDING_BLOCKED):
@@ -223,8 +219,7 @@ class TdxModule:
         mv = td.vcpus[vcpu]
         if mv.assoc_lp not in (-1, lp):
             return int(Status.VCPU_ASSOCIATED), None
-        status = self._take(td.tdr, now, until, False, me) or self._take(
-            td.epoch_lock, now, until, False, me)
+        status = self._take_td(td, td.epoch_lock, False, now, until, me)
         if status:
             return status, None
         if mv.assoc_lp == -1:
