@@ -24,6 +24,18 @@ _BUSY_CLASSES = [int(Status.OPERAND_BUSY), int(Status.OPERAND_BUSY_HOST_PRIORITY
 _RESOLVED = [int(FaultOutcome.MAPPED), int(FaultOutcome.ALREADY_MAPPED)]
 
 
+def _busy_call() -> pl.Expr:
+    return (pl.col("kind") == int(Kind.SEAMCALL)) & (
+        (pl.col("status") & u64(STATUS_MASK)).is_in(_BUSY_CLASSES).fill_null(False)
+    )
+
+
+def rows_read() -> pl.Expr:
+    """True for every row :func:`incident_causes` reads: fault handling and BUSY SEAMCALLs."""
+    handling = [int(Kind.PAGE_FAULT), int(Kind.FAULT_RETRY), int(Kind.FAULT_DONE)]
+    return pl.col("kind").is_in(handling) | _busy_call()
+
+
 def _page_faults(observable: pl.LazyFrame) -> pl.LazyFrame:
     return observable.filter(
         (pl.col("kind") == int(Kind.PAGE_FAULT))
@@ -37,9 +49,7 @@ def _page_faults(observable: pl.LazyFrame) -> pl.LazyFrame:
 def _invocations(observable: pl.LazyFrame, page_faults: pl.LazyFrame) -> pl.LazyFrame:
     """One row per corr of ``page_faults``: start/end, outcome, FROZEN and BUSY evidence."""
     kind, sub = pl.col("kind"), pl.col("sub")
-    busy_call = (kind == int(Kind.SEAMCALL)) & (
-        (pl.col("status") & u64(STATUS_MASK)).is_in(_BUSY_CLASSES).fill_null(False)
-    )
+    busy_call = _busy_call()
     retry, done = kind == int(Kind.FAULT_RETRY), kind == int(Kind.FAULT_DONE)
     handling = (
         observable.filter(retry | done | busy_call)
@@ -119,7 +129,11 @@ def incident_causes(
     slow_fault_ns: int,
 ) -> pl.DataFrame:
     """Per incident segment (``seg``): ``cause``, the first rule that holds, in CAUSES order."""
-    page_faults = _page_faults(observable)
+    # Contention is per (TD, GFN), so faults of TDs without incidents cannot matter: dropping
+    # them first keeps the joins below small on a trace of many TDs.
+    page_faults = _page_faults(observable).join(
+        incidents.select("td").unique(), on="td", how="semi"
+    )
     own = (
         assign_segments(
             segmented.join(incidents.select("vkey").unique(), on="vkey", how="semi"),
@@ -129,7 +143,7 @@ def incident_causes(
         .join(incidents.select("seg"), on="seg", how="semi")
         .select("corr", "seg")
     )
-    with_own = page_faults.join(own, on="corr", how="left")
+    with_own = page_faults.join(own, on="corr", how="left").collect().lazy()  # read twice
     # Every fault (any vCPU) on a page the incidents faulted on: the contention candidates.
     pages = with_own.filter(pl.col("seg").is_not_null()).select("td", "gfn").unique()
     nearby = _invocations(observable, with_own.join(pages, on=["td", "gfn"], how="semi"))

@@ -17,7 +17,7 @@ covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import polars as pl
 
@@ -46,6 +46,7 @@ PREV_EPOCH_KEY = -1  # the holder rules' operand key for PREVIOUS_TLB_EPOCH_BUSY
 GUEST_ACCEPT = 0x10000 + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
 HOLDER_NAMES = {**LEAF_NAMES, GUEST_ACCEPT: TDCALL_LEAF_NAMES[int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)]}
 MAX_ROWS = 100
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 READ_KINDS = (Kind.SEAMCALL, Kind.TD_ENTRY, Kind.TD_EXIT, Kind.VM_BUGGED, Kind.GUEST_ACCEPT)
 CHAIN_KEY = ["corr", "td", "vcpu", "leaf_id", "target"]
 HOLDER_KEY = ["op_key", "holder_leaf", "s_td", "s_vcpu", "s_gpa"]
@@ -218,7 +219,7 @@ def chains(all_calls: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
     ).cast(CHAIN_SCHEMA)  # type: ignore[arg-type]
 
 
-def _scoped(frame: pl.DataFrame) -> pl.DataFrame:
+def _scoped(frame: FrameT) -> FrameT:
     """Scope columns: the TD (unless host-wide), and the vCPU or GPA for narrower scopes."""
     scope = pl.col("scope")
     return frame.with_columns(
@@ -259,17 +260,28 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
         pl.col("start_ns").min().alias("first_q"), pl.col("start_ns").max().alias("last_q"),
     ).sort(HOLDER_KEY, nulls_last=True).with_row_index("gid")
     queries = queries.join(groups.select("gid", *HOLDER_KEY), on=HOLDER_KEY, nulls_equal=True)
-    holder_leaves = groups["holder_leaf"].unique()
+    holder_leaves = groups["holder_leaf"].unique().implode()
+    # A call can only hold a resource of its own TD, except in host-wide groups: keep just the
+    # calls of a (leaf, TD) some group asks about before the join below repeats each call once
+    # per group of its leaf (on a trace of many TDs that join was most of the memory).
+    host_leaves = groups.filter(pl.col("scope") == "host")["holder_leaf"].unique().implode()
+    on_td = groups.filter(pl.col("scope") != "host").select(
+        "holder_leaf", pl.col("s_td").alias("td"), pl.lit(True).alias("_on_td")).unique()
+    # Lazy up to the filter on the groups' spans, so the candidates are never materialized.
     candidates = pl.concat([
-        frame.select("seq", "start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
-                     pl.col("leaf_id").alias("holder_leaf"), "retryable")
+        frame.lazy().select("seq", "start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
+                            pl.col("leaf_id").alias("holder_leaf"), "retryable")
         .filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("retryable")
                 & (pl.col("end_ns") > pl.col("start_ns")))
         for frame in (all_calls, accepts)
-    ]).join(groups.select("op_key", "holder_leaf", "scope").unique(), on="holder_leaf")
-    intervals = _scoped(candidates).join(groups, on=[*HOLDER_KEY, "scope"], nulls_equal=True)
-    intervals = intervals.filter((pl.col("end_ns") > pl.col("first_q"))
-                                 & (pl.col("start_ns") <= pl.col("last_q")))
+    ]).join(on_td.lazy(), on=["holder_leaf", "td"], how="left", nulls_equal=True).filter(
+        pl.col("_on_td").fill_null(False) | pl.col("holder_leaf").is_in(host_leaves)
+    ).drop("_on_td").join(groups.lazy().select("op_key", "holder_leaf", "scope").unique(),
+                          on="holder_leaf")
+    intervals = _scoped(candidates).join(
+        groups.lazy(), on=[*HOLDER_KEY, "scope"], nulls_equal=True,
+    ).filter((pl.col("end_ns") > pl.col("first_q"))
+             & (pl.col("start_ns") <= pl.col("last_q"))).collect()
     sweep = pl.concat([
         _points(intervals, "end_ns", 0, -1, False), _points(intervals, "start_ns", 1, 1, False),
         _points(queries, "start_ns", 1, 0, True),
@@ -327,12 +339,14 @@ class BusyRetry(Analyzer):
         bugs = events.filter(pl.col("kind") == Kind.VM_BUGGED).group_by(
             "corr", pl.col("leaf").cast(pl.Int64).alias("leaf_id")).agg(
             pl.col("seq").max().alias("bug_seq")).collect()
+        accepts = guest_accepts(events).collect()
+        del events  # the rows are in the frames above now; free them before the big sorts
         found = chains(all_calls, bugs)
         livelock = found.filter((pl.col("length") >= self.livelock_length)
                                 | (pl.col("lost_ns") > self.livelock_lost_ns))
         hist = found.group_by("length").agg(pl.len().cast(pl.Int64).alias("chains")).sort(
             "length")
-        attributed = attribute_holders(all_calls, guest_accepts(events).collect())
+        attributed = attribute_holders(all_calls, accepts)
         considered = attributed.height
         resolved = considered - attributed["holder_leaf"].null_count()
         by_class = all_calls.group_by(_class(pl.col("status")).alias("cls")).len()

@@ -36,21 +36,25 @@ def is_operand_busy(status: pl.Expr) -> pl.Expr:
 
 
 def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per SEAMCALL other than VP.ENTER: leaf_id, dur_ns, busy.
+    """One row per SEAMCALL row other than VP.ENTER: leaf_id, dur_ns, busy, calls.
 
     A batched row (``arg1`` = N identical calls, as teardown writes them for large TDs) stands
-    for N calls of ``dur_ns / N`` each, so counts and percentiles are per call, not per row.
+    for N calls of ``dur_ns / N`` each, so counts and percentiles are per call, not per row:
+    it stays one row with weight ``calls`` = N (expanding it would turn the teardown of a
+    400 GB TD, a few rows in the trace, into 100 M rows here).
     """
     calls = pl.col("arg1").cast(pl.Int64).fill_null(1).clip(lower_bound=1)
     return events.filter(pl.col("kind") == Kind.SEAMCALL).select(
         pl.col("leaf").cast(pl.Int64).alias("leaf_id"),
-        (pl.col("dur_ns") // calls).repeat_by(calls).alias("dur_ns"),
-        is_operand_busy(pl.col("status")).repeat_by(calls).alias("busy"),
-    ).explode("dur_ns", "busy")
+        (pl.col("dur_ns") // calls).alias("dur_ns"),
+        is_operand_busy(pl.col("status")).alias("busy"),
+        calls.alias("calls"),
+    )
 
 
 def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU: leaf_id 0, dur_ns, busy."""
+    """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU: leaf_id 0, dur_ns, busy,
+    calls (always 1)."""
     pairs = (
         events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT]))
         .sort("seq")
@@ -64,29 +68,35 @@ def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
         pl.lit(int(Leaf.TDH_VP_ENTER), pl.Int64).alias("leaf_id"),
         (pl.col("ts_ns") - pl.col("prev_ts")).alias("dur_ns"),
         is_operand_busy(pl.col("status")).alias("busy"),
+        pl.lit(1, pl.Int64).alias("calls"),
     )
 
 
-def nearest_rank(values: pl.Expr, percent: int) -> pl.Expr:
-    """The nearest-rank percentile: the value at rank ceil(percent * n / 100), in integers."""
-    rank = (pl.len().cast(pl.Int64) * percent + 99) // 100
-    return values.sort().get(rank.clip(lower_bound=1) - 1).cast(pl.Int64)
+def nearest_rank(values: pl.Expr, weights: pl.Expr, percent: int) -> pl.Expr:
+    """The nearest-rank percentile: the value at rank ceil(percent * n / 100), in integers,
+    where each value stands for ``weights`` calls and n is their sum."""
+    rank = ((weights.sum() * percent + 99) // 100).clip(lower_bound=1)
+    covered = weights.sort_by(values).cum_sum()  # calls at or below each value, in value order
+    return values.sort().filter(covered >= rank).first().cast(pl.Int64)
 
 
 def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
-    """The per-leaf table from calls (leaf_id, dur_ns, busy); columns as BY_LEAF_SCHEMA."""
-    total = calls.height
-    if total == 0:
+    """The per-leaf table from calls (leaf_id, dur_ns, busy, calls); columns as BY_LEAF_SCHEMA.
+
+    Each row stands for ``calls`` calls of ``dur_ns`` each.
+    """
+    if calls.height == 0:
         return pl.DataFrame(schema=BY_LEAF_SCHEMA)
-    dur = pl.col("dur_ns")
+    total = int(calls["calls"].sum())
+    dur, weight = pl.col("dur_ns"), pl.col("calls")
     table = calls.group_by("leaf_id").agg(
-        pl.len().cast(pl.Int64).alias("count"),
+        weight.sum().cast(pl.Int64).alias("count"),
         dur.min().alias("min_ns"),
-        dur.mean().alias("mean_ns"),
-        nearest_rank(dur, 50).alias("p50_ns"),
-        nearest_rank(dur, 99).alias("p99_ns"),
+        ((dur * weight).sum() / weight.sum()).alias("mean_ns"),
+        nearest_rank(dur, weight, 50).alias("p50_ns"),
+        nearest_rank(dur, weight, 99).alias("p99_ns"),
         dur.max().alias("max_ns"),
-        (pl.col("busy").mean() * 100).alias("busy_pct"),
+        ((pl.col("busy").cast(pl.Int64) * weight).sum() / weight.sum() * 100).alias("busy_pct"),
     )
     return table.with_columns(
         pl.col("leaf_id").replace_strict(
@@ -112,8 +122,9 @@ class SeamcallLatency(Analyzer):
         calls = pl.concat([seamcall_calls(events), vp_enter_calls(events)]).collect()
         table = by_leaf(calls)
         metrics: dict[str, int | float] = {
-            "seamcalls": calls.height,
-            "busy": int(calls["busy"].sum()),
+            "seamcalls": int(calls["calls"].sum()),
+            "busy": int(calls.select((pl.col("busy").cast(pl.Int64) * pl.col("calls")).sum())
+                        .item()),
             "leaves": table.height,
         }
         notes = (

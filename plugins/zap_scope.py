@@ -58,6 +58,8 @@ from ._zap_scope_sptes import (
 
 FLOW_NAMES = {int(m): m.name.lower() for m in Flow}
 UNEXPECTED_REASONS = ("memslot", "notifier")
+READ_KINDS = [int(k) for k in (Kind.ZAP, Kind.ZAP_DONE, Kind.SPTE_CHANGED, Kind.PAGE_FAULT,
+                               Kind.PHASE, Kind.VM_BUGGED)]
 BY_REASON_ROOT = {"reason": pl.String(), "root_kind": pl.String(), "sptes_zapped": pl.Int64(),
                   "leaf_sptes": pl.Int64(), "private_leaves": pl.Int64()}
 ZAPS = {"corr": pl.Int64(), "td": pl.Int32(), "reason": pl.String(), "scope": pl.String(),
@@ -94,7 +96,13 @@ class ZapScopeAnalyzer(Analyzer):
     }
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
-        observable = trace.observable().select(self.columns)
+        # One pass over the trace keeps the kinds read below: each lazy read of
+        # trace.observable() would decode the file again, and the helpers read it six times.
+        observable = (
+            trace.observable().select(self.columns)
+            .filter(pl.col("kind").is_in(READ_KINDS))
+            .collect().lazy()
+        )
         # Materialized once (both are small next to the trace): everything below reads them.
         zaps = zap_ops(observable).collect().lazy()
         zapped = zapped_sptes(observable, zaps).collect().lazy()

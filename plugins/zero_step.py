@@ -66,7 +66,7 @@ from tdxtrace.codes import STEPPING_EPF_THRESHOLD, Leaf
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
 
-from ._zero_step_cause import DEFAULT_SLOW_FAULT_NS, incident_causes
+from ._zero_step_cause import DEFAULT_SLOW_FAULT_NS, incident_causes, rows_read
 from ._zero_step_runs import BUSY_SEPT, VCPU, listed_gpas, runs, segment_exits, td_exits, u64
 from ._zero_step_tables import by_vcpu, runs_hist, timeline
 from ._zero_step_windows import count_points_in_windows, windows_open_at_points
@@ -100,7 +100,14 @@ class ZeroStep(Analyzer):
         self.slow_fault_ns = slow_fault_ns
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
-        observable = trace.observable().select(self.columns)
+        # One pass over the trace keeps the rows read below (TD exits, fault handling, BUSY
+        # SEAMCALLs, which include _mem_busy_sept's): each lazy read of trace.observable()
+        # would decode the file again, and the helpers read it about ten times.
+        observable = (
+            trace.observable().select(self.columns)
+            .filter((pl.col("kind") == int(Kind.TD_EXIT)) | rows_read())
+            .collect().lazy()
+        )
         # Materialized once: everything below reads them several times.
         exits = td_exits(observable).collect().lazy()
         segmented = segment_exits(exits).collect().lazy()

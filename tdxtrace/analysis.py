@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -159,21 +160,36 @@ def select_analyzers(analyzers: Iterable[Analyzer], only: Sequence[str] = ()) ->
     return [by_name[n] for n in sorted(wanted)]
 
 
-def run_one(analyzer: Analyzer, trace: Trace) -> AnalyzerOutcome:
-    """Run one analyzer; any exception or malformed result becomes a failed outcome."""
+def _run_guarded(analyzer: Analyzer, trace: Trace) -> AnalyzerOutcome:
     try:
         result = check_result(analyzer.name, analyzer.analyze(trace))
-    except Exception as err:  # an analyzer's bug must not take the others down
+    except (Exception, SystemExit) as err:  # an analyzer's bug must not take the others down
         return AnalyzerOutcome(analyzer.name, None, error_line(err), analyzer)
     return AnalyzerOutcome(analyzer.name, result, None, analyzer)
 
 
-def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *,
-                  only: Sequence[str] = ()) -> list[AnalyzerOutcome]:
-    """Run analyzers over ``trace``; outcomes ordered by analyzer name.
+def run_one(analyzer: Analyzer, trace: Trace, timeout: float | None = None) -> AnalyzerOutcome:
+    """Run one analyzer; an exception, a malformed result or a timeout is a failed outcome.
 
-    There is deliberately no per-analyzer timeout: whether an analyzer finishes within a wall
-    clock budget depends on the machine, so it would make the output non-deterministic, and a
-    Python thread running polars cannot be stopped anyway.
+    With ``timeout`` the analyzer runs in a daemon thread; one that has not returned after
+    ``timeout`` seconds is reported as failed and left behind (a Python thread running polars
+    cannot be stopped; the process exits without waiting for it). Only a run that asks for a
+    timeout depends on the machine's speed.
     """
-    return [run_one(a, trace) for a in select_analyzers(analyzers, only)]
+    if timeout is None:
+        return _run_guarded(analyzer, trace)
+    box: list[AnalyzerOutcome] = []
+    worker = threading.Thread(target=lambda: box.append(_run_guarded(analyzer, trace)),
+                              name=f"tdxtrace-analyzer-{analyzer.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not box:
+        return AnalyzerOutcome(analyzer.name, None,
+                               f"timed out after {timeout:g} s (--timeout)", analyzer)
+    return box[0]
+
+
+def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence[str] = (),
+                  timeout: float | None = None) -> list[AnalyzerOutcome]:
+    """Run analyzers over ``trace``, one after the other; outcomes ordered by analyzer name."""
+    return [run_one(a, trace, timeout) for a in select_analyzers(analyzers, only)]

@@ -6,7 +6,11 @@ group and turns :class:`~tdxtrace.errors.TdxtraceError` into one line on stderr.
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import click
@@ -15,12 +19,29 @@ from tdxtrace._version import __version__
 from tdxtrace.errors import TdxtraceError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C, so every command cleans up the same way."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Group(click.Group):
     """A group whose commands report user errors as one line and a non-zero exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except TdxtraceError as err:
             click.echo(f"tdxtrace: error: {err}", err=True)
             sys.exit(err.exit_code)

@@ -163,20 +163,28 @@ def test_every_v1_column_is_checked(tmp_path: Path) -> None:
             open_trace(path)
 
 
-def test_a_damaged_batch_inside_an_intact_file_ends_the_readable_part(
-        tmp_path: Path, trace_file: Path) -> None:
-    ends = _message_ends(trace_file)
-    data = bytearray(trace_file.read_bytes())
+def _damage_batch_3(path: Path, out: Path) -> Path:
+    ends = _message_ends(path)
+    data = bytearray(path.read_bytes())
     middle = (ends[3] + ends[4]) // 2
     data[middle:ends[4]] = b"\xff" * (ends[4] - middle)  # the tail of batch 3's body
-    damaged = tmp_path / "damaged.arrow"
-    damaged.write_bytes(bytes(data))
-    trace = open_trace(damaged)  # every batch is decoded and checked when the file is opened
-    assert not trace.finished and trace.num_events() == 300
-    assert len(trace.warnings) == 1
-    assert trace.warnings[0].startswith(f"{damaged}: record batch 3 is damaged (")
-    assert trace.warnings[0].endswith("reading the 300 events of the 3 batches before it, "
-                                      "6 later batches and the summary ignored")
-    full = open_trace(trace_file).events().collect()
-    assert_frame_equal(trace.events().collect(), full.head(300))
-    assert len(list(trace.iter_batches())) == 3
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_damaged_batch_in_an_intact_file_refuses_the_file(
+        tmp_path: Path, events_frame: pl.DataFrame, run_metadata: RunMetadata,
+        finished: bool) -> None:
+    path = tmp_path / "run.arrow"
+    writer = TraceWriter(path, run_metadata, batch_rows=100)
+    for batch in conform_events(events_frame).to_batches(max_chunksize=100):
+        writer.write_batch(batch)
+    writer.close() if finished else writer.close_unfinished()
+    damaged = _damage_batch_3(path, tmp_path / "damaged.arrow")
+    # Every batch is decoded and checked when the file is opened. With its footer intact the
+    # file was written completely, so the damage came later and may be anywhere: the batches
+    # before it cannot be vouched for either.
+    with pytest.raises(TraceFormatError, match=f"^{damaged}: damaged trace: record batch 3 "
+                       r"cannot be decoded: .*; an intact file is read whole or not at all\)$"):
+        open_trace(damaged)

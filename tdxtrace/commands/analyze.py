@@ -13,6 +13,7 @@ import click
 import polars as pl
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
+from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.plugins import load_analyzers, make_plugin_manager
 from tdxtrace.trace import open_trace
@@ -99,10 +100,11 @@ def outcomes_text(outcomes: Sequence[AnalyzerOutcome]) -> str:
 @click.option("--analyzer", "-a", "only", multiple=True, metavar="NAME",
               help="Run only this analyzer (repeatable; default: all).")
 @plugins_dir_option
+@timeout_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Text for people, or JSON for scripts and CI.")
 def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequence[Path],
-                    fmt: str) -> None:
+                    fmt: str, timeout: float | None) -> None:
     """Run the analyzers over TRACE and print their metrics and tables.
 
     Analyzers come from the plugins (see `tdxtrace plugins`); results are ordered by analyzer
@@ -135,7 +137,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
     for failed in loaded.failed:
         click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",
                    err=True)
-    outcomes = run_analyzers(trace, loaded.analyzers, only=only)
+    outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout)
     if fmt == "json":
         click.echo(json.dumps(outcomes_json(outcomes), indent=2, default=str))
     else:

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 import click
 
 from tdxtrace.sim.emulator import record
 from tdxtrace.sim.scenario import load_scenario
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: keep what was recorded as an unfinished trace."""
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class ProgressLine:
@@ -49,6 +30,15 @@ class ProgressLine:
     def finish(self) -> None:
         if self.enabled and self._last >= 0:
             click.echo("", err=True)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` now (inode, size, mtime), to tell a new trace from an old."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @click.command("record")
@@ -72,14 +62,18 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
     loaded = load_scenario(scenario, overrides)
     path = output or Path(f"{Path(scenario).stem}.arrow")
     progress = ProgressLine(sys.stderr.isatty())
+    before = _identity(path)
     try:
-        with sigterm_as_interrupt():
-            summary = record(loaded, seed, path, force=force, compression=compression,
-                             progress=progress)
-    except KeyboardInterrupt:
+        summary = record(loaded, seed, path, force=force, compression=compression,
+                         progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI group turns it into this)
         progress.finish()
-        click.echo(f"tdxtrace: interrupted: {path} keeps the events recorded so far and is "
-                   "marked unfinished", err=True)
+        if _identity(path) not in (None, before):
+            click.echo(f"tdxtrace: interrupted: {path} keeps the events recorded so far and "
+                       "is marked unfinished", err=True)
+        else:
+            click.echo(f"tdxtrace: interrupted before the first batch of events was written; "
+                       f"{path} was not written", err=True)
         sys.exit(130)
     progress.finish()
     click.echo(f"{path}: {summary.events} events, {summary.digest}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
+from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import OutputError, TdxtraceError
 from tdxtrace.plugins import FailedPlugin, load_analyzers, make_plugin_manager
@@ -47,13 +48,14 @@ def check_thresholds(thresholds: ThresholdTable, outcomes: Sequence[AnalyzerOutc
 @click.option("--analyzer", "-a", "only", multiple=True, metavar="NAME",
               help="Report only this analyzer (repeatable; default: all).")
 @plugins_dir_option
+@timeout_option
 @click.option("--threshold", "threshold_specs", multiple=True,
               metavar="ANALYZER.METRIC=WARN:FAIL",
               help="Override a metric's warn/fail limits (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
                    plugins_dirs: Sequence[Path], threshold_specs: Sequence[str],
-                   force: bool) -> None:
+                   force: bool, timeout: float | None) -> None:
     """Analyze TRACE and write one self-contained HTML report.
 
     The page has the run's metadata, a summary table of each analyzer's key figures with an
@@ -88,7 +90,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     for failed in loaded.failed:
         click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",
                    err=True)
-    outcomes = run_analyzers(trace, loaded.analyzers, only=only)
+    outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout)
     check_thresholds(thresholds, outcomes)
     plugin_outcomes = [failed_plugin_outcome(f) for f in loaded.failed]
     rendered = render(trace, [*outcomes, *plugin_outcomes],

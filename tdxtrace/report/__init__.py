@@ -91,6 +91,12 @@ def write_html(html: str, path: Path, *, force: bool = False) -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a folder, expected a report file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{path}: cannot write the report (folder {parent} is not "
+                                  "a folder)")
+            break
     if path.exists() and not force:
         raise OutputError(f"{path}: already exists (use --force to overwrite it)")
     try:

@@ -10,6 +10,7 @@ all ``replay`` needs to run it again.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -152,19 +153,38 @@ TOP_LEVEL = {"name": str, "description": str}
 COST_FIELDS = ("base_ns", "jitter", "tail_p", "tail_x")
 
 
+def _bound(key: Key, bound: float) -> str:
+    return f"{bound:g}" if key.type is float else str(int(bound))
+
+
+def allowed_text(key: Key) -> str:
+    """What a key accepts, in words, for error messages."""
+    if key.allowed:
+        return "one of " + ", ".join(map(str, key.allowed))
+    kinds = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    kind = kinds.get(key.type, key.type.__name__)
+    if key.low is not None and key.high is not None:
+        return f"{kind} from {_bound(key, key.low)} to {_bound(key, key.high)}"
+    return kind
+
+
 def _check_value(where: str, key: Key, value: Any) -> Any:
     if key.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, key.type) or isinstance(value, bool) != (key.type is bool):
-        raise ScenarioError(f"{where}: expected {key.type.__name__}, got {value!r}")
+        raise ScenarioError(f"{where}: expected {allowed_text(key)}, got {value!r}")
     if key.allowed and value not in key.allowed:
         raise ScenarioError(f"{where}: {value!r} is not allowed "
                             f"(allowed: {', '.join(map(str, key.allowed))})")
+    if isinstance(value, float) and math.isnan(value):  # nan compares false with any limit
+        raise ScenarioError(f"{where}: nan is not allowed (expected {allowed_text(key)})")
     number: Any = value
     if key.low is not None and number < key.low:
-        raise ScenarioError(f"{where}: {value!r} is below the minimum {key.low:g}")
+        raise ScenarioError(f"{where}: {value!r} is below the minimum {_bound(key, key.low)} "
+                            f"(expected {allowed_text(key)})")
     if key.high is not None and number > key.high:
-        raise ScenarioError(f"{where}: {value!r} is above the limit {key.high:g}")
+        raise ScenarioError(f"{where}: {value!r} is above the limit {_bound(key, key.high)} "
+                            f"(expected {allowed_text(key)})")
     return value
 
 
@@ -218,7 +238,20 @@ def resolve(raw: dict[str, Any], source: str) -> dict[str, Any]:
                                            given.get(name, spec.default))
                         for name, spec in keys.items()}
     out.setdefault("costs", {})
+    _check_total_vcpus(source, out)
     return out
+
+
+# Each key has its own limit; the emulator's work grows with the vCPUs of all TDs together
+# (about 3 s per 1024 vCPUs per simulated millisecond), so their product has one too.
+MAX_TOTAL_VCPUS = 4096
+
+
+def _check_total_vcpus(source: str, scenario: dict[str, Any]) -> None:
+    total = scenario["td"]["count"] * scenario["td"]["vcpus"]
+    if total > MAX_TOTAL_VCPUS:
+        raise ScenarioError(f"{source}: td.count x td.vcpus = {total} vCPUs is above the limit "
+                            f"{MAX_TOTAL_VCPUS} (lower td.count or td.vcpus)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

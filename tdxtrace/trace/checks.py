@@ -29,9 +29,10 @@ import polars as pl
 import pyarrow as pa
 
 from tdxtrace.events import TRUTH_KIND_BASE, Flow, Kind
-from tdxtrace.schema import COLUMN_NAMES, FIELDS
+from tdxtrace.schema import COLUMN_NAMES, FIELDS, arrow_schema
 from tdxtrace.trace.digest import ContentDigest
 
+_V1 = arrow_schema()
 _NOT_NULL = tuple(f.name for f in FIELDS if not f.nullable)
 _KINDS = sorted(int(k) for k in Kind)
 _FLOWS = sorted(int(f) for f in Flow)
@@ -138,8 +139,9 @@ class BatchChecker:
             batch.validate(full=True)
         except (pa.ArrowException, ValueError) as err:
             return f"invalid Arrow data: {first_line(err)}"
-        if tuple(batch.schema.names) != COLUMN_NAMES:
-            batch = batch.select(COLUMN_NAMES)
+        # The file's own field metadata may be damaged (polars panics on bad UTF-8 in it):
+        # from here on the batch carries the v1 schema as the code defines it.
+        batch = pa.RecordBatch.from_arrays(batch.select(COLUMN_NAMES).columns, schema=_V1)
         for name in _NOT_NULL:
             nulls = batch.column(name).null_count
             if nulls:

@@ -1,14 +1,20 @@
 """Reading traces: validate a file once, then hand out its events as polars or Arrow.
 
 :func:`open_trace` refuses anything that is not a tdxtrace trace with one line naming the file
-and the problem. It accepts damaged traces when something can be saved from them:
+and the problem. Opening decodes and checks every batch (:mod:`tdxtrace.trace.checks`), so
+later reads cannot meet damage the open did not report:
 
-* no summary batch (the run was interrupted): *unfinished*, every batch is read;
-* no Arrow footer (the writer crashed, the file was cut short): the file is read as the Arrow
+* an intact file (its Arrow footer is there) is read whole or refused: every batch must
+  decode and keep the format's rules, the schema and its copy in the footer must agree, and
+  a finished trace's events must match the digest in its summary. Without a summary the
+  trace is *unfinished* (an interrupted run): every batch is read, with a warning;
+* a file without its footer (the writer crashed, the file was cut short) is read as the Arrow
   IPC stream it contains, from byte 8 (after the ``ARROW1`` magic and its padding), up to the
-  last complete record batch; the trace is unfinished and the damaged tail is reported.
+  last complete, valid record batch; the trace is unfinished and the damaged tail is reported.
 
-The file is memory-mapped, so nothing reads beyond its end whatever a damaged header claims.
+Rows that break only a soft rule (an unknown kind, time going backwards) are read and counted
+in a warning. The file is memory-mapped and read by pyarrow, so nothing reads beyond its end
+whatever a damaged header claims; polars never parses the file (see :mod:`.scan`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import FIELDS
+from tdxtrace.schema import FIELDS, SUMMARY_EVENTS
 from tdxtrace.trace.checks import BatchChecker, first_line
 from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import RunMetadata, Summary
@@ -38,8 +44,7 @@ _STREAM_START = STREAM_START
 class _Layout:
     """Where a trace's batches are: an intact Arrow file, a footer-less file, or memory."""
 
-    # "file": an intact file; "prefix": an intact file whose batch data_batches is damaged;
-    # "stream": a footer-less file; "memory": a table.
+    # "file": an intact file; "stream": a footer-less file; "memory": a table.
     kind: str
     data_batches: int  # batches to read, counted from the start (stream: non-empty ones)
     table: pa.Table | None = None  # kind == "memory"
@@ -109,8 +114,12 @@ def _frame(table: pa.Table) -> pl.DataFrame:
 def _validate_schema(schema: pa.Schema, source: str) -> RunMetadata:
     """Run metadata first (so an unknown version is reported as such), then the columns."""
     metadata = RunMetadata.from_arrow(schema.metadata, source=source)
+    try:
+        names = schema.names
+    except UnicodeDecodeError:
+        raise TraceFormatError(f"{source}: damaged schema: a column name is not UTF-8") from None
     for f in FIELDS:
-        if f.name not in schema.names:
+        if f.name not in names:
             raise TraceFormatError(f"{source}: missing column {f.name}")
         actual = schema.field(f.name).type
         if actual != f.type:
@@ -126,25 +135,6 @@ def _unfinished(source: str, batches: int, events: int) -> str:
 
 def _suspects(source: str, checker: BatchChecker) -> list[str]:
     return [f"{source}: {line}" for line in checker.suspect_rows()]
-
-
-def _damaged(source: str, index: int, problem: str, checker: BatchChecker,
-             reader: ipc.RecordBatchFileReader) -> str:
-    later = reader.num_record_batches - index - 1
-    ignored = f"{later} later batches ignored"
-    if later and _has_summary(reader):
-        ignored = f"{later - 1} later batches and the summary ignored"
-    return (f"{source}: record batch {index} is damaged ({problem}); reading the "
-            f"{checker.events} events of the {checker.batches} batches before it, {ignored}")
-
-
-def _has_summary(reader: ipc.RecordBatchFileReader) -> bool:
-    try:
-        last = reader.get_batch_with_custom_metadata(reader.num_record_batches - 1)
-        return (last.batch.num_rows == 0
-                and Summary.from_arrow(last.custom_metadata, source="") is not None)
-    except (pa.ArrowException, OSError, ValueError, TraceFormatError):
-        return False
 
 
 def open_trace(path: str | Path) -> Trace:
@@ -215,29 +205,25 @@ def _open_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
 
 def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
                   metadata: RunMetadata, checker: BatchChecker) -> Trace:
+    """Every batch of a file with its footer must pass: the footer means the writer finished
+    (or closed an interrupted run) cleanly, so damage came later, may be anywhere, and no
+    batch can be vouched for without the whole file."""
     total = reader.num_record_batches
-    warnings: list[str] = []
     summary: Summary | None = None
     for index in range(total):
         try:
             with_meta = reader.get_batch_with_custom_metadata(index)
-            batch = with_meta.batch
-            if batch.num_rows == 0 and index == total - 1:
-                summary = Summary.from_arrow(with_meta.custom_metadata, source=source)
+            if with_meta.batch.num_rows == 0 and index == total - 1:
+                summary = _summary(with_meta.custom_metadata, source)
                 continue
-            problem = checker.check(batch)
+            problem = checker.check(with_meta.batch)
         except (pa.ArrowException, OSError, ValueError) as err:
             problem = f"cannot be decoded: {first_line(err)}"
-        except TraceFormatError as err:  # the summary's own text is damaged
-            warnings.append(f"{err}: the summary is ignored")
-            continue
         if problem is not None:
-            warnings.append(_damaged(source, index, problem, checker, reader))
-            warnings += _suspects(source, checker)
-            return Trace(path=file, metadata=metadata, summary=None,
-                         num_events=checker.events, warnings=tuple(warnings),
-                         layout=_Layout("prefix", index))
-    data_batches = total - 1 if summary is not None else total
+            raise TraceFormatError(
+                f"{source}: damaged trace: record batch {index} {problem} (the file was "
+                "changed after it was written; an intact file is read whole or not at all)")
+    warnings = []
     if summary is None:
         warnings.append(_unfinished(source, checker.batches, checker.events))
     elif summary.digest != checker.hexdigest():
@@ -248,8 +234,18 @@ def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
         warnings.append(f"{source}: the summary says {summary.events} events but the file "
                         f"holds {checker.events}")
     warnings += _suspects(source, checker)
+    data_batches = total - 1 if summary is not None else total
     return Trace(path=file, metadata=metadata, summary=summary, num_events=checker.events,
                  warnings=tuple(warnings), layout=_Layout("file", data_batches))
+
+
+def _summary(custom_metadata: pa.KeyValueMetadata | None, source: str) -> Summary | None:
+    """The summary in the last batch's metadata; an error when it is there but damaged."""
+    summary = Summary.from_arrow(custom_metadata, source=f"{source}: damaged summary")
+    if summary is None and custom_metadata:
+        # Only the writer puts metadata on the empty last batch, and only a summary.
+        raise TraceFormatError(f"{source}: damaged summary: {SUMMARY_EVENTS} is missing")
+    return summary
 
 
 def _open_footerless(file: Path, source: str, mapped: pa.MemoryMappedFile, size: int) -> Trace:

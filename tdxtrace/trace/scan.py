@@ -35,6 +35,12 @@ def polars_schema() -> pl.Schema:
     return frame.schema
 
 
+@cache
+def _v1_subset(columns: tuple[str, ...]) -> pa.Schema:
+    schema = arrow_schema()
+    return pa.schema([schema.field(name) for name in columns])
+
+
 def read_batches(path: Path, footerless: bool, count: int,
                  columns: Sequence[str] = COLUMN_NAMES) -> Iterator[pa.RecordBatch]:
     """The first ``count`` batches of an intact file (``footerless``: the first ``count``
@@ -53,7 +59,11 @@ def read_batches(path: Path, footerless: bool, count: int,
                 batches = (reader.get_batch(i) for i in range(count))
             for batch in batches:
                 if batch.num_rows:
-                    yield batch.select(list(columns))
+                    # Columns in the asked order, under the v1 schema as the code defines it:
+                    # the file's field metadata is not vouched for, and polars panics on
+                    # invalid UTF-8 there.
+                    yield pa.RecordBatch.from_arrays(batch.select(list(columns)).columns,
+                                                     schema=_v1_subset(tuple(columns)))
                 index += 1
     except (pa.ArrowException, OSError, ValueError) as err:
         # Checked when the trace was opened, so the file changed since: name it and the batch.

@@ -34,6 +34,7 @@ from tdxtrace.errors import OutputError, TdxtraceError, TraceFormatError
 from tdxtrace.schema import COLUMN_NAMES, FIELDS, SCHEMA_VERSION, arrow_schema
 from tdxtrace.trace.digest import ContentDigest
 from tdxtrace.trace.metadata import RunMetadata, Summary
+from tdxtrace.trace.signals import signals_held
 
 DEFAULT_BATCH_ROWS = 65536
 COMPRESSIONS: dict[str, str | None] = {"zstd": "zstd", "lz4": "lz4", "none": None}
@@ -69,7 +70,8 @@ class TraceWriter:
         if (self.path.exists() or self.path.is_symlink()) and not force:
             raise OutputError(f"{self.path}: already exists (use --force to overwrite it)")
         if not self.path.parent.is_dir():
-            raise OutputError(f"{self.path}: folder {self.path.parent} does not exist")
+            problem = "is not a folder" if self.path.parent.exists() else "does not exist"
+            raise OutputError(f"{self.path}: folder {self.path.parent} {problem}")
         self._schema = arrow_schema(metadata.to_arrow())
         self._digest = ContentDigest()
         self._events = 0
@@ -118,17 +120,19 @@ class TraceWriter:
         summary_meta = summary.to_arrow()  # fails here, writer still open, if truth isn't JSON
         empty = pa.RecordBatch.from_arrays(
             [pa.array([], type=f.type) for f in self._schema], schema=self._schema)
-        try:
-            self._writer.write_batch(empty, custom_metadata=summary_meta)
-        except OSError as err:
-            self._fail(err)
-        self._finish()
+        with signals_held():
+            try:
+                self._writer.write_batch(empty, custom_metadata=summary_meta)
+            except OSError as err:
+                self._fail(err)
+            self._finish()
         return summary
 
     def close_unfinished(self) -> Path:
         """Close without a summary (an interrupted run) and rename; readers say unfinished."""
         self._check_open()
-        self._finish()
+        with signals_held():
+            self._finish()
         return self.path
 
     def abort(self) -> None:
