@@ -21,6 +21,8 @@ from tdxtrace.trace import open_trace
 # (analyzer, metric) -> truth counter
 EXACT = {
     ("zero_step", "incidents"): "zero_step_incidents",
+    ("zero_step", "synthesized_exits"): "synthesized_exits",
+    ("zap_scope", "refaults"): "refaults",
     ("busy_retry", "busy_total"): "busy_total",
     ("zap_scope", "sptes_zapped"): "sptes_zapped",
     ("zap_scope", "private_zaps_unexpected"): "private_zaps_unexpected",
@@ -32,6 +34,17 @@ EXACT = {
     ("mapgpa", "giveups"): "mapgpa_giveups",
 }
 SHORT = ["run.duration_us=6000"]
+# What each story is about must actually happen, or the comparison above proves nothing.
+STORY = {
+    "demo": ("zero_step_incidents", "mapgpa_conversions", "teardowns", "busy_total"),
+    "fault-storm": ("faults", "zaps", "local_retries"),
+    "mapgpa-convert": ("mapgpa_conversions", "mapgpa_retries"),
+    "memslot-churn": ("sptes_zapped",),
+    "migration": ("migrations",),
+    "teardown": ("teardowns",),
+    "zap-under-load": ("busy_total", "sptes_zapped"),
+    "zero-step": ("zero_step_incidents", "synthesized_exits"),
+}
 
 
 def _short(name: str) -> list[str]:
@@ -64,3 +77,5 @@ def test_analyzers_equal_truth(tmp_path: Path, analyzers: list, name: str,  # ty
         if got != want:
             mismatches.append(f"{analyzer}.{metric} = {got}, truth {truth_key} = {want}")
     assert not mismatches, f"{name} seed {seed}: " + "; ".join(mismatches)
+    quiet = [key for key in STORY.get(name, ()) if not summary.truth.get(key)]
+    assert not quiet, f"{name} seed {seed}: nothing happened for {quiet}"
