@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tdxtrace.events import Kind
-from tdxtrace.sim.emulator import metadata_for, record
+from tdxtrace.sim.emulator import metadata_for, no_cyclic_gc, record
 from tdxtrace.sim.recorder import EventLog
 from tdxtrace.sim.scenario import load_scenario
 from tdxtrace.trace import TraceWriter
@@ -36,7 +36,8 @@ def emulator_run(events: int, out: Path) -> tuple[int, float]:
 def bare_loop(events: int, out: Path) -> tuple[int, float]:
     scenario = load_scenario(SCENARIO)
     start = time.perf_counter()
-    with TraceWriter(out, metadata_for(scenario, 1), force=True) as writer:
+    # Same conditions as the emulator's run: cyclic GC paused.
+    with TraceWriter(out, metadata_for(scenario, 1), force=True) as writer, no_cyclic_gc():
         now = [0]
         log = EventLog(writer.write_batch, lambda: now[0])
         heap: list[tuple[int, int, int]] = [(i * 10, i, i % 8) for i in range(8)]

@@ -98,7 +98,7 @@ class CostModel:
         value = cost.base_ns * (1.0 + cost.jitter * (2.0 * rand() - 1.0))
         if cost.tail_p and rand() < cost.tail_p:
             value *= cost.tail_x
-        return max(1, int(value))
+        return int(value) if value >= 1.0 else 1
 
     def seamcall(self, leaf: int) -> int:
         return self._sample(self._leaf.get(leaf, self._default))

@@ -22,13 +22,13 @@ def run_scenario(scenario: Scenario, seed: int, sink: BatchSink,
                  progress: Progress | None = None) -> dict[str, Any]:
     """Run ``scenario`` with ``seed``, handing every record batch to ``sink``; returns truth."""
     world = World(scenario, seed, _with_progress(sink, progress, scenario))
-    with _no_cyclic_gc():
+    with no_cyclic_gc():
         world.run()
     return world.log.truth()
 
 
 @contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
+def no_cyclic_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector while the simulation runs.
 
     The run allocates millions of short-lived tuples (heap entries, event rows); with the

@@ -35,7 +35,8 @@ class Simulator:
     def after(self, delay: int, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback(*args)`` ``delay`` ns from now."""
         self._next_seq += 1
-        heapq.heappush(self._heap, (self.now + max(0, delay), self._next_seq, callback, args))
+        when = self.now + delay if delay > 0 else self.now
+        heapq.heappush(self._heap, (when, self._next_seq, callback, args))
 
     def run(self, until: int, should_stop: Callable[[], bool] | None = None) -> None:
         """Process events up to simulated time ``until`` or until stopped."""

@@ -1,7 +1,8 @@
 """Event buffering: the emulator's rows become Arrow record batches of the v1 schema.
 
-Rows are kept as tuples (one append per event, the cheapest thing Python does) and turned into
-columns only when a batch is full, so the per-event cost stays a single call.
+Rows are appended to one flat list (one ``extend`` per event) and turned into columns only when
+a batch is full, by strided slicing (``flat[k::width]``, a C-level copy). Keeping tuples and
+transposing with ``zip(*rows)`` cost ~0.8 µs per event, more than the rest of the recording.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ BATCH_ROWS = 65536
 # Tuple layout of a buffered row; "seq" and "truth" are derived when the batch is built.
 _ROW_COLUMNS = ("ts_ns", "dur_ns", "kind", "flow", "sub", "corr", "td", "vcpu", "lp", "leaf",
                 "status", "exit_reason", "gpa", "level", "rip", "arg0", "arg1", "arg2")
+_WIDTH = len(_ROW_COLUMNS)
 _SCHEMA = arrow_schema()
 _TYPES = {f.name: f.type for f in _SCHEMA}
 
@@ -41,8 +43,8 @@ class EventLog:
                  batch_rows: int = BATCH_ROWS) -> None:
         self._sink = sink
         self._clock = clock
-        self._rows: list[tuple[Any, ...]] = []
-        self._batch_rows = batch_rows
+        self._flat: list[Any] = []
+        self._flat_limit = batch_rows * _WIDTH
         self._next_seq = 0
         self._next_corr = 0
         self.counters: Counter[str] = Counter(dict.fromkeys(TRUTH_COUNTERS, 0))
@@ -67,7 +69,7 @@ class EventLog:
 
     @property
     def events(self) -> int:
-        return self._next_seq + len(self._rows)
+        return self._next_seq + len(self._flat) // _WIDTH
 
     # --- events ---------------------------------------------------------------------------
     def emit(self, kind: int, *, flow: int = 0, sub: int = 0, corr: int | None = None,
@@ -76,24 +78,24 @@ class EventLog:
              exit_reason: int | None = None, gpa: int | None = None, level: int | None = None,
              rip: int | None = None, arg0: int | None = None, arg1: int | None = None,
              arg2: int | None = None, dur: int = 0) -> None:
-        self._rows.append((self._clock(), dur, kind, flow, sub, corr, td, vcpu, lp, leaf, status,
-                           exit_reason, gpa, level, rip, arg0, arg1, arg2))
-        if len(self._rows) >= self._batch_rows:
+        flat = self._flat
+        flat.extend((self._clock(), dur, kind, flow, sub, corr, td, vcpu, lp, leaf, status,
+                     exit_reason, gpa, level, rip, arg0, arg1, arg2))
+        if len(flat) >= self._flat_limit:
             self.flush()
 
     def flush(self) -> None:
         """Turn the buffered rows into one record batch and hand it to the sink."""
-        rows = self._rows
-        if not rows:
+        flat = self._flat
+        if not flat:
             return
-        self._rows = []
-        n = len(rows)
-        columns = dict(zip(_ROW_COLUMNS, zip(*rows, strict=True), strict=True))
+        self._flat = []
+        n = len(flat) // _WIDTH
         arrays: dict[str, pa.Array] = {
             "seq": pa.array(range(self._next_seq, self._next_seq + n), pa.int64()),
         }
-        for name in _ROW_COLUMNS:
-            arrays[name] = pa.array(columns[name], _TYPES[name])
+        for k, name in enumerate(_ROW_COLUMNS):
+            arrays[name] = pa.array(flat[k::_WIDTH], _TYPES[name])
         arrays["truth"] = pc.greater_equal(arrays["kind"], pa.scalar(TRUTH_KIND_BASE, pa.uint8()))
         self._next_seq += n
         batch = pa.RecordBatch.from_arrays([arrays[f.name] for f in _SCHEMA], schema=_SCHEMA)

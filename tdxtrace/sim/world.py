@@ -133,24 +133,32 @@ class World:
         touch = v.workload.current
         entry = entries.get(touch.gfn)
         state = entry.state if entry is not None else SeptState.FREE
+        spent = 0
+        if state == SeptState.PENDING:
+            # The #VE handler accepts the AUGed page; on success the access completes and the
+            # guest runs on (one scheduling step for both, to keep the emulator fast).
+            spent = self.costs.step("guest_accept")
+            status = self.module.guest_accept(v.td.module, touch.gfn, now, now + spent,
+                                              (v.lp, 6, 0))
+            self.log.emit(Kind.GUEST_ACCEPT, td=v.td.index, vcpu=v.index, lp=v.lp,
+                          gpa=touch.gfn << 12, level=0, status=status, dur=spent)
+            if status not in ACCEPT_OK:  # the host holds the entry: try again
+                sim.after(spent, self.guest_step, v, token)
+                return
+            state = SeptState.MAPPED
         if state == SeptState.MAPPED:
-            spent = 0
-            limit = min(self._max_touches, max(1, (v.next_timer - now) // self._touch_ns))
+            touch_ns = self._touch_ns
+            left = (v.next_timer - now - spent) // touch_ns
+            limit = self._max_touches if left > self._max_touches else (left if left > 1 else 1)
             done = 0
+            advance = v.workload.advance
             while state == SeptState.MAPPED and done < limit:
-                touch = v.workload.advance()
-                spent += self._touch_ns
+                touch = advance()
+                spent += touch_ns
                 done += 1
                 entry = entries.get(touch.gfn)
                 state = entry.state if entry is not None else SeptState.FREE
             sim.after(spent, self.guest_step, v, token)
-        elif state == SeptState.PENDING:
-            dur = self.costs.step("guest_accept")
-            status = self.module.guest_accept(v.td.module, touch.gfn, now, now + dur,
-                                              (v.lp, 6, 0))
-            self.log.emit(Kind.GUEST_ACCEPT, td=v.td.index, vcpu=v.index, lp=v.lp,
-                          gpa=touch.gfn << 12, level=0, status=status, dur=dur)
-            sim.after(dur, self.guest_step, v, token)
         elif touch.gfn >= SHARED_GFN and self.roots is not None and self.roots.guest_touch(
                 v, token):
             return
