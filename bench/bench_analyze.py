@@ -12,7 +12,13 @@
 (c) ``--peak-rss``: the analysis (open + analyzers) runs alone in a child process, and its
     peak RSS (``getrusage(RUSAGE_CHILDREN).ru_maxrss``) is printed next to the decompressed
     size of the columns read (rows x bytes per value, validity bitmaps included), as a ratio;
-    then the limit's own peak RSS, for scale. Meant for a 100 M-event trace.
+    then the limit's own peak RSS, for scale. Meant for a 100 M-event trace. RSS counts the
+    pages of the memory-mapped trace file that were touched (open_trace reads them all), so
+    the file's size is a floor.
+
+``--breakdown`` adds each analyzer alone: its time and the time to just decode its columns
+(the sum of those reads, against the limit, is how close the analyzers can get to it while
+each decodes the file on its own), or with ``--peak-rss`` its peak RSS in its own child.
 
 Timings are the fastest of ``--repeat`` runs, analysis and limit interleaved so that other work
 on the machine slows both alike. Nothing is asserted: figures are printed beside their limits.
@@ -27,6 +33,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,11 +53,18 @@ MIB = 2**20
 
 
 def builtin_analyzers() -> tuple[Analyzer, ...]:
+    """The analyzers of the built-in plugins (package tdxtrace_plugins), sorted by name;
+    third-party plugins that happen to be installed are left out."""
     loaded = load_analyzers(make_plugin_manager())
-    if loaded.failed:
-        failed = "; ".join(f"{f.name}: {f.error}" for f in loaded.failed)
-        raise TdxtraceError(f"plugins failed to load: {failed}")
-    return loaded.analyzers
+    builtin = tuple(a for a in loaded.analyzers
+                    if type(a).__module__.startswith("tdxtrace_plugins."))
+    failed = [f"{f.name}: {f.error}" for f in loaded.failed
+              if f.where.startswith("tdxtrace_plugins.")]
+    if failed:
+        raise TdxtraceError(f"built-in plugins failed to load: {'; '.join(failed)}")
+    if not builtin:
+        raise TdxtraceError("no built-in analyzers found (is tdxtrace installed?)")
+    return builtin
 
 
 def columns_read(analyzers: Sequence[Analyzer]) -> list[str]:
@@ -69,8 +83,12 @@ def decompressed_bytes(rows: int, columns: Sequence[str]) -> int:
 
 
 def analyze_once(path: Path, analyzers: Sequence[Analyzer],
-                 breakdown: bool) -> tuple[int, float, float, dict[str, float]]:
-    """(events, open seconds, analysis seconds, per-analyzer seconds if ``breakdown``)."""
+                 breakdown: bool) -> tuple[int, float, float, dict[str, tuple[float, float]]]:
+    """(events, open s, analysis s, if ``breakdown``: name -> (analysis s, read-only s)).
+
+    The read-only time is ``trace.observable().select(columns).collect()`` with the
+    analyzer's columns: what decoding them once costs, before any analysis.
+    """
     start = time.perf_counter()
     trace = open_trace(path)
     opened = time.perf_counter()
@@ -79,12 +97,14 @@ def analyze_once(path: Path, analyzers: Sequence[Analyzer],
     failed = [f"{o.name}: {o.error}" for o in outcomes if not o.ok]
     if failed:
         raise TdxtraceError(f"analyzers failed: {'; '.join(failed)}")
-    each: dict[str, float] = {}
+    each: dict[str, tuple[float, float]] = {}
     if breakdown:  # a second pass, one analyzer at a time (run_analyzers runs them in turn)
         for analyzer in analyzers:
             t0 = time.perf_counter()
             run_analyzers(trace, [analyzer])
-            each[analyzer.name] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            trace.observable().select(analyzer.columns).collect()
+            each[analyzer.name] = (t1 - t0, time.perf_counter() - t1)
     return trace.num_events(), opened - start, analyzed - opened, each
 
 
@@ -125,46 +145,97 @@ def time_it(path: Path, repeat: int, breakdown: bool) -> None:
     t_total = t_open + t_analyze
     print(f"  open + analyzers: {t_total:.2f} s = {rate(events, t_total)}; "
           f"/ limit = {t_total / t_limit:.2f}")
-    for name, seconds in runs[0][3].items():
-        print(f"    {name}: {seconds:.2f} s = {rate(events, seconds)}")
+    each = runs[0][3]
+    if each:
+        print("  one at a time (first run): analysis, and reading its columns alone")
+        for name, (seconds, read) in each.items():
+            print(f"    {name}: {seconds:.2f} s = {rate(events, seconds)}; read {read:.2f} s")
+        floor = sum(read for _, read in each.values())
+        print(f"    sum of the reads: {floor:.2f} s = {floor / t_limit:.2f} x the limit (each "
+              "analyzer decodes its own columns)")
 
 
 def child(path: Path, what: str) -> None:
-    """Run in a child process: the analysis or the limit, then report timing and own RSS."""
+    """Run in a child process: the analysis (``analyze`` or ``analyze:NAME`` for one
+    analyzer) or the limit, then print events, seconds and its own peak RSS in KiB."""
+    sampler = AnonSampler()
     analyzers = builtin_analyzers()
-    if what == "analyze":
-        events, t_open, t_analyze, _ = analyze_once(path, analyzers, False)
+    if what.startswith("analyze"):
+        only = what.partition(":")[2]
+        chosen = [a for a in analyzers if a.name == only] if only else list(analyzers)
+        events, t_open, t_analyze, _ = analyze_once(path, chosen, False)
         seconds = t_open + t_analyze
     else:
         events, seconds = limit_once(path, columns_read(analyzers))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{events} {seconds:.3f} {peak_kib}")
+    print(f"{events} {seconds:.3f} {peak_kib} {sampler.stop()}")
 
 
-def run_child(path: Path, what: str) -> tuple[int, float, int]:
+class AnonSampler:
+    """Samples RssAnon (/proc/self/status, Linux) in a thread: the peak without the pages of
+    memory-mapped files, which ru_maxrss counts too. 0 where /proc is not available."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.peak_kib = 0
+        self._done = threading.Event()
+        self._every_s = every_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            try:
+                status = Path("/proc/self/status").read_text()
+            except OSError:
+                return
+            for line in status.splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+            self._done.wait(self._every_s)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak_kib
+
+
+def run_child(path: Path, what: str) -> tuple[int, float, int, int]:
+    """(events, seconds, peak RSS KiB, peak anonymous RSS KiB) of a child run."""
     done = subprocess.run([sys.executable, __file__, "--trace", str(path), "--child", what],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise TdxtraceError(f"the {what} child failed: {done.stderr.strip().splitlines()[-1:]}")
-    events, seconds, peak_kib = done.stdout.split()
-    return int(events), float(seconds), int(peak_kib)
+    events, seconds, peak_kib, anon_kib = done.stdout.split()
+    return int(events), float(seconds), int(peak_kib), int(anon_kib)
 
 
-def peak_rss(path: Path) -> None:
-    columns = columns_read(builtin_analyzers())
+def peak_rss(path: Path, breakdown: bool) -> None:
+    analyzers = builtin_analyzers()
+    columns = columns_read(analyzers)
     # First child: RUSAGE_CHILDREN then holds exactly its peak.
-    events, seconds, _ = run_child(path, "analyze")
+    events, seconds, _, anon_kib = run_child(path, "analyze")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     size = decompressed_bytes(events, columns)
     print(f"trace: {path} ({events} events, {path.stat().st_size / MIB:.1f} MiB)")
     print(f"decompressed size of the {len(columns)} columns read: {size / MIB:,.0f} MiB "
           f"({size / events:.1f} bytes/event incl. validity)")
     print(f"open + all analyzers in a child: {seconds:.1f} s = {rate(events, seconds)}, "
-          f"peak RSS {peak / MIB:,.0f} MiB = {peak / size:.2f} x the decompressed columns")
-    _, l_seconds, l_peak_kib = run_child(path, "limit")
-    l_peak = l_peak_kib * 1024
+          f"peak RSS {peak / MIB:,.0f} MiB = {peak / size:.2f} x the decompressed columns "
+          f"(anonymous memory alone: {_mib(anon_kib)} = {anon_kib * 1024 / size:.2f} x)")
+    _, l_seconds, l_peak_kib, l_anon_kib = run_child(path, "limit")
     print(f"limit (scan_ipc ... collect) in a child: {l_seconds:.1f} s, peak RSS "
-          f"{l_peak / MIB:,.0f} MiB = {l_peak / size:.2f} x the decompressed columns")
+          f"{_mib(l_peak_kib)} = {l_peak_kib * 1024 / size:.2f} x the decompressed columns "
+          f"(anonymous: {_mib(l_anon_kib)})")
+    if breakdown:
+        print("one analyzer per child (open_trace included):")
+        for analyzer in analyzers:
+            _, a_seconds, a_peak_kib, a_anon_kib = run_child(path, f"analyze:{analyzer.name}")
+            print(f"  {analyzer.name}: {a_seconds:.1f} s, peak RSS {_mib(a_peak_kib)} = "
+                  f"{a_peak_kib * 1024 / size:.2f} x (anonymous: {_mib(a_anon_kib)})")
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:,.0f} MiB"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,10 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--trace", type=Path, help="an existing trace file")
     source.add_argument("--events", type=int, help="build a trace of N events in a temp dir")
     parser.add_argument("--repeat", type=int, default=3, help="timing runs (fastest kept)")
-    parser.add_argument("--breakdown", action="store_true", help="also time each analyzer")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also each analyzer alone (with --peak-rss: each in a child)")
     parser.add_argument("--peak-rss", action="store_true",
                         help="measure peak RSS of the analysis in a child process")
-    parser.add_argument("--child", choices=("analyze", "limit"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_analyze.") as tmp:
@@ -189,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.child:
                 child(path, args.child)
             elif args.peak_rss:
-                peak_rss(path)
+                peak_rss(path, args.breakdown)
             else:
                 time_it(path, max(args.repeat, 1), args.breakdown)
     except (TdxtraceError, pa.ArrowException, OSError) as err:

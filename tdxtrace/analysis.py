@@ -9,6 +9,7 @@ the outcomes by analyzer name, never by plugin load order.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import polars as pl
 
 from tdxtrace.errors import TdxtraceError
-from tdxtrace.schema import COLUMN_NAMES
+from tdxtrace.schema import COLUMN_NAMES, FIELDS
 
 if TYPE_CHECKING:
     from tdxtrace.trace import RunMetadata, Trace
@@ -28,6 +29,7 @@ ANALYZER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Columns the per-batch adapter always keeps: Trace.from_frame needs them to order rows and
 # observable() needs truth to hide the ground-truth rows.
 _ALWAYS_KEPT = ("seq", "ts_ns", "kind", "truth")
+_FIELD_BYTES = {f.name: max(1, f.type.bit_width // 8) for f in FIELDS}
 
 
 @dataclass(frozen=True)
@@ -191,5 +193,40 @@ def run_one(analyzer: Analyzer, trace: Trace, timeout: float | None = None) -> A
 
 def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence[str] = (),
                   timeout: float | None = None) -> list[AnalyzerOutcome]:
-    """Run analyzers over ``trace``, one after the other; outcomes ordered by analyzer name."""
-    return [run_one(a, trace, timeout) for a in select_analyzers(analyzers, only)]
+    """Run analyzers over ``trace``, one after the other; outcomes ordered by analyzer name.
+
+    When the columns they read (``Analyzer.columns``) fit in the decode budget, they are
+    decoded once and every analyzer queries that copy; otherwise each analyzer streams the
+    file itself, trading time for memory (see :func:`decode_budget_bytes`).
+    """
+    selected = select_analyzers(analyzers, only)
+    if len(selected) > 1:
+        columns = sorted({c for a in selected for c in a.columns} | set(_ALWAYS_KEPT))
+        if trace.num_events() * _bytes_per_event(columns) <= decode_budget_bytes():
+            trace = trace.decoded(columns)
+    return [run_one(a, trace, timeout) for a in selected]
+
+
+DECODE_BUDGET_ENV = "TDXTRACE_DECODE_BUDGET_MB"
+_DEFAULT_DECODE_BUDGET_MB = 2048
+
+
+def decode_budget_bytes() -> int:
+    """How much decoded trace data analyzers may share in memory (``TDXTRACE_DECODE_BUDGET_MB``).
+
+    Decoding a trace once for all analyzers is several times faster than letting each decode
+    it, but holds the decompressed columns in memory (about 100 bytes per event for the
+    built-ins). Above the budget each analyzer streams the file, so peak memory stays well
+    under the decompressed size however large the trace.
+    """
+    text = os.environ.get(DECODE_BUDGET_ENV, "")
+    try:
+        return max(0, int(text)) * 1024 * 1024 if text else _DEFAULT_DECODE_BUDGET_MB << 20
+    except ValueError:
+        raise TdxtraceError(f"{DECODE_BUDGET_ENV}={text!r}: expected a whole number of "
+                            "megabytes") from None
+
+
+def _bytes_per_event(columns: Iterable[str]) -> int:
+    """Decoded size of one event in ``columns``: value bytes plus one validity byte each."""
+    return sum(_FIELD_BYTES.get(name, 8) + 1 for name in columns)

@@ -20,7 +20,7 @@ whatever a damaged header claims; polars never parses the file (see :mod:`.scan`
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import FIELDS, SUMMARY_EVENTS
+from tdxtrace.schema import COLUMN_NAMES, FIELDS, SUMMARY_EVENTS
 from tdxtrace.trace.checks import BatchChecker, first_line
 from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import RunMetadata, Summary
@@ -44,10 +44,13 @@ _STREAM_START = STREAM_START
 class _Layout:
     """Where a trace's batches are: an intact Arrow file, a footer-less file, or memory."""
 
-    # "file": an intact file; "stream": a footer-less file; "memory": a table.
+    # "file": an intact file; "stream": a footer-less file; "memory": a table;
+    # "decoded": some columns of another trace, decoded once (Trace.decoded).
     kind: str
     data_batches: int  # batches to read, counted from the start (stream: non-empty ones)
     table: pa.Table | None = None  # kind == "memory"
+    frame: pl.DataFrame | None = None  # kind == "decoded"
+    source: Trace | None = None  # kind == "decoded": where iter_batches reads
 
 
 class Trace:
@@ -78,6 +81,9 @@ class Trace:
         if layout.kind == "memory":
             assert layout.table is not None
             return _frame(layout.table).lazy()
+        if layout.kind == "decoded":
+            assert layout.frame is not None
+            return layout.frame.lazy()
         assert self.path is not None
         return scan_batches(self.path, layout.kind == "stream", layout.data_batches)
 
@@ -88,12 +94,29 @@ class Trace:
     def iter_batches(self) -> Iterator[pa.RecordBatch]:
         """The non-empty record batches in order, v1 columns (the summary batch is skipped)."""
         layout = self._layout
+        if layout.kind == "decoded":
+            assert layout.source is not None
+            yield from layout.source.iter_batches()
+            return
         if layout.kind == "memory":
             assert layout.table is not None
             yield from layout.table.to_batches(max_chunksize=DEFAULT_BATCH_ROWS)
             return
         assert self.path is not None
         yield from read_batches(self.path, layout.kind == "stream", layout.data_batches)
+
+    def decoded(self, columns: Sequence[str]) -> Trace:
+        """This trace with ``columns`` decoded once into memory, for several queries to share.
+
+        ``events()`` of the result has only ``columns`` (in schema order): a query for any
+        other column fails. Everything else (metadata, summary, warnings, ``iter_batches``)
+        is this trace's.
+        """
+        wanted = [name for name in COLUMN_NAMES if name in set(columns)]
+        frame = self.events().select(wanted).collect()
+        return Trace(path=self.path, metadata=self.metadata, summary=self.summary,
+                     num_events=self._num_events, warnings=self.warnings,
+                     layout=_Layout("decoded", 0, frame=frame, source=self))
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, metadata: RunMetadata | None = None) -> Trace:
