@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import COLUMN_NAMES, FIELDS, SUMMARY_EVENTS
+from tdxtrace.schema import COLUMN_NAMES, FIELDS, SUMMARY_EVENTS, arrow_schema
 from tdxtrace.trace.checks import BatchChecker, first_line
 from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import RunMetadata, Summary
@@ -113,7 +113,17 @@ class Trace:
         is this trace's.
         """
         wanted = [name for name in COLUMN_NAMES if name in set(columns)]
-        frame = self.events().select(wanted).collect()
+        layout = self._layout
+        if layout.kind in ("file", "stream"):
+            # Straight from pyarrow (multi-threaded decompression), not through the polars
+            # IO source: one full read, so no pushdown to gain and ~2x faster.
+            assert self.path is not None
+            batches = list(read_batches(self.path, layout.kind == "stream",
+                                        layout.data_batches, wanted))
+            frame = _frame(pa.Table.from_batches(batches) if batches else
+                           arrow_schema().empty_table().select(wanted))
+        else:
+            frame = self.events().select(wanted).collect()
         return Trace(path=self.path, metadata=self.metadata, summary=self.summary,
                      num_events=self._num_events, warnings=self.warnings,
                      layout=_Layout("decoded", 0, frame=frame, source=self))
