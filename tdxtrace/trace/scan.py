@@ -107,7 +107,12 @@ def scan_batches(path: Path, footerless: bool, count: int) -> pl.LazyFrame:
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
             if predicate is not None:
-                frame = frame.filter(predicate)
+                kept = frame.filter(predicate)
+                if kept.height < frame.height:
+                    # A contiguous run of kept rows comes back as a zero-copy slice that would
+                    # keep the whole decoded batch alive; copy the few rows kept instead.
+                    kept = kept.select(pl.all().gather(pl.int_range(pl.len())))
+                frame = kept
             if left is not None:
                 frame = frame.head(left)
                 left -= frame.height
