@@ -89,15 +89,17 @@ class CostModel:
     def __init__(self, rng: random.Random, leaf_costs: dict[Leaf, Cost],
                  step_costs: dict[str, Cost]) -> None:
         self._random = rng.random
-        self._leaf = {int(k): v for k, v in leaf_costs.items()}
-        self._step = dict(step_costs)
-        self._default = Cost(2000)
+        self._leaf = {int(k): _Sampler(v) for k, v in leaf_costs.items()}
+        self._step = {k: _Sampler(v) for k, v in step_costs.items()}
+        self._base = {k: v.base_ns for k, v in step_costs.items()}
+        self._default = _Sampler(Cost(2000))
 
-    def _sample(self, cost: Cost) -> int:
+    def _sample(self, sampler: _Sampler) -> int:
+        # base * (1 + jitter * (2u - 1)) == low + span * u, precomputed per cost.
         rand = self._random
-        value = cost.base_ns * (1.0 + cost.jitter * (2.0 * rand() - 1.0))
-        if cost.tail_p and rand() < cost.tail_p:
-            value *= cost.tail_x
+        value = sampler.low + sampler.span * rand()
+        if sampler.tail_p and rand() < sampler.tail_p:
+            value *= sampler.tail_x
         return int(value) if value >= 1.0 else 1
 
     def seamcall(self, leaf: int) -> int:
@@ -107,4 +109,16 @@ class CostModel:
         return self._sample(self._step[name])
 
     def base(self, name: str) -> int:
-        return self._step[name].base_ns
+        return self._base[name]
+
+
+class _Sampler:
+    """A :class:`Cost` in the form the sampler uses on the hot path."""
+
+    __slots__ = ("low", "span", "tail_p", "tail_x")
+
+    def __init__(self, cost: Cost) -> None:
+        self.low = cost.base_ns * (1.0 - cost.jitter)
+        self.span = 2.0 * cost.base_ns * cost.jitter
+        self.tail_p = cost.tail_p
+        self.tail_x = cost.tail_x

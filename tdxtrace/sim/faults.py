@@ -25,6 +25,7 @@ class FaultPlan:
                     f"(allowed: {', '.join(sorted(LEAF_BY_KEY))})")
             self._leaf = int(leaf)
         self._busy_p = config.spurious_busy_p
+        self.injects_busy = self._leaf is not None and self._busy_p > 0
         self._busy_rng = rng.stream("faults.spurious_busy")
         self._ipi_p = config.ipi_delay_p
         self._ipi_ns = config.ipi_delay_ns

@@ -43,12 +43,13 @@ class Simulator:
         heap = self._heap
         pop = heapq.heappop
         while heap and not self.stopped:
-            when, _, callback, args = heap[0]
+            entry = pop(heap)
+            when = entry[0]
             if when > until:
+                heapq.heappush(heap, entry)  # not yet: leave it for a later run()
                 break
-            pop(heap)
             self.now = when
-            callback(*args)
+            entry[2](*entry[3])
             if should_stop is not None and should_stop():
                 break
 

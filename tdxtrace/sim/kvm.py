@@ -73,6 +73,8 @@ class Kvm:
         self.on_private_fault: Callable[[Vcpu, int], None] = lambda v, gpa: None
         self.on_tdvmcall: Callable[[Vcpu], None] = self.enter  # MapGPA installs its handler
         self.before_entry: Callable[[Vcpu], None] | None = None  # roots: kvm_mmu_reload()
+        self._spinlock = world.policy.zap_busy == "seamcall_spinlock"
+        self._faults = world.faults
 
     # --- SEAMCALLs ------------------------------------------------------------------------
     def seamcall(self, td: KvmTd, leaf: int, lp: int, corr: int | None, flow: int,
@@ -82,7 +84,7 @@ class Kvm:
                  arg0: int | None = None) -> None:
         """Run one SEAMCALL now (or when the policy spinlock frees), then ``then(status)``."""
         sim = self.sim
-        if self.world.policy.zap_busy == "seamcall_spinlock" and sim.now < td.spin_free_at:
+        if self._spinlock and sim.now < td.spin_free_at:
             # The 2022 design: a per-TD spinlock around every TDH.MEM.* call (seed 002).
             sim.at(td.spin_free_at, lambda: self.seamcall(
                 td, leaf, lp, corr, flow, call, then, vcpu=vcpu, gpa=gpa, level=level,
@@ -90,12 +92,12 @@ class Kvm:
             return
         now = sim.now
         dur = self.costs.seamcall(leaf)
-        if self.world.policy.zap_busy == "seamcall_spinlock":
+        if self._spinlock:
             dur += self.costs.step("spinlock")
             td.spin_free_at = now + dur
         self.module.last_busy = None
-        status = self.world.faults.maybe_spurious_busy(leaf, now) or call(
-            now, now + dur, (lp, leaf, corr or 0))
+        status = (self._faults.maybe_spurious_busy(leaf, now) if self._faults.injects_busy
+                  else 0) or call(now, now + dur, (lp, leaf, corr or 0))
         self.log.emit(SEAMCALL, flow=flow, corr=corr, td=td.index, vcpu=vcpu, lp=lp, leaf=leaf,
                       status=status, gpa=gpa, level=level, arg0=arg0, dur=dur)
         if is_busy(status):
