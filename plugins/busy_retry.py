@@ -33,7 +33,7 @@ from tdxtrace.codes import (
     TdcallLeaf,
 )
 from tdxtrace.codes import Leaf as L
-from tdxtrace.events import Flow, Kind
+from tdxtrace.events import GUEST_LEAF_BASE, Flow, Kind
 from tdxtrace.trace import Trace
 
 _DIV = 1 << 32  # status // _DIV = the class half; status % _DIV = the operand ID
@@ -43,7 +43,7 @@ INTERRUPTED = int(Status.INTERRUPTED_RESUMABLE) // _DIV
 RETRY_CLASSES = (BUSY, PREV_EPOCH, INTERRUPTED)
 PREV_EPOCH_KEY = -1  # the holder rules' operand key for PREVIOUS_TLB_EPOCH_BUSY
 # Holder id of the guest's TDG.MEM.PAGE.ACCEPT (a TDCALL: kept apart from SEAMCALL leaves).
-GUEST_ACCEPT = 0x10000 + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
+GUEST_ACCEPT = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
 HOLDER_NAMES = {**LEAF_NAMES, GUEST_ACCEPT: TDCALL_LEAF_NAMES[int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)]}
 MAX_ROWS = 100
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)

@@ -17,6 +17,10 @@ from enum import IntEnum
 
 TRUTH_KIND_BASE = 100
 
+# A guest TDCALL named where a SEAMCALL leaf is expected (a lock holder in T_LOCK_HOLDER):
+# GUEST_LEAF_BASE + the TDCALL leaf, so TDG.MEM.PAGE.ACCEPT (6) never reads as PAGE.AUG (6).
+GUEST_LEAF_BASE = 0x10000
+
 
 class Kind(IntEnum):
     """What one row is. The column meanings per kind are documented in :mod:`tdxtrace.schema`."""

@@ -132,7 +132,8 @@ KIND_ARGS: dict[str, str] = {
     "T_ZERO_STEP_RESET": "td, vcpu, rip, arg0 = count before the reset",
     "T_ZERO_STEP_GPA": "td, vcpu, gpa, arg0 = list length after appending",
     "T_LOCK_HOLDER": "sub = operand id, corr = the BUSY call's corr, arg0 = holder lp, "
-                     "arg1 = holder leaf, arg2 = holder corr",
+                     "arg1 = holder leaf (0x10000 + TDCALL leaf for a guest call), "
+                     "arg2 = holder corr",
     "T_SEPT_STATE": "sub = new SeptState, td, gpa, level, arg0 = old SeptState",
     "T_PRIVATE_ZAP_UNEXPECTED": "td, gpa, sub = ZapReason",
     "T_SYNTHESIZED_EXIT": "td, vcpu, gpa: the module emulated an EPT-violation exit for a "

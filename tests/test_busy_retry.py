@@ -9,7 +9,7 @@ from emulator_helpers import run
 from polars.testing import assert_frame_equal
 
 from tdxtrace.codes import EXIT_REASON_INVALID, LEAF_NAMES, Leaf, OperandId, Status, TdcallLeaf
-from tdxtrace.events import Flow, Kind
+from tdxtrace.events import GUEST_LEAF_BASE, Flow, Kind
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace.trace import Trace
 from tdxtrace_plugins.busy_retry import CHAIN_SCHEMA, BusyRetry
@@ -243,7 +243,7 @@ def test_empty_trace() -> None:
 
 def test_counts_and_holders_match_the_emulators_ground_truth() -> None:
     ids = {name: leaf for leaf, name in LEAF_NAMES.items()}
-    ids["TDG.MEM.PAGE.ACCEPT"] = int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)  # as T_LOCK_HOLDER says
+    ids["TDG.MEM.PAGE.ACCEPT"] = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
     busy_seen = 0
     for scenario, seed in (("zero-step", 1), ("zero-step", 3), ("zap-under-load", 2)):
         frame, truth = run(scenario, seed=seed)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxtrace.codes import STEPPING_EPF_THRESHOLD, leaf_name, operand_name
-from tdxtrace.events import SeptState
+from tdxtrace.codes import STEPPING_EPF_THRESHOLD, leaf_name, operand_name, tdcall_name
+from tdxtrace.events import GUEST_LEAF_BASE, SeptState
 from tdxtrace.sim.kvm import KvmTd
 from tdxtrace.sim.locks import Holder, SharexLock
 from tdxtrace.sim.module import ModuleTd
@@ -36,7 +36,9 @@ def _sorted(value: Any) -> Any:
 
 def _holder(holder: Holder) -> dict[str, Any]:
     lp, leaf, corr = holder
-    return {"lp": lp, "leaf": leaf, "leaf_name": leaf_name(leaf), "corr": corr}
+    name = (tdcall_name(leaf - GUEST_LEAF_BASE) if leaf >= GUEST_LEAF_BASE
+            else leaf_name(leaf))
+    return {"lp": lp, "leaf": leaf, "leaf_name": name, "corr": corr}
 
 
 def _ranges(gfns: list[int]) -> list[list[int]]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tdxtrace.codes import PAGE_SIZE, ExitReason, Leaf, Status
-from tdxtrace.events import Flow, Kind, SeptState, ZapReason, ZapScope
+from tdxtrace.codes import PAGE_SIZE, ExitReason, Leaf, Status, TdcallLeaf
+from tdxtrace.events import GUEST_LEAF_BASE, Flow, Kind, SeptState, ZapReason, ZapScope
 from tdxtrace.sim.costs import (
     DEFAULT_LEAF_COSTS,
     DEFAULT_STEP_COSTS,
@@ -36,6 +36,7 @@ PRIVATE_BASE_GFN = 0x100000  # private memory starts at 4 GiB
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
 ACCEPT_OK = (int(Status.SUCCESS), int(Status.PAGE_ALREADY_ACCEPTED))
+GUEST_ACCEPT_HOLDER = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
 ZAP_SCOPES = {"range_leafs": ZapScope.RANGE_LEAFS, "all_roots": ZapScope.ALL_ROOTS,
               "everything": ZapScope.EVERYTHING}
 
@@ -139,7 +140,7 @@ class World:
             # guest runs on (one scheduling step for both, to keep the emulator fast).
             spent = self.costs.step("guest_accept")
             status = self.module.guest_accept(v.td.module, touch.gfn, now, now + spent,
-                                              (v.lp, 6, 0))
+                                              (v.lp, GUEST_ACCEPT_HOLDER, 0))
             self.log.emit(Kind.GUEST_ACCEPT, td=v.td.index, vcpu=v.index, lp=v.lp,
                           gpa=touch.gfn << 12, level=0, status=status, dur=spent)
             if status not in ACCEPT_OK:  # the host holds the entry: try again
