@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from fuzz_corpus import message_ends
 from polars.testing import assert_frame_equal
 
 from tdxtrace.errors import TraceFormatError
@@ -19,20 +20,9 @@ from tdxtrace.trace.metadata import Summary
 from tdxtrace.trace.writer import conform_events
 
 
-def _message_ends(path: Path) -> list[int]:
-    """Byte offsets where the schema and each record batch (summary included) end."""
-    with pa.memory_map(str(path)) as source:
-        source.seek(8)
-        stream = ipc.open_stream(source)
-        ends = [source.tell()]
-        for _ in stream:
-            ends.append(source.tell())
-    return ends
-
-
 def _cut_points(path: Path) -> list[tuple[int, int | None]]:
     """(cut offset, complete data batches expected; None = nothing readable)."""
-    ends = _message_ends(path)  # schema, 10 data batches, summary
+    ends = message_ends(path.read_bytes())  # schema, 10 data batches, summary
     size = path.stat().st_size
     points: list[tuple[int, int | None]] = [(7, None), (9, None), (ends[0] - 1, None)]
     for k, end in enumerate(ends[:-1]):
@@ -164,7 +154,7 @@ def test_every_v1_column_is_checked(tmp_path: Path) -> None:
 
 
 def _damage_batch_3(path: Path, out: Path) -> Path:
-    ends = _message_ends(path)
+    ends = message_ends(path.read_bytes())
     data = bytearray(path.read_bytes())
     middle = (ends[3] + ends[4]) // 2
     data[middle:ends[4]] = b"\xff" * (ends[4] - middle)  # the tail of batch 3's body
