@@ -105,7 +105,10 @@ class FaultPath:
         delay = 0
         if self.preempt_p and self._preempt.random() < self.preempt_p:
             delay = self.preempt_ns  # the winner is descheduled with the SPTE frozen
-        self.sim.after(delay, self._call, f, key, leaf, level, level_index)
+        if delay:
+            self.sim.after(delay, self._call, f, key, leaf, level, level_index)
+        else:
+            self._call(f, key, leaf, level, level_index)
 
     def _call(self, f: Fault, key: object, leaf: int, level: int, level_index: int) -> None:
         v = f.vcpu
