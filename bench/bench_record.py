@@ -15,6 +15,7 @@ import heapq
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from tdxtrace.events import Kind
 from tdxtrace.sim.emulator import metadata_for, no_cyclic_gc, record
@@ -38,14 +39,14 @@ def bare_loop(events: int, out: Path) -> tuple[int, float]:
     start = time.perf_counter()
     # Same conditions as the emulator's run: cyclic GC paused.
     with TraceWriter(out, metadata_for(scenario, 1), force=True) as writer, no_cyclic_gc():
-        now = [0]
-        log = EventLog(writer.write_batch, lambda: now[0])
+        clock = SimpleNamespace(now=0)
+        log = EventLog(writer.write_batch, clock)
         heap: list[tuple[int, int, int]] = [(i * 10, i, i % 8) for i in range(8)]
         heapq.heapify(heap)
         seq = 8
         while log.events < events:
             when, _, vcpu = heapq.heappop(heap)
-            now[0] = when
+            clock.now = when
             log.emit(Kind.SEAMCALL, flow=2, corr=seq, td=0, vcpu=vcpu, lp=vcpu, leaf=6,
                      status=0, gpa=seq << 12, level=0, dur=3000)
             seq += 1

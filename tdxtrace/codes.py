@@ -349,12 +349,15 @@ def with_operand(status: int, operand: int) -> int:
     return status + operand
 
 
+_OPERAND_BUSY = int(Status.OPERAND_BUSY)  # a plain int: the emulator calls is_busy() a lot
+
+
 def is_busy(status: int) -> bool:
     """True for TDX_OPERAND_BUSY with any operand, as the kernel's masked checks see it.
 
     PREVIOUS_TLB_EPOCH_BUSY, SYS_BUSY and OPERAND_BUSY_HOST_PRIORITY are other classes.
     """
-    return status & STATUS_MASK == Status.OPERAND_BUSY
+    return status & STATUS_MASK == _OPERAND_BUSY
 
 
 def is_error(status: int) -> bool:

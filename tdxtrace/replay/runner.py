@@ -113,7 +113,7 @@ class _StopAtEvent(EventLog):
     """
 
     def __init__(self, world: World, sink: BatchSink, seq: int) -> None:
-        super().__init__(sink, lambda: world.sim.now)
+        super().__init__(sink, world.sim)
         self._world = world
         self._stop_at = seq + 1
 

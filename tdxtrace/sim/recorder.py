@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +29,12 @@ _TYPES = {f.name: f.type for f in _SCHEMA}
 
 BatchSink = Callable[[pa.RecordBatch], None]
 
+
+class Clock(Protocol):
+    """Anything with the current simulated time in ``now`` (the Simulator)."""
+
+    now: int
+
 # Counters every trace's truth carries, 0 when nothing happened (issues 3 and 4).
 TRUTH_COUNTERS = ("busy_total", "faults", "hkid_leaks", "local_retries", "mapgpa_bad_r11",
                   "mapgpa_conversions", "mapgpa_giveups", "mapgpa_retries", "migrations",
@@ -39,10 +45,9 @@ TRUTH_COUNTERS = ("busy_total", "faults", "hkid_leaks", "local_retries", "mapgpa
 class EventLog:
     """Collects events, hands full batches to ``sink`` and keeps the ground-truth counters."""
 
-    def __init__(self, sink: BatchSink, clock: Callable[[], int],
-                 batch_rows: int = BATCH_ROWS) -> None:
+    def __init__(self, sink: BatchSink, clock: Clock, batch_rows: int = BATCH_ROWS) -> None:
         self._sink = sink
-        self._clock = clock
+        self._clock = clock  # read as clock.now: an attribute, not a call, on the hot path
         self._flat: list[Any] = []
         self._flat_limit = batch_rows * _WIDTH
         self._next_seq = 0
@@ -79,7 +84,7 @@ class EventLog:
              rip: int | None = None, arg0: int | None = None, arg1: int | None = None,
              arg2: int | None = None, dur: int = 0) -> None:
         flat = self._flat
-        flat.extend((self._clock(), dur, kind, flow, sub, corr, td, vcpu, lp, leaf, status,
+        flat.extend((self._clock.now, dur, kind, flow, sub, corr, td, vcpu, lp, leaf, status,
                      exit_reason, gpa, level, rip, arg0, arg1, arg2))
         if len(flat) >= self._flat_limit:
             self.flush()
