@@ -31,6 +31,20 @@ class SharexLock:
             return self.shared_holder
         return None
 
+    def try_take(self, now: int, until: int, exclusive: bool, holder: Holder) -> Holder | None:
+        """Take the lock until ``until``; or, when it is held, return who holds it."""
+        if self.excl_until > now:
+            return self.excl_holder
+        if exclusive:
+            if self.shared_until > now:
+                return self.shared_holder
+            self.excl_until = until
+            self.excl_holder = holder
+        elif until > self.shared_until:
+            self.shared_until = until
+            self.shared_holder = holder
+        return None
+
     def hold(self, now: int, until: int, exclusive: bool, holder: Holder) -> None:
         if exclusive:
             self.excl_until = until

@@ -132,10 +132,9 @@ class TdxModule:
 
     def _take(self, lock: SharexLock, now: int, until: int, exclusive: bool,
               me: Holder) -> int:
-        held_by = lock.conflict(now, exclusive)
+        held_by = lock.try_take(now, until, exclusive, me)
         if held_by is not None:
             return self._busy(lock, held_by)
-        lock.hold(now, until, exclusive, me)
         return SUCCESS
 
     def _take_td(self, td: ModuleTd, lock: SharexLock, exclusive: bool, now: int, until: int,
