@@ -16,6 +16,7 @@ from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.plugins import load_analyzers, make_plugin_manager
+from tdxtrace.report.formatting import is_hex_name
 from tdxtrace.trace import open_trace
 
 TABLE_ROWS = 20  # rows shown per table in the text format
@@ -48,18 +49,22 @@ def outcomes_json(outcomes: Sequence[AnalyzerOutcome]) -> dict[str, Any]:
     return doc
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, hex_column: bool = False) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.2f}"
+    if hex_column and isinstance(value, int):
+        return f"{value:#x}"  # GPAs, RIPs and statuses read as the kernel prints them
     return str(value)
 
 
 def render_table(frame: pl.DataFrame, limit: int = TABLE_ROWS) -> list[str]:
     """A frame as aligned text lines (numbers right-aligned), at most ``limit`` rows."""
     shown = frame.head(limit)
-    cells = [[_cell(v) for v in row] for row in shown.iter_rows()]
+    hexes = [is_hex_name(name) for name in frame.columns]
+    cells = [[_cell(v, h) for v, h in zip(row, hexes, strict=True)]
+             for row in shown.iter_rows()]
     numeric = [dtype.is_numeric() for dtype in frame.dtypes]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(frame.columns)]
 
