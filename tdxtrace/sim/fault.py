@@ -51,7 +51,7 @@ _RETRYCAUSE_FROZEN_SPTE = RetryCause.FROZEN_SPTE
 _RETRYCAUSE_SEAMCALL_BUSY = RetryCause.SEAMCALL_BUSY
 
 
-@dataclass
+@dataclass(slots=True)
 class Fault:
     vcpu: Vcpu
     gpa: int

@@ -21,7 +21,7 @@ CODE_BASE = 0xFFFFFFFF81000000  # guest kernel text
 INSTRUCTION_BYTES = 7
 
 
-@dataclass
+@dataclass(slots=True)
 class Touch:
     rip: int
     gfn: int
@@ -36,6 +36,8 @@ class Workload:
             raise ScenarioError(f"guest.workload: unknown workload {kind!r} "
                                 f"(allowed: {', '.join(WORKLOADS)})")
         self.kind = kind
+        self._random = kind == "random"
+        self._hot_set = kind == "hot"
         self._rng = rng
         self._base = base_gfn
         self._pages = pages
@@ -49,9 +51,9 @@ class Workload:
         self.current = self._next()
 
     def _next_page(self) -> int:
-        if self.kind == "random":
+        if self._random:
             return self._rng.randrange(self._pages)
-        if self.kind == "hot" and self._rng.random() < self._hot_fraction:
+        if self._hot_set and self._rng.random() < self._hot_fraction:
             return self._rng.randrange(self._hot)
         page = self._own_start + self._cursor % self._own_span
         self._cursor += 1

@@ -140,8 +140,13 @@ class TdxModule:
     def _take_td(self, td: ModuleTd, lock: SharexLock, exclusive: bool, now: int, until: int,
                  me: Holder) -> int:
         """TDR shared, then ``lock``: what every TD-scope TDH.MEM.* call takes first (§6.2)."""
-        return self._take(td.tdr, now, until, False, me) or self._take(
-            lock, now, until, exclusive, me)
+        held_by = td.tdr.try_take(now, until, False, me)
+        if held_by is not None:
+            return self._busy(td.tdr, held_by)
+        held_by = lock.try_take(now, until, exclusive, me)
+        if held_by is not None:
+            return self._busy(lock, held_by)
+        return SUCCESS
 
     def _take_leaf(self, td: ModuleTd, gfn: int, tree_exclusive: bool, now: int, until: int,
                    me: Holder) -> tuple[int, SeptEntry]:
