@@ -106,13 +106,7 @@ class CostModel:
         return self._sample(self._leaf.get(leaf, self._default))
 
     def step(self, name: str) -> int:
-        # _sample inlined: the emulator draws ~2 step costs per event.
-        sampler = self._step[name]
-        rand = self._random
-        value = sampler.low + sampler.span * rand()
-        if sampler.tail_p and rand() < sampler.tail_p:
-            value *= sampler.tail_x
-        return int(value) if value >= 1.0 else 1
+        return self._sample(self._step[name])
 
     def base(self, name: str) -> int:
         return self._base[name]

@@ -17,13 +17,12 @@ from typing import Any
 class Simulator:
     """A heap of (time, sequence, callback, args); :meth:`run` pops them in order."""
 
-    __slots__ = ("_heap", "_next_seq", "now", "stopped")
+    __slots__ = ("_heap", "_next_seq", "now")
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, Callable[..., None], tuple[Any, ...]]] = []
         self._next_seq = 0
         self.now = 0
-        self.stopped = False
 
     def at(self, when: int, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback(*args)`` at absolute time ``when`` (never in the past)."""
@@ -42,7 +41,7 @@ class Simulator:
         """Process events up to simulated time ``until`` or until stopped."""
         heap = self._heap
         pop = heapq.heappop
-        while heap and not self.stopped:
+        while heap:
             entry = pop(heap)
             when = entry[0]
             if when > until:

@@ -55,7 +55,6 @@ class Vcpu:
     token: int = 0  # bumped to cancel the guest's scheduled next step (kick, stop)
     next_timer: int = 0
     stopped: bool = False
-    faulting: bool = False
     cpu: int = -1  # KVM's vcpu->cpu: the LP it was last loaded on (-1: never, or flushed)
     migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
 

@@ -23,14 +23,6 @@ class SharexLock:
     shared_until: int = -1
     shared_holder: Holder = (-1, -1, -1)
 
-    def conflict(self, now: int, exclusive: bool) -> Holder | None:
-        """The holder that makes an acquisition fail now, or None when it would succeed."""
-        if self.excl_until > now:
-            return self.excl_holder
-        if exclusive and self.shared_until > now:
-            return self.shared_holder
-        return None
-
     def try_take(self, now: int, until: int, exclusive: bool, holder: Holder) -> Holder | None:
         """Take the lock until ``until``; or, when it is held, return who holds it."""
         if self.excl_until > now:
@@ -44,11 +36,3 @@ class SharexLock:
             self.shared_until = until
             self.shared_holder = holder
         return None
-
-    def hold(self, now: int, until: int, exclusive: bool, holder: Holder) -> None:
-        if exclusive:
-            self.excl_until = until
-            self.excl_holder = holder
-        elif until > self.shared_until:
-            self.shared_until = until
-            self.shared_holder = holder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tdxtrace.codes import PAGE_SIZE, ExitReason, Leaf, Status, TdcallLeaf
+from tdxtrace.codes import PAGE_SIZE, ExitReason, Status, TdcallLeaf
 from tdxtrace.events import GUEST_LEAF_BASE, Flow, Kind, SeptState, ZapReason, ZapScope
 from tdxtrace.sim.costs import (
     DEFAULT_LEAF_COSTS,
@@ -220,5 +220,3 @@ class World:
             self.lifecycle.teardown_all()  # vCPUs stop, then every TD is torn down
         self.log.flush()
 
-
-VP_ENTER = int(Leaf.TDH_VP_ENTER)
