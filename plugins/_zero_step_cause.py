@@ -24,16 +24,21 @@ _BUSY_CLASSES = [int(Status.OPERAND_BUSY), int(Status.OPERAND_BUSY_HOST_PRIORITY
 _RESOLVED = [int(FaultOutcome.MAPPED), int(FaultOutcome.ALREADY_MAPPED)]
 
 
-def _busy_call() -> pl.Expr:
+def busy_call() -> pl.Expr:
+    """True for a SEAMCALL that returned OPERAND_BUSY (any operand, host priority too)."""
     return (pl.col("kind") == int(Kind.SEAMCALL)) & (
         (pl.col("status") & u64(STATUS_MASK)).is_in(_BUSY_CLASSES).fill_null(False)
     )
 
 
-def rows_read() -> pl.Expr:
-    """True for every row :func:`incident_causes` reads: fault handling and BUSY SEAMCALLs."""
+def fault_handling(tds: pl.Series) -> pl.Expr:
+    """True for the fault-handling rows (PAGE_FAULT, FAULT_RETRY, FAULT_DONE) of ``tds``.
+
+    With the BUSY SEAMCALLs, these are the rows :func:`incident_causes` reads; only the TDs
+    with an incident can matter.
+    """
     handling = [int(Kind.PAGE_FAULT), int(Kind.FAULT_RETRY), int(Kind.FAULT_DONE)]
-    return pl.col("kind").is_in(handling) | _busy_call()
+    return pl.col("kind").is_in(handling) & pl.col("td").is_in(tds.implode())
 
 
 def _page_faults(observable: pl.LazyFrame) -> pl.LazyFrame:
@@ -49,15 +54,15 @@ def _page_faults(observable: pl.LazyFrame) -> pl.LazyFrame:
 def _invocations(observable: pl.LazyFrame, page_faults: pl.LazyFrame) -> pl.LazyFrame:
     """One row per corr of ``page_faults``: start/end, outcome, FROZEN and BUSY evidence."""
     kind, sub = pl.col("kind"), pl.col("sub")
-    busy_call = _busy_call()
+    busy = busy_call()
     retry, done = kind == int(Kind.FAULT_RETRY), kind == int(Kind.FAULT_DONE)
     handling = (
-        observable.filter(retry | done | busy_call)
+        observable.filter(retry | done | busy)
         .join(page_faults.select("corr"), on="corr", how="semi")
         .select(
             "corr", "seq", "ts_ns", sub.alias("outcome"), done.alias("_done"),
             (retry & (sub == int(RetryCause.FROZEN_SPTE))).alias("frozen"),
-            ((retry & (sub == int(RetryCause.SEAMCALL_BUSY))) | busy_call).alias("busy"),
+            ((retry & (sub == int(RetryCause.SEAMCALL_BUSY))) | busy).alias("busy"),
         )
     )
     evidence = handling.group_by("corr").agg(

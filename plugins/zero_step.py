@@ -66,8 +66,22 @@ from tdxtrace.codes import STEPPING_EPF_THRESHOLD, Leaf
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
 
-from ._zero_step_cause import DEFAULT_SLOW_FAULT_NS, incident_causes, rows_read
-from ._zero_step_runs import BUSY_SEPT, VCPU, listed_gpas, runs, segment_exits, td_exits, u64
+from ._zero_step_cause import (
+    DEFAULT_SLOW_FAULT_NS,
+    busy_call,
+    fault_handling,
+    incident_causes,
+)
+from ._zero_step_runs import (
+    BUSY_SEPT,
+    VCPU,
+    listed_gpas,
+    longest_run,
+    runs,
+    segment_exits,
+    td_exits,
+    u64,
+)
 from ._zero_step_tables import by_vcpu, runs_hist, timeline
 from ._zero_step_windows import count_points_in_windows, windows_open_at_points
 
@@ -100,33 +114,33 @@ class ZeroStep(Analyzer):
         self.slow_fault_ns = slow_fault_ns
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
-        # One pass over the trace keeps the rows read below (TD exits, fault handling, BUSY
-        # SEAMCALLs, which include _mem_busy_sept's): each lazy read of trace.observable()
-        # would decode the file again, and the helpers read it about ten times.
-        observable = (
-            trace.observable().select(self.columns)
-            .filter((pl.col("kind") == int(Kind.TD_EXIT)) | rows_read())
-            .collect().lazy()
-        )
+        observable = trace.observable().select(self.columns)
+        # One pass keeps the TD exits and the BUSY SEAMCALLs (few); the fault-handling rows,
+        # as many as the exits, are read only for the TDs with an incident (_incidents).
+        read = observable.filter(
+            (pl.col("kind") == int(Kind.TD_EXIT)) | busy_call()
+        ).collect()
         # Materialized once: everything below reads them several times.
-        exits = td_exits(observable).collect().lazy()
+        exits = td_exits(read.lazy()).collect().lazy()
+        busy_calls = read.filter(pl.col("kind") == int(Kind.SEAMCALL)).lazy()
+        del read
         segmented = segment_exits(exits).collect().lazy()
         all_runs = runs(exits, segmented).collect()
-        mem_busy = _mem_busy_sept(observable).collect().lazy()
-        incidents = self._incidents(observable, exits, segmented, all_runs, mem_busy)
+        mem_busy = _mem_busy_sept(busy_calls).collect().lazy()
+        incidents = self._incidents(observable, busy_calls, exits, segmented, all_runs,
+                                    mem_busy)
         other_busy = _other_vcpu_busy_total(mem_busy, incidents.lazy())
         vp_busy = exits.filter(pl.col("busy_sept")).group_by(VCPU).agg(
             pl.len().cast(pl.Int64).alias("busy_sept")
         )
-        longest = all_runs.get_column("faults").max()
         metrics: dict[str, int | float] = {
             "incidents": incidents.height,
             "vcpus_affected": incidents.select(VCPU).unique().height,
             "synthesized_exits": int(incidents.get_column("synthesized_exits").sum()),
             "vp_enter_busy_sept": int(incidents.get_column("vp_enter_busy_sept").sum()),
             "other_vcpu_busy_sept": other_busy,
-            "max_run": int(longest) if isinstance(longest, int) else 0,
-            "runs": all_runs.filter(pl.col("faults") >= 2).height,
+            "max_run": longest_run(segmented),
+            "runs": all_runs.height,
         }
         tables = {
             "incidents": incidents,
@@ -145,6 +159,7 @@ class ZeroStep(Analyzer):
     def _incidents(
         self,
         observable: pl.LazyFrame,
+        busy_calls: pl.LazyFrame,
         exits: pl.LazyFrame,
         segmented: pl.LazyFrame,
         all_runs: pl.DataFrame,
@@ -163,7 +178,13 @@ class ZeroStep(Analyzer):
                 "other_vcpu_mem_busy_sept"
             ),
         )
-        causes = incident_causes(observable, segmented, armed, self.slow_fault_ns)
+        # Another read of the trace, for the incidents' TDs only, and only if there are any.
+        tds = armed.select(pl.col("td").unique().sort()).collect().to_series()
+        handling = (
+            pl.concat([observable.filter(fault_handling(tds)), busy_calls])
+            if tds.len() else busy_calls
+        )
+        causes = incident_causes(handling, segmented, armed, self.slow_fault_ns)
         joined = (
             armed.join(listed_gpas(segmented), on="seg", how="left")
             .join(vp_busy, on="first_seq", how="left")
