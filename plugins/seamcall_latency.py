@@ -3,8 +3,8 @@
 Every SEAMCALL other than VP.ENTER is one row whose ``dur_ns`` is the call's execution time.
 TDH.VP.ENTER is not a SEAMCALL row: its latency is the time from a vCPU's TD_ENTRY to its next
 TD_EXIT (time spent in the guest plus the entry/exit cost), paired by order per (td, vCPU). A
-TD_EXIT without a preceding TD_ENTRY (the trace began with the vCPU in the guest) and a
-TD_ENTRY without an exit (the trace ended first) are left out.
+TD_EXIT without a preceding TD_ENTRY (the trace began with the vCPU in the guest), a
+TD_ENTRY without an exit (the trace ended first) and rows without a TD or vCPU are left out.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from tdxtrace.analysis import Analyzer, AnalyzerResult
 from tdxtrace.codes import LEAF_NAMES, STATUS_MASK, Leaf, Status
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
+
+from ._vp_enter import paired_exits
 
 _CLASS_DIVISOR = 1 << 32  # status // this = the class half (bits 63:32)
 _BUSY_CLASS = int(Status.OPERAND_BUSY) // _CLASS_DIVISOR
@@ -55,18 +57,11 @@ def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
 def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
     """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU: leaf_id 0, dur_ns, busy,
     calls (always 1)."""
-    pairs = (
-        events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT]))
-        .sort("seq")
-        .with_columns(
-            pl.col("kind").shift(1).over("td", "vcpu").alias("prev_kind"),
-            pl.col("ts_ns").shift(1).over("td", "vcpu").alias("prev_ts"),
-        )
-        .filter((pl.col("kind") == Kind.TD_EXIT) & (pl.col("prev_kind") == Kind.TD_ENTRY))
-    )
+    pairs = paired_exits(events, ("ts_ns", "status"), ("ts_ns",)).filter(
+        pl.col("entry_ts_ns").is_not_null())
     return pairs.select(
         pl.lit(int(Leaf.TDH_VP_ENTER), pl.Int64).alias("leaf_id"),
-        (pl.col("ts_ns") - pl.col("prev_ts")).alias("dur_ns"),
+        (pl.col("ts_ns") - pl.col("entry_ts_ns")).alias("dur_ns"),
         is_operand_busy(pl.col("status")).alias("busy"),
         pl.lit(1, pl.Int64).alias("calls"),
     )
@@ -74,10 +69,14 @@ def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
 
 def nearest_rank(values: pl.Expr, weights: pl.Expr, percent: int) -> pl.Expr:
     """The nearest-rank percentile: the value at rank ceil(percent * n / 100), in integers,
-    where each value stands for ``weights`` calls and n is their sum."""
+    where each value stands for ``weights`` calls and n is their sum.
+
+    The group's rows must be in ``values`` order (by_leaf sorts the frame once for all
+    groups and percentiles instead of sorting each group per percentile).
+    """
     rank = ((weights.sum() * percent + 99) // 100).clip(lower_bound=1)
-    covered = weights.sort_by(values).cum_sum()  # calls at or below each value, in value order
-    return values.sort().filter(covered >= rank).first().cast(pl.Int64)
+    covered = weights.cum_sum()  # calls at or below each value
+    return values.filter(covered >= rank).first().cast(pl.Int64)
 
 
 def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
@@ -89,13 +88,14 @@ def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
         return pl.DataFrame(schema=BY_LEAF_SCHEMA)
     total = int(calls["calls"].sum())
     dur, weight = pl.col("dur_ns"), pl.col("calls")
-    table = calls.group_by("leaf_id").agg(
+    # Groups see their rows in frame order: sorted by duration, each group is too.
+    table = calls.sort("dur_ns").group_by("leaf_id").agg(
         weight.sum().cast(pl.Int64).alias("count"),
-        dur.min().alias("min_ns"),
+        dur.first().alias("min_ns"),
         ((dur * weight).sum() / weight.sum()).alias("mean_ns"),
         nearest_rank(dur, weight, 50).alias("p50_ns"),
         nearest_rank(dur, weight, 99).alias("p99_ns"),
-        dur.max().alias("max_ns"),
+        dur.last().alias("max_ns"),
         ((pl.col("busy").cast(pl.Int64) * weight).sum() / weight.sum() * 100).alias("busy_pct"),
     )
     return table.with_columns(

@@ -1,0 +1,44 @@
+"""TDH.VP.ENTER as an interval: each TD_EXIT paired with its vCPU's TD_ENTRY (shared helpers).
+
+VP.ENTER is not a SEAMCALL row: a vCPU's TD_ENTRY is written just before the call and its
+TD_EXIT after it returned, so the call spans from the entry to the next exit of that vCPU.
+Rows without a TD or a vCPU belong to no vCPU and are never paired.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from tdxtrace.events import Kind
+
+
+def vcpu_key() -> pl.Expr:
+    """(td, vcpu) packed in one Int64 (null when either is), so per-vCPU order is one
+    integer sort key: a stable sort on it is about twice as fast as sorting on both."""
+    return (pl.col("td").cast(pl.Int64) * (1 << 32) + (pl.col("vcpu").cast(pl.Int64) & 0xFFFFFFFF)
+            ).alias("vkey")
+
+
+def paired_exits(events: pl.LazyFrame, columns: tuple[str, ...],
+                 entry_columns: tuple[str, ...]) -> pl.LazyFrame:
+    """Every TD_EXIT of a known vCPU with ``columns``, plus ``entry_<c>`` for each of
+    ``entry_columns`` taken from the TD_ENTRY just before it on the same vCPU (null when the
+    vCPU's previous row is not an entry: the trace began with the vCPU in the guest).
+
+    ``events`` must be in seq order (as every trace is); the result is in (vCPU, seq) order.
+    """
+    wanted = list(dict.fromkeys(["kind", *columns, *entry_columns]))
+    after_entry = (pl.col("vkey") == pl.col("vkey").shift(1)) & (
+        pl.col("kind").shift(1) == Kind.TD_ENTRY)
+    return (
+        events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT])
+                      & pl.col("td").is_not_null() & pl.col("vcpu").is_not_null())
+        .select(*wanted, vcpu_key())
+        # Rows come in seq order, so a stable sort on the vCPU alone lines up each vCPU's
+        # rows in seq order, and its previous row is a shift rather than a window per vCPU.
+        .sort("vkey", maintain_order=True)
+        .with_columns(pl.when(after_entry).then(pl.col(c).shift(1)).alias(f"entry_{c}")
+                      for c in entry_columns)
+        .filter(pl.col("kind") == Kind.TD_EXIT)
+        .select(*columns, *(f"entry_{c}" for c in entry_columns))
+    )
