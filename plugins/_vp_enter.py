@@ -2,7 +2,8 @@
 
 VP.ENTER is not a SEAMCALL row: a vCPU's TD_ENTRY is written just before the call and its
 TD_EXIT after it returned, so the call spans from the entry to the next exit of that vCPU.
-Rows without a TD or a vCPU belong to no vCPU and are never paired.
+Rows without a TD or a vCPU belong to no vCPU: such an exit is never paired (its null key
+compares as unknown, never equal).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def vcpu_key() -> pl.Expr:
 
 def paired_exits(events: pl.LazyFrame, columns: tuple[str, ...],
                  entry_columns: tuple[str, ...]) -> pl.LazyFrame:
-    """Every TD_EXIT of a known vCPU with ``columns``, plus ``entry_<c>`` for each of
+    """Every TD_EXIT with ``columns``, plus ``entry_<c>`` for each of
     ``entry_columns`` taken from the TD_ENTRY just before it on the same vCPU (null when the
     vCPU's previous row is not an entry: the trace began with the vCPU in the guest).
 
@@ -31,8 +32,7 @@ def paired_exits(events: pl.LazyFrame, columns: tuple[str, ...],
     after_entry = (pl.col("vkey") == pl.col("vkey").shift(1)) & (
         pl.col("kind").shift(1) == Kind.TD_ENTRY)
     return (
-        events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT])
-                      & pl.col("td").is_not_null() & pl.col("vcpu").is_not_null())
+        events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT]))
         .select(*wanted, vcpu_key())
         # Rows come in seq order, so a stable sort on the vCPU alone lines up each vCPU's
         # rows in seq order, and its previous row is a shift rather than a window per vCPU.

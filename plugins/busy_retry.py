@@ -36,6 +36,8 @@ from tdxtrace.codes import Leaf as L
 from tdxtrace.events import GUEST_LEAF_BASE, Flow, Kind
 from tdxtrace.trace import Trace
 
+from ._vp_enter import paired_exits
+
 _DIV = 1 << 32  # status // _DIV = the class half; status % _DIV = the operand ID
 BUSY = int(Status.OPERAND_BUSY) // _DIV
 PREV_EPOCH = int(Status.PREVIOUS_TLB_EPOCH_BUSY) // _DIV
@@ -137,16 +139,14 @@ def calls(events: pl.LazyFrame) -> pl.LazyFrame:
         pl.when(pl.col("leaf") == L.TDH_PHYMEM_CACHE_WB).then(pl.col("lp").cast(pl.UInt64))
         .otherwise(pl.coalesce("gpa", "arg0")).alias("target"),
     )
-    runs = events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT])).sort("seq")
-    prev = {c: pl.col(c).shift(1).over("td", "vcpu") for c in ("kind", "ts_ns", "seq", "lp")}
-    paired = prev["kind"] == Kind.TD_ENTRY
-    vp_enters = runs.with_columns(
-        pl.when(paired).then(prev[c]).otherwise(pl.col(c)).alias(f"entry_{c}")
-        for c in ("ts_ns", "seq", "lp")
-    ).filter(pl.col("kind") == Kind.TD_EXIT).select(
-        "seq", pl.col("entry_ts_ns").alias("start_ns"), pl.col("entry_seq").alias("start_seq"),
-        pl.col("ts_ns").alias("end_ns"), pl.col("entry_lp").alias("lp"), "td", "vcpu", "corr",
-        "flow", pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
+    # An exit without its vCPU's entry just before it (the trace began in the guest) starts
+    # where it ends.
+    vp_enters = paired_exits(events, ("seq", "ts_ns", "lp", "td", "vcpu", "corr", "flow",
+                                      "status"), ("ts_ns", "seq", "lp")).select(
+        "seq", pl.coalesce("entry_ts_ns", "ts_ns").alias("start_ns"),
+        pl.coalesce("entry_seq", "seq").alias("start_seq"), pl.col("ts_ns").alias("end_ns"),
+        pl.coalesce("entry_lp", "lp").alias("lp"), "td", "vcpu", "corr", "flow",
+        pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
         pl.lit(None, pl.UInt64).alias("gpa"), pl.lit(None, pl.UInt64).alias("target"),
     )
     return pl.concat([seamcalls, vp_enters]).with_columns(
@@ -187,7 +187,11 @@ def chains(all_calls: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
     # by operation, then call order, a row continues a chain when the previous row is the same
     # operation and returned a retry status: plain shifts, no window per operation.
     retried_ops = all_calls.filter("retryable").select(CHAIN_KEY).unique()
-    candidates = all_calls.join(retried_ops, on=CHAIN_KEY, how="semi", nulls_equal=True)
+    # corr alone (one column, nearly unique per operation) narrows the calls cheaply before
+    # the join on the whole key.
+    candidates = all_calls.filter(pl.col("corr").is_in(retried_ops["corr"].implode())
+                                  | pl.col("corr").is_null()).join(
+        retried_ops, on=CHAIN_KEY, how="semi", nulls_equal=True)
     ordered = candidates.sort([*CHAIN_KEY, "start_seq"], nulls_last=True)
     same_op = pl.all_horizontal(pl.col(k).eq_missing(pl.col(k).shift(1)) for k in CHAIN_KEY)
     cont = (same_op & pl.col("retryable").shift(1)).fill_null(False)
@@ -261,27 +265,31 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
     ).sort(HOLDER_KEY, nulls_last=True).with_row_index("gid")
     queries = queries.join(groups.select("gid", *HOLDER_KEY), on=HOLDER_KEY, nulls_equal=True)
     holder_leaves = groups["holder_leaf"].unique().implode()
-    # A call can only hold a resource of its own TD, except in host-wide groups: keep just the
-    # calls of a (leaf, TD) some group asks about before the join below repeats each call once
-    # per group of its leaf (on a trace of many TDs that join was most of the memory).
-    host_leaves = groups.filter(pl.col("scope") == "host")["holder_leaf"].unique().implode()
-    on_td = groups.filter(pl.col("scope") != "host").select(
-        "holder_leaf", pl.col("s_td").alias("td"), pl.lit(True).alias("_on_td")).unique()
-    # Lazy up to the filter on the groups' spans, so the candidates are never materialized.
-    candidates = pl.concat([
+    calls_of_holders = pl.concat([
         frame.lazy().select("seq", "start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
                             pl.col("leaf_id").alias("holder_leaf"), "retryable")
         .filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("retryable")
                 & (pl.col("end_ns") > pl.col("start_ns")))
         for frame in (all_calls, accepts)
-    ]).join(on_td.lazy(), on=["holder_leaf", "td"], how="left", nulls_equal=True).filter(
-        pl.col("_on_td").fill_null(False) | pl.col("holder_leaf").is_in(host_leaves)
-    ).drop("_on_td").join(groups.lazy().select("op_key", "holder_leaf", "scope").unique(),
-                          on="holder_leaf")
-    intervals = _scoped(candidates).join(
+    ])
+    covering = (pl.col("end_ns") > pl.col("first_q")) & (pl.col("start_ns") <= pl.col("last_q"))
+    near = []
+    # A call can only hold a resource of its own TD, except in host-wide groups. Before a call
+    # is repeated once per group of its leaf (on a trace of many TDs that join was most of
+    # the time and memory), keep just the calls that overlap the time span some group of
+    # their leaf (and TD) asks about.
+    for host, by in ((False, ["holder_leaf", "td"]), (True, ["holder_leaf"])):
+        scoped = groups.filter((pl.col("scope") == "host") == host)
+        spans = scoped.group_by(pl.col("holder_leaf"), pl.col("s_td").alias("td")).agg(
+            pl.col("first_q").min(), pl.col("last_q").max()).select(*by, "first_q", "last_q")
+        near.append(
+            calls_of_holders.join(spans.lazy(), on=by, nulls_equal=True).filter(covering)
+            .drop("first_q", "last_q")
+            .join(scoped.lazy().select("op_key", "holder_leaf", "scope").unique(),
+                  on="holder_leaf"))
+    intervals = _scoped(pl.concat(near)).join(
         groups.lazy(), on=[*HOLDER_KEY, "scope"], nulls_equal=True,
-    ).filter((pl.col("end_ns") > pl.col("first_q"))
-             & (pl.col("start_ns") <= pl.col("last_q"))).collect()
+    ).filter(covering).collect()
     sweep = pl.concat([
         _points(intervals, "end_ns", 0, -1, False), _points(intervals, "start_ns", 1, 1, False),
         _points(queries, "start_ns", 1, 0, True),
@@ -349,7 +357,8 @@ class BusyRetry(Analyzer):
         attributed = attribute_holders(all_calls, accepts)
         considered = attributed.height
         resolved = considered - attributed["holder_leaf"].null_count()
-        by_class = all_calls.group_by(_class(pl.col("status")).alias("cls")).len()
+        retried = all_calls.filter("retryable")  # every status counted below is a retry one
+        by_class = retried.group_by(_class(pl.col("status")).alias("cls")).len()
         count = dict(zip(by_class["cls"].to_list(), by_class["len"].to_list(), strict=True))
         metrics: dict[str, int | float] = {
             "busy_total": count.get(BUSY, 0),
@@ -363,7 +372,7 @@ class BusyRetry(Analyzer):
             "holders_resolved_pct": resolved * 100 / considered if considered else 0.0,
         }
         tables = {
-            "by_leaf_operand": by_leaf_operand(all_calls.filter("retryable")),
+            "by_leaf_operand": by_leaf_operand(retried),
             "chains": found.head(MAX_ROWS).drop("first_seq"),
             "chain_length_hist": hist,
             "livelock": livelock.head(MAX_ROWS).drop("first_seq"),
