@@ -193,9 +193,12 @@ def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame) -> pl.LazyFrame:
         )
         .select("seq", "ts_ns", "td", gfn_of(pl.col("gpa")).alias("gfn"),
                 pl.lit(False).alias("_zap"))
-        # Only pages that were zapped matter: keeps the sort below small.
-        .join(pages.select("td", "gfn").unique(), on=["td", "gfn"], how="semi")
     )
+    # Only pages that were zapped matter: keeps the sort below small. The GFN alone (one
+    # column) narrows the accesses cheaply before the join on (td, gfn).
+    zapped_pages = pages.select("td", "gfn").unique().collect()
+    accesses = accesses.filter(pl.col("gfn").is_in(zapped_pages["gfn"].implode())).join(
+        zapped_pages.lazy(), on=["td", "gfn"], how="semi")
     stream = pl.concat([pages, accesses], how="diagonal_relaxed").sort("td", "gfn", "seq")
     same_page_next = (pl.col("td").shift(-1) == pl.col("td")) & (
         pl.col("gfn").shift(-1) == pl.col("gfn")
