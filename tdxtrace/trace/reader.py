@@ -139,7 +139,7 @@ class Trace:
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:
-    frame = pl.from_arrow(table)
+    frame = pl.from_arrow(table, rechunk=False)
     assert isinstance(frame, pl.DataFrame)
     return frame
 
