@@ -9,7 +9,6 @@ the outcomes by analyzer name, never by plugin load order.
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -21,6 +20,8 @@ import polars as pl
 
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.schema import COLUMN_NAMES, FIELDS
+from tdxtrace.trace.budget import DECODE_BUDGET_ENV as DECODE_BUDGET_ENV  # re-exported
+from tdxtrace.trace.budget import decode_budget_bytes
 
 if TYPE_CHECKING:
     from tdxtrace.trace import RunMetadata, Trace
@@ -197,7 +198,9 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
 
     When the columns they read (``Analyzer.columns``) fit in the decode budget, they are
     decoded once and every analyzer queries that copy; otherwise each analyzer streams the
-    file itself, trading time for memory (see :func:`decode_budget_bytes`).
+    file itself, trading time for memory (see :mod:`tdxtrace.trace.budget`). A trace opened
+    with ``open_trace(..., keep_decoded=True)`` within the budget is already decoded: nothing
+    is read again.
     """
     selected = select_analyzers(analyzers, only)
     if len(selected) > 1:
@@ -205,26 +208,6 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
         if trace.num_events() * _bytes_per_event(columns) <= decode_budget_bytes():
             trace = trace.decoded(columns)
     return [run_one(a, trace, timeout) for a in selected]
-
-
-DECODE_BUDGET_ENV = "TDXTRACE_DECODE_BUDGET_MB"
-_DEFAULT_DECODE_BUDGET_MB = 2048
-
-
-def decode_budget_bytes() -> int:
-    """How much decoded trace data analyzers may share in memory (``TDXTRACE_DECODE_BUDGET_MB``).
-
-    Decoding a trace once for all analyzers is several times faster than letting each decode
-    it, but holds the decompressed columns in memory (about 100 bytes per event for the
-    built-ins). Above the budget each analyzer streams the file, so peak memory stays well
-    under the decompressed size however large the trace.
-    """
-    text = os.environ.get(DECODE_BUDGET_ENV, "")
-    try:
-        return max(0, int(text)) * 1024 * 1024 if text else _DEFAULT_DECODE_BUDGET_MB << 20
-    except ValueError:
-        raise TdxtraceError(f"{DECODE_BUDGET_ENV}={text!r}: expected a whole number of "
-                            "megabytes") from None
 
 
 def _bytes_per_event(columns: Iterable[str]) -> int:

@@ -45,3 +45,52 @@ def test_a_bad_budget_is_a_one_line_error(tmp_path: Path,
     record(load_scenario("zero-step", ["run.duration_us=500"]), 1, path)
     with pytest.raises(TdxtraceError, match=DECODE_BUDGET_ENV):
         _outcomes(path, "lots", monkeypatch)
+
+
+def test_a_trace_kept_at_open_gives_the_same_results(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "run.arrow"
+    record(load_scenario("demo", ["run.duration_us=3000"]), 3, path)
+    analyzers = load_analyzers(make_plugin_manager()).analyzers
+    kept = open_trace(path, keep_decoded=True)
+    assert kept._layout.kind == "decoded"  # nothing read from the file again
+    from_file = {o.name: o for o in run_analyzers(open_trace(path), analyzers)}
+    for outcome in run_analyzers(kept, analyzers):
+        other = from_file[outcome.name]
+        assert outcome.result is not None and other.result is not None, outcome.error
+        assert outcome.result.metrics == other.result.metrics
+        for table, frame in outcome.result.tables.items():
+            assert_frame_equal(frame, other.result.tables[table])
+
+
+def test_kept_events_equal_the_files_events_and_batches_still_come_from_it(
+        trace_file: Path, tmp_path: Path) -> None:
+    plain = open_trace(trace_file)
+    kept = open_trace(trace_file, keep_decoded=True)
+    assert_frame_equal(kept.events().collect(), plain.events().collect())
+    assert [b.num_rows for b in kept.iter_batches()] == [100] * 10
+    assert kept.summary == plain.summary and kept.warnings == plain.warnings
+    # A file cut short (no footer) keeps exactly the complete batches it reads.
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(trace_file.read_bytes()[: trace_file.stat().st_size // 2])
+    kept_cut, plain_cut = open_trace(cut, keep_decoded=True), open_trace(cut)
+    assert kept_cut.num_events() == plain_cut.num_events() > 0
+    assert kept_cut.warnings == plain_cut.warnings
+    assert_frame_equal(kept_cut.events().collect(), plain_cut.events().collect())
+
+
+def test_over_the_budget_nothing_is_kept(trace_file: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DECODE_BUDGET_ENV, "0")
+    trace = open_trace(trace_file, keep_decoded=True)
+    assert trace._layout.kind == "file"
+    assert trace.events().select("seq").collect().height == 1000
+
+
+def test_a_trace_that_outgrows_the_budget_while_opening_keeps_nothing(
+        trace_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # About half of the 1000 events fit: the ones kept so far are dropped, not half a trace.
+    monkeypatch.setattr("tdxtrace.trace.reader.decode_budget_bytes", lambda: 50_000)
+    trace = open_trace(trace_file, keep_decoded=True)
+    assert trace._layout.kind == "file"
+    assert_frame_equal(trace.events().collect(), open_trace(trace_file).events().collect())

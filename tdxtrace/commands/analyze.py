@@ -133,7 +133,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
       tdxtrace analyze run.arrow
       tdxtrace analyze run.arrow -a busy_retry --format json
     """
-    trace = open_trace(trace_path)
+    trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
     for warning in trace.warnings:
         click.echo(f"tdxtrace: warning: {warning}", err=True)
     pm = make_plugin_manager(plugins_dirs=plugins_dirs)

@@ -69,7 +69,7 @@ def demo_command(seed: int, out_dir: Path) -> None:
     progress = ProgressLine(sys.stderr.isatty())
     summary = record(scenario, seed, trace_path, force=True, progress=progress)
     progress.finish()
-    trace = open_trace(trace_path)
+    trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
     loaded = load_analyzers(make_plugin_manager())
     outcomes = run_analyzers(trace, loaded.analyzers)
     rendered = render(trace, outcomes, analyzers={a.name: a for a in loaded.analyzers})

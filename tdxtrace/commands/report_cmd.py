@@ -83,7 +83,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     path = output if output is not None else default_report_path(trace_path)
     if path.exists() and not force:  # before the analysis, not after minutes of it
         raise OutputError(f"{path}: already exists (use --force to overwrite it)")
-    trace = open_trace(trace_path)
+    trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
     for warning in trace.warnings:
         click.echo(f"tdxtrace: warning: {warning}", err=True)
     loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from tdxtrace.trace.metadata import RunMetadata, Summary
-from tdxtrace.trace.reader import Trace, open_trace
+from tdxtrace.trace.reader import open_trace
+from tdxtrace.trace.trace import Trace
 from tdxtrace.trace.writer import TraceWriter, write_events
 
 __all__ = ["RunMetadata", "Summary", "Trace", "TraceWriter", "open_trace", "write_events"]

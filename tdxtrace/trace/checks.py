@@ -16,7 +16,8 @@ bounds every read by the file's size and reports damage as an exception) and han
 * feeds the content digest, so a finished trace's events can be compared with its summary,
   which is the only way to catch a flipped bit that still decodes.
 
-Only batches that passed are ever given to polars. Memory stays at about one batch.
+Only batches that passed are ever given to polars. Memory stays at about one batch, unless the
+caller asks to keep them (within a byte budget) to save decoding the file again.
 """
 
 from __future__ import annotations
@@ -94,9 +95,14 @@ class BatchChecker:
     Rows that break a softer rule are counted and reported by :meth:`suspect_rows`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_bytes: int = 0) -> None:
         self.events = 0  # rows of the batches that passed
         self.batches = 0  # non-empty batches that passed
+        # With keep_bytes > 0 the batches that passed are kept (decoded, v1 columns) while
+        # their size stays within keep_bytes, so the trace need not be decoded again; past
+        # it, none are (None).
+        self.kept: list[pa.RecordBatch] | None = [] if keep_bytes > 0 else None
+        self._keep_left = keep_bytes
         self._last_ts = 0
         self._digest = ContentDigest()
         self._suspects: dict[str, _Suspect] = {}
@@ -165,6 +171,12 @@ class BatchChecker:
         else:
             self._drain(0)  # the digest takes batches in order
             self._digest.update(batch)
+        if self.kept is not None:
+            self._keep_left -= batch.nbytes
+            if self._keep_left < 0:
+                self.kept = None
+            else:
+                self.kept.append(batch)
         self.events += batch.num_rows
         self.batches += 1
         self._last_ts = batch.column("ts_ns")[batch.num_rows - 1].as_py()

@@ -20,128 +20,21 @@ whatever a damaged header claims; polars never parses the file (see :mod:`.scan`
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import COLUMN_NAMES, FIELDS, SUMMARY_EVENTS, arrow_schema
+from tdxtrace.schema import FIELDS, SUMMARY_EVENTS, arrow_schema
+from tdxtrace.trace.budget import decode_budget_bytes
 from tdxtrace.trace.checks import BatchChecker, first_line
-from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import RunMetadata, Summary
-from tdxtrace.trace.scan import STREAM_START, read_batches, scan_batches, stream_schema
-from tdxtrace.trace.writer import DEFAULT_BATCH_ROWS, conform_events
+from tdxtrace.trace.scan import STREAM_START, stream_schema
+from tdxtrace.trace.trace import Layout, Trace, frame_of
 
 ARROW_MAGIC = b"ARROW1"
 _STREAM_START = STREAM_START
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a trace's batches are: an intact Arrow file, a footer-less file, or memory."""
-
-    # "file": an intact file; "stream": a footer-less file; "memory": a table;
-    # "decoded": some columns of another trace, decoded once (Trace.decoded).
-    kind: str
-    data_batches: int  # batches to read, counted from the start (stream: non-empty ones)
-    table: pa.Table | None = None  # kind == "memory"
-    frame: pl.DataFrame | None = None  # kind == "decoded"
-    source: Trace | None = None  # kind == "decoded": where iter_batches reads
-
-
-class Trace:
-    """A validated trace: run metadata, the summary if finished, and the events."""
-
-    def __init__(self, *, path: Path | None, metadata: RunMetadata, summary: Summary | None,
-                 num_events: int, warnings: tuple[str, ...], layout: _Layout) -> None:
-        self.path = path
-        self.metadata = metadata
-        self.summary = summary
-        self.finished = summary is not None
-        self.warnings = warnings
-        self._num_events = num_events
-        self._layout = layout
-
-    def __repr__(self) -> str:
-        where = str(self.path) if self.path else "in memory"
-        state = "finished" if self.finished else "unfinished"
-        return f"<Trace {where}: {self._num_events} events, {state}>"
-
-    def num_events(self) -> int:
-        """Events in the trace (for an unfinished trace: the events that could be read)."""
-        return self._num_events
-
-    def events(self) -> pl.LazyFrame:
-        """Every row (observable and truth), the v1 columns, in ``seq`` order."""
-        layout = self._layout
-        if layout.kind == "memory":
-            assert layout.table is not None
-            return _frame(layout.table).lazy()
-        if layout.kind == "decoded":
-            assert layout.frame is not None
-            return layout.frame.lazy()
-        assert self.path is not None
-        return scan_batches(self.path, layout.kind == "stream", layout.data_batches)
-
-    def observable(self) -> pl.LazyFrame:
-        """The rows a real host could have recorded (``truth`` is false)."""
-        return self.events().filter(~pl.col("truth"))
-
-    def iter_batches(self) -> Iterator[pa.RecordBatch]:
-        """The non-empty record batches in order, v1 columns (the summary batch is skipped)."""
-        layout = self._layout
-        if layout.kind == "decoded":
-            assert layout.source is not None
-            yield from layout.source.iter_batches()
-            return
-        if layout.kind == "memory":
-            assert layout.table is not None
-            yield from layout.table.to_batches(max_chunksize=DEFAULT_BATCH_ROWS)
-            return
-        assert self.path is not None
-        yield from read_batches(self.path, layout.kind == "stream", layout.data_batches)
-
-    def decoded(self, columns: Sequence[str]) -> Trace:
-        """This trace with ``columns`` decoded once into memory, for several queries to share.
-
-        ``events()`` of the result has only ``columns`` (in schema order): a query for any
-        other column fails. Everything else (metadata, summary, warnings, ``iter_batches``)
-        is this trace's.
-        """
-        wanted = [name for name in COLUMN_NAMES if name in set(columns)]
-        layout = self._layout
-        if layout.kind in ("file", "stream"):
-            # Straight from pyarrow (multi-threaded decompression), not through the polars
-            # IO source: one full read, so no pushdown to gain and ~2x faster.
-            assert self.path is not None
-            batches = list(read_batches(self.path, layout.kind == "stream",
-                                        layout.data_batches, wanted))
-            frame = _frame(pa.Table.from_batches(batches) if batches else
-                           arrow_schema().empty_table().select(wanted))
-        else:
-            frame = self.events().select(wanted).collect()
-        return Trace(path=self.path, metadata=self.metadata, summary=self.summary,
-                     num_events=self._num_events, warnings=self.warnings,
-                     layout=_Layout("decoded", 0, frame=frame, source=self))
-
-    @classmethod
-    def from_frame(cls, frame: pl.DataFrame, metadata: RunMetadata | None = None) -> Trace:
-        """An in-memory, finished trace from a frame of events (see ``conform_events``)."""
-        table = conform_events(frame, source="frame")
-        summary = Summary(table.num_rows, digest_batches(table.to_batches()), {})
-        return cls(path=None, metadata=metadata or RunMetadata(), summary=summary,
-                   num_events=table.num_rows, warnings=(),
-                   layout=_Layout("memory", 0, table))
-
-
-def _frame(table: pa.Table) -> pl.DataFrame:
-    frame = pl.from_arrow(table, rechunk=False)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
 
 
 def _validate_schema(schema: pa.Schema, source: str) -> RunMetadata:
@@ -170,15 +63,20 @@ def _suspects(source: str, checker: BatchChecker) -> list[str]:
     return [f"{source}: {line}" for line in checker.suspect_rows()]
 
 
-def open_trace(path: str | Path) -> Trace:
+def open_trace(path: str | Path, *, keep_decoded: bool = False) -> Trace:
     """Open and validate a trace file; errors are :class:`TraceFormatError` naming the file.
 
     Every batch is decoded and checked once here (see :mod:`tdxtrace.trace.checks`); a finished
     trace's events must match its summary's digest. A damaged batch ends the readable part of
     the trace: the batches before it are kept and a warning says what was lost.
+
+    ``keep_decoded``: keep the decoded batches in memory when they fit the decode budget
+    (:mod:`tdxtrace.trace.budget`), so that queries (analyzers) read them instead of decoding
+    the file a second time. Over the budget the trace reads its file as usual.
     """
     source = str(path)
     file = Path(path)
+    keep_bytes = decode_budget_bytes() if keep_decoded else 0
     try:
         info = file.stat()
     except FileNotFoundError:
@@ -205,8 +103,8 @@ def open_trace(path: str | Path) -> Trace:
         try:
             reader = ipc.open_file(mapped)
         except (pa.ArrowException, OSError, ValueError):
-            return _open_footerless(file, source, mapped, info.st_size)
-        return _open_intact(file, source, reader, mapped)
+            return _open_footerless(file, source, mapped, info.st_size, keep_bytes)
+        return _open_intact(file, source, reader, mapped, keep_bytes)
 
 
 def _check_schema_copies(source: str, footer_schema: pa.Schema,
@@ -229,11 +127,11 @@ def _check_schema_copies(source: str, footer_schema: pa.Schema,
 
 
 def _open_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
-                 mapped: pa.MemoryMappedFile) -> Trace:
+                 mapped: pa.MemoryMappedFile, keep_bytes: int) -> Trace:
     metadata = _validate_schema(reader.schema, source)
     _check_schema_copies(source, reader.schema, mapped)
-    with BatchChecker() as checker:
-        return _check_intact(file, source, reader, metadata, checker)
+    with BatchChecker(keep_bytes) as checker:
+        return _with_kept(_check_intact(file, source, reader, metadata, checker), checker)
 
 
 def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
@@ -269,7 +167,16 @@ def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
     warnings += _suspects(source, checker)
     data_batches = total - 1 if summary is not None else total
     return Trace(path=file, metadata=metadata, summary=summary, num_events=checker.events,
-                 warnings=tuple(warnings), layout=_Layout("file", data_batches))
+                 warnings=tuple(warnings), layout=Layout("file", data_batches))
+
+
+def _with_kept(trace: Trace, checker: BatchChecker) -> Trace:
+    """``trace`` reading the batches ``checker`` kept, if it kept them all."""
+    if checker.kept is None:
+        return trace
+    table = pa.Table.from_batches(checker.kept, schema=arrow_schema()) if checker.kept else \
+        arrow_schema().empty_table()
+    return trace._with_frame(frame_of(table))
 
 
 def _summary(custom_metadata: pa.KeyValueMetadata | None, source: str) -> Summary | None:
@@ -281,7 +188,8 @@ def _summary(custom_metadata: pa.KeyValueMetadata | None, source: str) -> Summar
     return summary
 
 
-def _open_footerless(file: Path, source: str, mapped: pa.MemoryMappedFile, size: int) -> Trace:
+def _open_footerless(file: Path, source: str, mapped: pa.MemoryMappedFile, size: int,
+                     keep_bytes: int) -> Trace:
     damaged = f"{source}: damaged Arrow IPC file (cut short before the schema ended)"
     if size <= _STREAM_START:
         raise TraceFormatError(damaged)
@@ -291,8 +199,9 @@ def _open_footerless(file: Path, source: str, mapped: pa.MemoryMappedFile, size:
     except (pa.ArrowException, OSError, ValueError):
         raise TraceFormatError(damaged) from None
     metadata = _validate_schema(stream.schema, source)
-    with BatchChecker() as checker:
-        return _check_stream(file, source, mapped, size, stream, metadata, checker)
+    with BatchChecker(keep_bytes) as checker:
+        return _with_kept(_check_stream(file, source, mapped, size, stream, metadata, checker),
+                          checker)
 
 
 def _check_stream(file: Path, source: str, mapped: pa.MemoryMappedFile, size: int,
@@ -320,4 +229,4 @@ def _check_stream(file: Path, source: str, mapped: pa.MemoryMappedFile, size: in
         f"short); {tail} bytes after the last complete batch were ignored")
     warnings += _suspects(source, checker)
     return Trace(path=file, metadata=metadata, summary=None, num_events=checker.events,
-                 warnings=tuple(warnings), layout=_Layout("stream", checker.batches))
+                 warnings=tuple(warnings), layout=Layout("stream", checker.batches))

@@ -1,0 +1,27 @@
+"""How much decoded trace data may be held in memory to be shared (``TDXTRACE_DECODE_BUDGET_MB``).
+
+Decoding a trace once and letting every query read that copy is several times faster than
+decoding the file per query, but holds the decompressed columns in memory (about 100 bytes per
+event). Within the budget, :func:`tdxtrace.trace.open_trace` keeps the batches it checked and
+:func:`tdxtrace.analysis.run_analyzers` shares one decode; above it, every query streams the
+file, so peak memory stays well under the decompressed size however large the trace.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tdxtrace.errors import TdxtraceError
+
+DECODE_BUDGET_ENV = "TDXTRACE_DECODE_BUDGET_MB"
+_DEFAULT_DECODE_BUDGET_MB = 2048
+
+
+def decode_budget_bytes() -> int:
+    """The budget in bytes; a value that is not a whole number of megabytes is an error."""
+    text = os.environ.get(DECODE_BUDGET_ENV, "")
+    try:
+        return max(0, int(text)) * 1024 * 1024 if text else _DEFAULT_DECODE_BUDGET_MB << 20
+    except ValueError:
+        raise TdxtraceError(f"{DECODE_BUDGET_ENV}={text!r}: expected a whole number of "
+                            "megabytes") from None
