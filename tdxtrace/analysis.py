@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import polars as pl
 
 from tdxtrace.errors import TdxtraceError
-from tdxtrace.schema import COLUMN_NAMES, FIELDS
+from tdxtrace.schema import COLUMN_NAMES
 from tdxtrace.trace.budget import DECODE_BUDGET_ENV as DECODE_BUDGET_ENV  # re-exported
-from tdxtrace.trace.budget import decode_budget_bytes
+from tdxtrace.trace.budget import decode_budget_bytes, decoded_bytes
 
 if TYPE_CHECKING:
     from tdxtrace.trace import RunMetadata, Trace
@@ -30,7 +30,6 @@ ANALYZER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Columns the per-batch adapter always keeps: Trace.from_frame needs them to order rows and
 # observable() needs truth to hide the ground-truth rows.
 _ALWAYS_KEPT = ("seq", "ts_ns", "kind", "truth")
-_FIELD_BYTES = {f.name: max(1, f.type.bit_width // 8) for f in FIELDS}
 
 
 @dataclass(frozen=True)
@@ -205,11 +204,6 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
     selected = select_analyzers(analyzers, only)
     if len(selected) > 1:
         columns = sorted({c for a in selected for c in a.columns} | set(_ALWAYS_KEPT))
-        if trace.num_events() * _bytes_per_event(columns) <= decode_budget_bytes():
+        if decoded_bytes(trace.num_events(), columns) <= decode_budget_bytes():
             trace = trace.decoded(columns)
     return [run_one(a, trace, timeout) for a in selected]
-
-
-def _bytes_per_event(columns: Iterable[str]) -> int:
-    """Decoded size of one event in ``columns``: value bytes plus one validity byte each."""
-    return sum(_FIELD_BYTES.get(name, 8) + 1 for name in columns)

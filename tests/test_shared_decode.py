@@ -88,9 +88,30 @@ def test_over_the_budget_nothing_is_kept(trace_file: Path,
 
 
 def test_a_trace_that_outgrows_the_budget_while_opening_keeps_nothing(
+        trace_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file cut short has no summary to say how big it is: batches are kept while they fit,
+    # and all dropped when one does not (about a third of its ~600 events fit here).
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(trace_file.read_bytes()[: trace_file.stat().st_size * 2 // 3])
+    monkeypatch.setattr("tdxtrace.trace.reader.decode_budget_bytes", lambda: 20_000)
+    trace = open_trace(cut, keep_decoded=True)
+    assert trace._layout.kind == "stream"
+    assert trace.num_events() >= 500
+    assert_frame_equal(trace.events().collect(), open_trace(cut).events().collect())
+
+
+def test_a_trace_whose_summary_says_it_is_too_big_is_not_kept_even_for_a_while(
         trace_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # About half of the 1000 events fit: the ones kept so far are dropped, not half a trace.
-    monkeypatch.setattr("tdxtrace.trace.reader.decode_budget_bytes", lambda: 50_000)
-    trace = open_trace(trace_file, keep_decoded=True)
-    assert trace._layout.kind == "file"
-    assert_frame_equal(trace.events().collect(), open_trace(trace_file).events().collect())
+    import tdxtrace.trace.reader as reader
+
+    monkeypatch.setattr(reader, "decode_budget_bytes", lambda: 50_000)
+    kept_sizes: list[int] = []
+    original = reader.BatchChecker.__init__
+
+    def spy(self: reader.BatchChecker, keep_bytes: int = 0) -> None:
+        kept_sizes.append(keep_bytes)
+        original(self, keep_bytes)
+
+    monkeypatch.setattr(reader.BatchChecker, "__init__", spy)
+    open_trace(trace_file, keep_decoded=True)
+    assert kept_sizes == [0]  # 1000 events announced: no batch is held while checking

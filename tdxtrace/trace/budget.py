@@ -10,11 +10,14 @@ file, so peak memory stays well under the decompressed size however large the tr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from tdxtrace.errors import TdxtraceError
+from tdxtrace.schema import FIELDS
 
 DECODE_BUDGET_ENV = "TDXTRACE_DECODE_BUDGET_MB"
 _DEFAULT_DECODE_BUDGET_MB = 2048
+_FIELD_BYTES: dict[str, int] = {f.name: max(1, int(f.type.bit_width) // 8) for f in FIELDS}
 
 
 def decode_budget_bytes() -> int:
@@ -25,3 +28,9 @@ def decode_budget_bytes() -> int:
     except ValueError:
         raise TdxtraceError(f"{DECODE_BUDGET_ENV}={text!r}: expected a whole number of "
                             "megabytes") from None
+
+
+def decoded_bytes(events: int, columns: Iterable[str]) -> int:
+    """Decoded size of ``events`` rows of ``columns``: value bytes plus one validity byte each
+    (a bound: Arrow packs validity and booleans in bits)."""
+    return events * sum(_FIELD_BYTES.get(name, 8) + 1 for name in columns)

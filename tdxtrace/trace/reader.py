@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import FIELDS, SUMMARY_EVENTS, arrow_schema
-from tdxtrace.trace.budget import decode_budget_bytes
+from tdxtrace.schema import COLUMN_NAMES, FIELDS, SUMMARY_EVENTS, arrow_schema
+from tdxtrace.trace.budget import decode_budget_bytes, decoded_bytes
 from tdxtrace.trace.checks import BatchChecker, first_line
 from tdxtrace.trace.metadata import RunMetadata, Summary
 from tdxtrace.trace.scan import STREAM_START, stream_schema
@@ -130,8 +130,21 @@ def _open_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
                  mapped: pa.MemoryMappedFile, keep_bytes: int) -> Trace:
     metadata = _validate_schema(reader.schema, source)
     _check_schema_copies(source, reader.schema, mapped)
+    expected = _expected_events(reader)
+    if expected is not None and decoded_bytes(expected, COLUMN_NAMES) > keep_bytes:
+        keep_bytes = 0  # known too big: do not fill memory up to the budget just to drop it
     with BatchChecker(keep_bytes) as checker:
         return _with_kept(_check_intact(file, source, reader, metadata, checker), checker)
+
+
+def _expected_events(reader: ipc.RecordBatchFileReader) -> int | None:
+    """The event count the summary (the last, empty batch) announces, if it can be read."""
+    try:
+        last = reader.get_batch_with_custom_metadata(reader.num_record_batches - 1)
+        summary = Summary.from_arrow(last.custom_metadata, source="")
+    except (pa.ArrowException, OSError, ValueError, TraceFormatError):
+        return None  # an unfinished or damaged trace: the full check below says which
+    return summary.events if summary is not None and last.batch.num_rows == 0 else None
 
 
 def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
