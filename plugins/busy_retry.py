@@ -49,7 +49,6 @@ GUEST_ACCEPT = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
 HOLDER_NAMES = {**LEAF_NAMES, GUEST_ACCEPT: TDCALL_LEAF_NAMES[int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)]}
 MAX_ROWS = 100
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
-READ_KINDS = (Kind.SEAMCALL, Kind.TD_ENTRY, Kind.TD_EXIT, Kind.VM_BUGGED, Kind.GUEST_ACCEPT)
 CHAIN_KEY = ["corr", "td", "vcpu", "leaf_id", "target"]
 HOLDER_KEY = ["op_key", "holder_leaf", "s_td", "s_vcpu", "s_gpa"]
 CHAIN_SCHEMA: dict[str, pl.DataType] = {
@@ -130,26 +129,31 @@ def _class(status: pl.Expr) -> pl.Expr:
     return status // _DIV
 
 
-def calls(events: pl.LazyFrame) -> pl.LazyFrame:
-    """SEAMCALLs and VP.ENTER attempts with one shape: start/end, ids, status, target."""
+def calls(events: pl.LazyFrame) -> pl.DataFrame:
+    """SEAMCALLs and VP.ENTER attempts with one shape: start/end, ids, status, target.
+
+    ``start_seq`` (the seq of the row the call starts at) identifies a call. The two kinds
+    are collected one after the other, so a trace streamed from its file never holds the
+    SEAMCALL rows and the entry/exit rows in memory at the same time.
+    """
     seamcalls = events.filter(pl.col("kind") == Kind.SEAMCALL).select(
-        "seq", pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
-        (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "lp", "td", "vcpu", "corr",
+        pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
+        (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "td", "vcpu", "corr",
         "flow", pl.col("leaf").cast(pl.Int64).alias("leaf_id"), "status", "gpa",
         pl.when(pl.col("leaf") == L.TDH_PHYMEM_CACHE_WB).then(pl.col("lp").cast(pl.UInt64))
         .otherwise(pl.coalesce("gpa", "arg0")).alias("target"),
-    )
+    ).collect()
     # An exit without its vCPU's entry just before it (the trace began in the guest) starts
     # where it ends.
-    vp_enters = paired_exits(events, ("seq", "ts_ns", "lp", "td", "vcpu", "corr", "flow",
-                                      "status"), ("ts_ns", "seq", "lp")).select(
-        "seq", pl.coalesce("entry_ts_ns", "ts_ns").alias("start_ns"),
+    vp_enters = paired_exits(events, ("seq", "ts_ns", "td", "vcpu", "corr", "flow", "status"),
+                             ("ts_ns", "seq")).lazy().select(
+        pl.coalesce("entry_ts_ns", "ts_ns").alias("start_ns"),
         pl.coalesce("entry_seq", "seq").alias("start_seq"), pl.col("ts_ns").alias("end_ns"),
-        pl.coalesce("entry_lp", "lp").alias("lp"), "td", "vcpu", "corr", "flow",
+        "td", "vcpu", "corr", "flow",
         pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
         pl.lit(None, pl.UInt64).alias("gpa"), pl.lit(None, pl.UInt64).alias("target"),
-    )
-    return pl.concat([seamcalls, vp_enters]).with_columns(
+    ).collect()
+    return pl.concat([seamcalls, vp_enters], rechunk=False).with_columns(
         _class(pl.col("status")).is_in(RETRY_CLASSES).fill_null(False).alias("retryable"))
 
 
@@ -158,8 +162,8 @@ def guest_accepts(events: pl.LazyFrame) -> pl.LazyFrame:
     return events.filter(
         (pl.col("kind") == Kind.GUEST_ACCEPT) & (pl.col("status").fill_null(0) < 1 << 63)
     ).select(
-        "seq", pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
-        (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "lp", "td", "vcpu", "corr",
+        pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
+        (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "td", "vcpu", "corr",
         "flow", pl.lit(GUEST_ACCEPT, pl.Int64).alias("leaf_id"), "status", "gpa",
         pl.col("gpa").alias("target"), pl.lit(False).alias("retryable"),
     )
@@ -237,7 +241,7 @@ def _points(frame: pl.DataFrame, ts: str, phase: int, delta: int, query: bool) -
     return frame.select(
         "gid", pl.col(ts).alias("ts"), pl.lit(phase, pl.Int8).alias("phase"),
         pl.col("start_seq").alias("order"), pl.lit(delta, pl.Int64).alias("delta"),
-        (pl.col("seq") if query else pl.lit(None, pl.Int64)).alias("qid"),
+        (pl.col("start_seq") if query else pl.lit(None, pl.Int64)).alias("qid"),
         (pl.col("priority") if query else pl.lit(None, pl.Int64)).alias("priority"),
     )
 
@@ -266,7 +270,7 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
     queries = queries.join(groups.select("gid", *HOLDER_KEY), on=HOLDER_KEY, nulls_equal=True)
     holder_leaves = groups["holder_leaf"].unique().implode()
     calls_of_holders = pl.concat([
-        frame.lazy().select("seq", "start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
+        frame.lazy().select("start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
                             pl.col("leaf_id").alias("holder_leaf"), "retryable")
         .filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("retryable")
                 & (pl.col("end_ns") > pl.col("start_ns")))
@@ -299,10 +303,11 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
         pl.col("delta").cum_sum().alias("active"))
     best = sweep.filter((pl.col("delta") == 0) & (pl.col("active") > 0)).group_by("qid").agg(
         pl.col("priority").min())
-    chosen = best.join(queries.select(pl.col("seq").alias("qid"), "priority", "holder_leaf"),
+    chosen = best.join(queries.select(pl.col("start_seq").alias("qid"), "priority",
+                                      "holder_leaf"),
                        on=["qid", "priority"])
-    return busy.join(chosen.select(pl.col("qid").alias("seq"), "holder_leaf"), on="seq",
-                     how="left").sort("start_seq")
+    return busy.join(chosen.select(pl.col("qid").alias("start_seq"), "holder_leaf"),
+                     on="start_seq", how="left").sort("start_seq")
 
 
 def holders_table(attributed: pl.DataFrame) -> pl.DataFrame:
@@ -340,15 +345,15 @@ class BusyRetry(Analyzer):
         self.livelock_lost_ns = livelock_lost_ns
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
-        # One pass over the trace keeps just the kinds this analyzer reads.
-        events = trace.observable().select(self.columns).filter(
-            pl.col("kind").is_in(READ_KINDS)).collect().lazy()
-        all_calls = calls(events).collect()
-        bugs = events.filter(pl.col("kind") == Kind.VM_BUGGED).group_by(
+        observable = trace.observable().select(self.columns)
+        all_calls = calls(observable)
+        others = observable.filter(
+            pl.col("kind").is_in([Kind.VM_BUGGED, Kind.GUEST_ACCEPT])).collect().lazy()
+        bugs = others.filter(pl.col("kind") == Kind.VM_BUGGED).group_by(
             "corr", pl.col("leaf").cast(pl.Int64).alias("leaf_id")).agg(
             pl.col("seq").max().alias("bug_seq")).collect()
-        accepts = guest_accepts(events).collect()
-        del events  # the rows are in the frames above now; free them before the big sorts
+        accepts = guest_accepts(others).collect()
+        del others
         found = chains(all_calls, bugs)
         livelock = found.filter((pl.col("length") >= self.livelock_length)
                                 | (pl.col("lost_ns") > self.livelock_lost_ns))

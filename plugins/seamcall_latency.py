@@ -57,7 +57,7 @@ def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
 def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
     """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU: leaf_id 0, dur_ns, busy,
     calls (always 1)."""
-    pairs = paired_exits(events, ("ts_ns", "status"), ("ts_ns",)).filter(
+    pairs = paired_exits(events, ("ts_ns", "status"), ("ts_ns",)).lazy().filter(
         pl.col("entry_ts_ns").is_not_null())
     return pairs.select(
         pl.lit(int(Leaf.TDH_VP_ENTER), pl.Int64).alias("leaf_id"),
