@@ -71,12 +71,19 @@ def nearest_rank(values: pl.Expr, weights: pl.Expr, percent: int) -> pl.Expr:
     """The nearest-rank percentile: the value at rank ceil(percent * n / 100), in integers,
     where each value stands for ``weights`` calls and n is their sum.
 
-    The group's rows must be in ``values`` order (by_leaf sorts the frame once for all
-    groups and percentiles instead of sorting each group per percentile).
+    The group's rows must be in ``values`` order (by_leaf sorts them once for all groups
+    and percentiles instead of sorting each group per percentile).
     """
     rank = ((weights.sum() * percent + 99) // 100).clip(lower_bound=1)
     covered = weights.cum_sum()  # calls at or below each value
     return values.filter(covered >= rank).first().cast(pl.Int64)
+
+
+def unit_nearest_rank(values: pl.Expr, percent: int) -> pl.Expr:
+    """:func:`nearest_rank` when every row is one call: the value at that rank among the
+    group's sorted values (sorting values alone is much cheaper than reordering rows)."""
+    rank = ((pl.len() * percent + 99) // 100).clip(lower_bound=1)
+    return values.sort().get(rank - 1).cast(pl.Int64)
 
 
 def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
@@ -88,16 +95,25 @@ def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:
         return pl.DataFrame(schema=BY_LEAF_SCHEMA)
     total = int(calls["calls"].sum())
     dur, weight = pl.col("dur_ns"), pl.col("calls")
-    # Groups see their rows in frame order: sorted by duration, each group is too.
-    table = calls.sort("dur_ns").group_by("leaf_id").agg(
+    table = calls.group_by("leaf_id").agg(
         weight.sum().cast(pl.Int64).alias("count"),
-        dur.first().alias("min_ns"),
+        dur.min().alias("min_ns"),
         ((dur * weight).sum() / weight.sum()).alias("mean_ns"),
-        nearest_rank(dur, weight, 50).alias("p50_ns"),
-        nearest_rank(dur, weight, 99).alias("p99_ns"),
-        dur.last().alias("max_ns"),
+        dur.max().alias("max_ns"),
         ((pl.col("busy").cast(pl.Int64) * weight).sum() / weight.sum() * 100).alias("busy_pct"),
+        (weight.max() == 1).alias("_unit"),
     )
+    # Percentiles: leaves made only of single calls (nearly all) rank their sorted values;
+    # the few leaves with batched rows sort their rows by duration and weigh them.
+    unit_leaves = table.filter("_unit")["leaf_id"].implode()
+    in_unit = pl.col("leaf_id").is_in(unit_leaves, nulls_equal=True)
+    unit = calls.filter(in_unit).group_by("leaf_id").agg(
+        unit_nearest_rank(dur, 50).alias("p50_ns"), unit_nearest_rank(dur, 99).alias("p99_ns"))
+    # Groups see their rows in frame order: sorted by duration, each group is too.
+    weighed = calls.filter(~in_unit).sort("dur_ns").group_by("leaf_id").agg(
+        nearest_rank(dur, weight, 50).alias("p50_ns"),
+        nearest_rank(dur, weight, 99).alias("p99_ns"))
+    table = table.join(pl.concat([unit, weighed]), on="leaf_id", how="left", nulls_equal=True)
     return table.with_columns(
         pl.col("leaf_id").replace_strict(
             LEAF_NAMES, default=pl.format("LEAF_{}", pl.col("leaf_id")),

@@ -91,3 +91,19 @@ def test_a_batched_row_counts_as_its_calls_each_with_an_equal_share() -> None:
     row = result.tables["by_leaf"].row(0, named=True)
     assert row["count"] == 5 and row["min_ns"] == 1000 and row["max_ns"] == 9000
     assert row["p50_ns"] == 1000
+
+
+def test_unit_and_batched_leaves_side_by_side_rank_alike_a_null_leaf_too() -> None:
+    # by_leaf ranks leaves of single calls and leaves with batched rows by two routes; both
+    # must be nearest-rank over calls, including for rows whose leaf is unknown (null).
+    from tdxtrace_plugins.seamcall_latency import by_leaf as table_of
+
+    calls = pl.DataFrame({
+        "leaf_id": [None, None, 3, 3, 3, 3, 4, 4],
+        "dur_ns": [5, 1, 4, 3, 2, 1, 10, 20],
+        "busy": [False] * 8,
+        "calls": [1, 1, 1, 1, 1, 1, 1, 3],  # leaf 4: one call of 10 ns, three of 20 ns
+    })
+    ranks = {row["leaf_id"]: (row["p50_ns"], row["p99_ns"], row["count"])
+             for row in table_of(calls).iter_rows(named=True)}
+    assert ranks == {3: (2, 4, 4), 4: (20, 20, 4), None: (1, 5, 2)}
