@@ -120,6 +120,18 @@ def batched_by_reason_root(totals: pl.LazyFrame) -> pl.LazyFrame:
     return pl.concat([private, other]).filter(pl.col("sptes_zapped") > 0)
 
 
+def zapping_spte() -> pl.Expr:
+    """True for an SPTE_CHANGED row that zaps: a present SPTE becomes non-present (but not
+    FROZEN_SPTE, which is a fault freezing the entry)."""
+    old, new = pl.col("arg0"), pl.col("arg1")
+    return (
+        (pl.col("kind") == int(Kind.SPTE_CHANGED))
+        & _present(old)
+        & ((new & u64(SHADOW_NONPRESENT_VALUE)) != 0).fill_null(False)
+        & (new != u64(FROZEN_SPTE)).fill_null(False)
+    )
+
+
 def zapped_sptes(observable: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
     """SPTE_CHANGED rows that zap a present SPTE, each with the zap it belongs to.
 
@@ -128,14 +140,9 @@ def zapped_sptes(observable: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
     Columns: seq, ts_ns, flow, corr, td, gpa, gfn, root_kind, leaf, private_leaf, zap_seq,
     reason.
     """
-    old, new = pl.col("arg0"), pl.col("arg1")
+    old = pl.col("arg0")
     zapped = (
-        observable.filter(
-            (pl.col("kind") == int(Kind.SPTE_CHANGED))
-            & _present(old)
-            & ((new & u64(SHADOW_NONPRESENT_VALUE)) != 0).fill_null(False)
-            & (new != u64(FROZEN_SPTE)).fill_null(False)
-        )
+        observable.filter(zapping_spte())
         .with_columns(
             _is_leaf(pl.col("level"), old).alias("leaf"),
             (pl.col("sub") == int(RootKind.MIRROR)).alias("_mirror"),

@@ -54,12 +54,12 @@ from ._zap_scope_sptes import (
     zap_ops,
     zap_totals,
     zapped_sptes,
+    zapping_spte,
 )
 
 FLOW_NAMES = {int(m): m.name.lower() for m in Flow}
 UNEXPECTED_REASONS = ("memslot", "notifier")
-READ_KINDS = [int(k) for k in (Kind.ZAP, Kind.ZAP_DONE, Kind.SPTE_CHANGED, Kind.PAGE_FAULT,
-                               Kind.PHASE, Kind.VM_BUGGED)]
+READ_KINDS = [int(k) for k in (Kind.ZAP, Kind.ZAP_DONE, Kind.PHASE, Kind.VM_BUGGED)]
 BY_REASON_ROOT = {"reason": pl.String(), "root_kind": pl.String(), "sptes_zapped": pl.Int64(),
                   "leaf_sptes": pl.Int64(), "private_leaves": pl.Int64()}
 ZAPS = {"corr": pl.Int64(), "td": pl.Int32(), "reason": pl.String(), "scope": pl.String(),
@@ -96,16 +96,19 @@ class ZapScopeAnalyzer(Analyzer):
     }
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
-        # One pass over the trace keeps the kinds read below: each lazy read of
-        # trace.observable() would decode the file again, and the helpers read it six times.
-        observable = (
-            trace.observable().select(self.columns)
-            .filter(pl.col("kind").is_in(READ_KINDS))
+        # One pass keeps the rows read below but the accesses (few next to the trace: zaps,
+        # the SPTE changes that zap, phases, bugs); each lazy read of trace.observable()
+        # would decode the file again, and the helpers read these rows five times. The
+        # accesses that may refault (every fault and SPTE install) are read apart, for the
+        # zapped pages only, by refaults().
+        observable = trace.observable().select(self.columns)
+        zap_rows = (
+            observable.filter(pl.col("kind").is_in(READ_KINDS) | zapping_spte())
             .collect().lazy()
         )
         # Materialized once (both are small next to the trace): everything below reads them.
-        zaps = zap_ops(observable).collect().lazy()
-        zapped = zapped_sptes(observable, zaps).collect().lazy()
+        zaps = zap_ops(zap_rows).collect().lazy()
+        zapped = zapped_sptes(zap_rows, zaps).collect().lazy()
         totals = zap_totals(zaps, zapped).collect().lazy()
         listed = zapped.group_by("reason", "root_kind").agg(
             pl.len().cast(pl.Int64).alias("sptes_zapped"),
@@ -131,8 +134,8 @@ class ZapScopeAnalyzer(Analyzer):
             .with_columns(pl.col("refaults").fill_null(0)),
             REFAULTS,
         ).sort("reason").collect()
-        unexpected = _unexpected_private_zaps(observable, zapped)
-        bugged = _bugged(observable)
+        unexpected = _unexpected_private_zaps(zap_rows, zapped)
+        bugged = _bugged(zap_rows)
         metrics: dict[str, int | float] = {
             "sptes_zapped": int(by_reason_root.get_column("sptes_zapped").sum()),
             "zaps": int(zaps.select(pl.len()).collect().item()),
