@@ -18,6 +18,7 @@ Any other status from SEPT.ADD / PAGE.AUG is TDX_BUG_ON: the VM is bugged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import Leaf, is_busy
@@ -73,23 +74,30 @@ class FaultPath:
         self.preempt_p = world.scenario.kvm.preempt_p
         self.preempt_ns = world.scenario.kvm.preempt_ns
         self.signal_p = world.scenario.kvm.signal_p
+        self._walk_ns = self.costs.step_sampler("mmu_walk")  # bound once: drawn every attempt
+        self._resched_ns = self.costs.step_sampler("retry_resched")
 
     def handle(self, v: Vcpu, gpa: int) -> None:
         """tdx_handle_ept_violation() for a private GPA."""
         if v.stopped or v.td.bugged:
             return
         fault = Fault(v, gpa, gpa >> 12, self.log.new_corr())
-        self.log.count("faults")
+        counters = self.log.counters  # EventLog.count() inlined: once per fault
+        counters["faults"] += 1
         if fault.gfn in v.td.zapped_gfns:
             v.td.zapped_gfns.discard(fault.gfn)
-            self.log.count("refaults")
-        self.log.emit(_KIND_PAGE_FAULT, flow=FLOW, corr=fault.corr, td=v.td.index, vcpu=v.index,
-                      lp=v.lp, gpa=gpa, rip=v.workload.current.rip, arg0=0x2)
+            counters["refaults"] += 1
+        # Positional (EventLog.row, in row order): the fault path writes ~8 rows per fault.
+        self.log.row(0, _KIND_PAGE_FAULT, FLOW, 0, fault.corr, v.td.index, v.index, v.lp, None,
+                     None, None, gpa, None, v.workload.current.rip, 0x2, None, None)
         self._attempt(fault)
 
     def _attempt(self, f: Fault) -> None:
-        f.vcpu.td.mmu.acquire_read(lambda: self.sim.after(self.costs.step("mmu_walk"),
-                                                          self._walk, f, 0))
+        mmu = f.vcpu.td.mmu
+        if mmu.try_read():  # the usual case, without acquire_read's callback
+            self.sim.after(self._walk_ns(), self._walk, f, 0)
+        else:
+            mmu.acquire_read(lambda: self.sim.after(self._walk_ns(), self._walk, f, 0))
 
     def _walk(self, f: Fault, level_index: int) -> None:
         td = f.vcpu.td
@@ -131,17 +139,13 @@ class FaultPath:
         td = v.td
         module_td = td.module
         module = self.kvm.module
+        # partial, not closures: one Python frame less per call and per completion.
         if leaf == SEPT_ADD:
-            nonleaf_key = nonleaf_keys(f.gfn)[level_index]
-
-            def call(now: int, until: int, me: tuple[int, int, int]) -> int:
-                return module.sept_add(module_td, nonleaf_key, now, until, me)
+            call = partial(module.sept_add, module_td, nonleaf_keys(f.gfn)[level_index])
         else:
-            def call(now: int, until: int, me: tuple[int, int, int]) -> int:
-                return module.page_aug(module_td, f.gfn, now, until, me)
-
+            call = partial(module.page_aug, module_td, f.gfn)
         self.kvm.seamcall(td, leaf, v.lp, f.corr, FLOW, call,
-                          lambda status: self._called(f, key, leaf, level, level_index, status),
+                          partial(self._called, f, key, leaf, level, level_index),
                           vcpu=v.index, gpa=f.gfn << 12, level=level)
 
     def _called(self, f: Fault, key: object, leaf: int, level: int, level_index: int,
@@ -171,8 +175,8 @@ class FaultPath:
         """RET_PF_RETRY: the policy decides between a local retry and resuming the guest."""
         v = f.vcpu
         v.td.mmu.release_read()
-        self.log.emit(_KIND_FAULT_RETRY, sub=cause, flow=FLOW, corr=f.corr, td=v.td.index,
-                      vcpu=v.index, lp=v.lp, gpa=f.gpa, leaf=leaf, status=status)
+        self.log.row(0, _KIND_FAULT_RETRY, FLOW, cause, f.corr, v.td.index, v.index, v.lp, leaf,
+                     status, None, f.gpa, None, None, None, None, None)  # row order, hot
         if not self.local_retry:
             self._done(f, _FAULTOUTCOME_RESUME_GUEST)
             return
@@ -185,18 +189,18 @@ class FaultPath:
             return
         f.retries += 1
         self.log.count("local_retries")
-        self.sim.after(self.costs.step("retry_resched"), self._attempt, f)
+        self.sim.after(self._resched_ns(), self._attempt, f)
 
     def _done(self, f: Fault, outcome: FaultOutcome) -> None:
         v = f.vcpu
-        self.log.emit(_KIND_FAULT_DONE, sub=outcome, flow=FLOW, corr=f.corr, td=v.td.index,
-                      vcpu=v.index, lp=v.lp, gpa=f.gpa, arg0=f.retries)
+        self.log.row(0, _KIND_FAULT_DONE, FLOW, outcome, f.corr, v.td.index, v.index, v.lp, None,
+                     None, None, f.gpa, None, None, f.retries, None, None)  # row order, hot
         if self.sim.now >= v.next_timer:
             v.next_timer = self.sim.now + self.kvm.timer_period
         self.kvm.enter(v)
 
     def _spte(self, f: Fault, level: int, old: int, new: int) -> None:
         td = f.vcpu.td
-        self.log.emit(_KIND_SPTE_CHANGED, sub=MIRROR, flow=FLOW, corr=f.corr, td=td.index,
-                      vcpu=f.vcpu.index, gpa=f.gfn << 12, level=level, arg0=old, arg1=new,
-                      arg2=td.mirror.root_id)
+        self.log.row(0, _KIND_SPTE_CHANGED, FLOW, MIRROR, f.corr, td.index, f.vcpu.index, None,
+                     None, None, None, f.gfn << 12, level, None, old, new,
+                     td.mirror.root_id)  # row order (EventLog.row): two per fault level

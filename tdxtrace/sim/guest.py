@@ -48,23 +48,19 @@ class Workload:
         self._hot_fraction = hot_fraction
         self._cursor = 0
         self._instruction = vcpu * 4096  # distinct code paths per vCPU
-        self.current = self._next()
-
-    def _next_page(self) -> int:
-        if self._random:
-            return self._rng.randrange(self._pages)
-        if self._hot_set and self._rng.random() < self._hot_fraction:
-            return self._rng.randrange(self._hot)
-        page = self._own_start + self._cursor % self._own_span
-        self._cursor += 1
-        return page % self._pages
-
-    def _next(self) -> Touch:
-        self._instruction += 1
-        rip = CODE_BASE + (self._instruction % 65536) * INSTRUCTION_BYTES
-        return Touch(rip, self._base + self._next_page())
+        self.current = self.advance()
 
     def advance(self) -> Touch:
-        """The touch completed: move to the next instruction."""
-        self.current = self._next()
-        return self.current
+        """The touch completed: move to the next instruction (and the page it accesses)."""
+        # One function, not three: the guest calls this for every memory touch.
+        self._instruction += 1
+        rip = CODE_BASE + (self._instruction % 65536) * INSTRUCTION_BYTES
+        if self._random:
+            page = self._rng.randrange(self._pages)
+        elif self._hot_set and self._rng.random() < self._hot_fraction:
+            page = self._rng.randrange(self._hot)
+        else:
+            page = (self._own_start + self._cursor % self._own_span) % self._pages
+            self._cursor += 1
+        self.current = touch = Touch(rip, self._base + page)
+        return touch

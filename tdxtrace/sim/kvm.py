@@ -44,7 +44,7 @@ _KIND_T_ZERO_STEP_RESET = Kind.T_ZERO_STEP_RESET
 _KIND_VM_BUGGED = Kind.VM_BUGGED
 
 
-@dataclass
+@dataclass(slots=True)  # slotted: its fields are read on every simulation step
 class Vcpu:
     td: KvmTd
     index: int
@@ -59,7 +59,7 @@ class Vcpu:
     migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
 
 
-@dataclass
+@dataclass(slots=True)
 class KvmTd:
     index: int
     module: ModuleTd
@@ -87,6 +87,15 @@ class Kvm:
         self.before_entry: Callable[[Vcpu], None] | None = None  # roots: kvm_mmu_reload()
         self._spinlock = world.policy.zap_busy == "seamcall_spinlock"
         self._faults = world.faults
+        # Samplers bound once: the run loop draws these on every entry and exit.
+        self._leaf_ns = {int(leaf): self.costs.leaf_sampler(leaf) for leaf in Leaf}
+        self._vp_enter_ns = self.costs.leaf_sampler(VP_ENTER)
+        self._fastpath_ns = self.costs.step_sampler("fastpath_loop")
+        self._td_exit_ns = self.costs.step_sampler("td_exit")
+        self._exit_handling_ns = self.costs.step_sampler("exit_handling")
+        self._ipi_ns = self.costs.step_sampler("ipi")  # and these on every zapped page
+        self._kick_ns = self.costs.step_sampler("kick")
+        self._kick_per_vcpu_ns = self.costs.base("kick_per_vcpu")
 
     # --- SEAMCALLs ------------------------------------------------------------------------
     def seamcall(self, td: KvmTd, leaf: int, lp: int, corr: int | None, flow: int,
@@ -103,16 +112,17 @@ class Kvm:
                 arg0=arg0))
             return
         now = sim.now
-        dur = self.costs.seamcall(leaf)
+        dur = (self._leaf_ns.get(leaf) or self.costs.leaf_sampler(leaf))()
         if self._spinlock:
             dur += self.costs.step("spinlock")
             td.spin_free_at = now + dur
         self.module.last_busy = None
         status = (self._faults.maybe_spurious_busy(leaf, now) if self._faults.injects_busy
                   else 0) or call(now, now + dur, (lp, leaf, corr or 0))
-        self.log.emit(SEAMCALL, flow=flow, corr=corr, td=td.index, vcpu=vcpu, lp=lp, leaf=leaf,
-                      status=status, gpa=gpa, level=level, arg0=arg0, dur=dur)
-        if is_busy(status):
+        # Positional (EventLog.row, in row order): every SEAMCALL row is written here.
+        self.log.row(dur, SEAMCALL, flow, 0, corr, td.index, vcpu, lp, leaf, status, None, gpa,
+                     level, None, arg0, None, None)
+        if status and is_busy(status):  # most calls succeed: skip the call for 0
             self.note_busy(td, leaf, status, corr)
         sim.after(dur, then, status)
 
@@ -151,7 +161,7 @@ class Kvm:
             self.world.lifecycle.placement.load(v)  # tdx_vcpu_load(); enters again after
             return
         if td.wait_for_sept_zap:
-            self.sim.after(self.costs.step("fastpath_loop"), self.enter, v)
+            self.sim.after(self._fastpath_ns(), self.enter, v)
             return
         if self.before_entry is not None:
             self.before_entry(v)
@@ -159,12 +169,13 @@ class Kvm:
             v.run_corr = self.log.new_corr()
         log, sim, module = self.log, self.sim, self.module
         rip = v.workload.current.rip
-        log.emit(_KIND_TD_ENTRY, flow=_FLOW_RUN, corr=v.run_corr, td=td.index, vcpu=v.index,
-                 lp=v.lp, leaf=VP_ENTER, rip=rip)
-        dur = self.costs.seamcall(VP_ENTER)
+        # Positional (EventLog.row, in row order): one per entry, a hot path.
+        self.log.row(0, _KIND_TD_ENTRY, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp,
+                     VP_ENTER, None, None, None, None, rip, None, None, None)
+        dur = self._vp_enter_ns()
         status, synthesized = module.vp_enter(td.module, v.index, v.lp, rip, sim.now,
                                               sim.now + dur, (v.lp, VP_ENTER, v.run_corr))
-        if is_busy(status):
+        if status and is_busy(status):
             self.note_busy(td, VP_ENTER, status, v.run_corr)
             sim.after(dur, self._busy_exit, v, status)
         elif synthesized is not None:
@@ -186,7 +197,7 @@ class Kvm:
                       vcpu=v.index, lp=v.lp, leaf=VP_ENTER, status=status,
                       exit_reason=EXIT_REASON_INVALID, rip=v.workload.current.rip)
         # tdx_exit_handlers_fastpath(): EXIT_FASTPATH_EXIT_HANDLED, loop back to VP.ENTER.
-        self.sim.after(self.costs.step("fastpath_loop"), self.enter, v)
+        self.sim.after(self._fastpath_ns(), self.enter, v)
 
     def exit_guest(self, v: Vcpu, reason: int, gpa: int | None) -> None:
         """A real TD exit (the guest was running)."""
@@ -208,11 +219,11 @@ class Kvm:
                 log.count("zero_step_incidents")
                 log.emit(_KIND_T_ZERO_STEP_ARMED, td=td.index, vcpu=v.index, rip=rip, gpa=gpa,
                          arg0=6)
-        log.emit(_KIND_TD_EXIT, flow=_FLOW_RUN, corr=v.run_corr, td=td.index, vcpu=v.index,
-                 lp=v.lp, leaf=VP_ENTER, status=SUCCESS | reason, exit_reason=reason, gpa=gpa,
-                 rip=rip)
+        # Positional (EventLog.row, in row order): one per exit, a hot path.
+        self.log.row(0, _KIND_TD_EXIT, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp, VP_ENTER,
+                     SUCCESS | reason, reason, gpa, None, rip, None, None, None)
         v.run_corr = None
-        delay = self.costs.step("td_exit") + self.costs.step("exit_handling")
+        delay = self._td_exit_ns() + self._exit_handling_ns()
         if reason == EPT_VIOLATION and gpa is not None:
             self.sim.after(delay, self.on_private_fault, v, gpa)
         elif reason == TDCALL:
@@ -229,11 +240,11 @@ class Kvm:
                  lp: int, then: Callable[[], None]) -> None:
         """kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE): IPI and wait for acks."""
         in_guest = [v for v in td.vcpus if v.in_guest]
-        self.log.emit(_KIND_KICK, sub=reason, flow=flow, corr=corr, td=td.index, lp=lp,
-                      arg0=len(in_guest))
-        ipi = self.world.faults.ipi_delay(self.costs.step("ipi") // 4)
+        self.log.row(0, _KIND_KICK, flow, reason, corr, td.index, None, lp, None, None, None,
+                     None, None, None, len(in_guest), None, None)  # row order: one per zap page
+        ipi = self._faults.ipi_delay(self._ipi_ns() // 4)
         for v in in_guest:
             v.token += 1
             self.sim.after(ipi, self._kicked, v, v.token)
-        wait = self.costs.step("kick") + self.costs.base("kick_per_vcpu") * len(td.vcpus)
+        wait = self._kick_ns() + self._kick_per_vcpu_ns * len(td.vcpus)
         self.sim.after(max(wait, ipi + 1), then)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 Holder = tuple[int, int, int]  # (lp, leaf, corr) of the SEAMCALL holding the lock
 
 
-@dataclass
+@dataclass(slots=True)  # slotted: several try_take() per SEAMCALL
 class SharexLock:
     """A shared/exclusive try-lock (``sharex_lock``) reported with ``operand`` on conflict."""
 

@@ -33,9 +33,16 @@ class MmuLock:
         self.readers += 1
         then()
 
+    def try_read(self) -> bool:
+        """Take it for read if that needs no wait (acquire_read without a callback)."""
+        if self.writer or self._waiting:
+            return False
+        self.readers += 1
+        return True
+
     def release_read(self) -> None:
         self.readers -= 1
-        if self.readers == 0:
+        if self.readers == 0 and self._waiting:  # no call when nobody waits (every fault)
             self._wake()
 
     def acquire_write(self, then: Callback) -> None:
@@ -74,7 +81,7 @@ NONPRESENT = SHADOW_NONPRESENT_VALUE
 FROZEN = FROZEN_SPTE
 
 
-@dataclass
+@dataclass(slots=True)
 class MirrorRoot:
     """Mirror SPTEs: present leaves and non-leaves, and the frozen ones with their owner."""
 

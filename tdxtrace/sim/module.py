@@ -63,7 +63,7 @@ class TdLifecycle(IntEnum):
     TEARDOWN = 5  # KEY.FREEID done: pages may be reclaimed
 
 
-@dataclass
+@dataclass(slots=True)  # slotted: read and written by every fault, zap and accept
 class SeptEntry:
     """A leaf S-EPT entry (4K): its state, blocking epoch and entry lock."""
 
@@ -73,7 +73,7 @@ class SeptEntry:
     lock_holder: Holder = (-1, -1, -1)
 
 
-@dataclass
+@dataclass(slots=True)
 class ModuleVcpu:
     assoc_lp: int = -1
     in_guest: bool = False
@@ -151,17 +151,23 @@ class TdxModule:
     def _take_leaf(self, td: ModuleTd, gfn: int, tree_exclusive: bool, now: int, until: int,
                    me: Holder) -> tuple[int, SeptEntry]:
         """TDR, the S-EPT tree, then the leaf's entry lock: a TDH.MEM.* call on one 4K GPA."""
-        entry = td.entry(gfn)
-        status = self._take_td(td, td.sept_tree, tree_exclusive, now, until, me)
-        return (status or self._take_entry(entry, now, until, me)), entry
-
-    def _take_entry(self, entry: SeptEntry, now: int, until: int, me: Holder) -> int:
+        # td.entry() and the lock takes inlined: every fault and zap SEAMCALL comes here.
+        entry = td.entries.get(gfn)
+        if entry is None:
+            entry = td.entries[gfn] = SeptEntry()
+        held_by = td.tdr.try_take(now, until, False, me)
+        if held_by is not None:
+            return self._busy(td.tdr, held_by), entry
+        tree = td.sept_tree
+        held_by = tree.try_take(now, until, tree_exclusive, me)
+        if held_by is not None:
+            return self._busy(tree, held_by), entry
         if entry.lock_until > now:
             self.last_busy = Busy(with_operand(BUSY, _OPERANDID_RCX), entry.lock_holder)
-            return self.last_busy.status
+            return self.last_busy.status, entry
         entry.lock_until = until
         entry.lock_holder = me
-        return SUCCESS
+        return SUCCESS, entry
 
     # --- S-EPT building (fault path) -------------------------------------------------------
     def sept_add(self, td: ModuleTd, key: tuple[int, int], now: int, until: int,
@@ -175,7 +181,7 @@ class TdxModule:
         return SUCCESS
 
     def page_aug(self, td: ModuleTd, gfn: int, now: int, until: int, me: Holder) -> int:
-        if any(key not in td.nonleaf for key in nonleaf_keys(gfn)):
+        if not td.nonleaf.issuperset(nonleaf_keys(gfn)):  # C-level, not a generator
             return with_operand(int(_STATUS_EPT_WALK_FAILED), _OPERANDID_RCX)
         status, entry = self._take_leaf(td, gfn, False, now, until, me)
         if status:

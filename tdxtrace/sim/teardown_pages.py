@@ -111,8 +111,8 @@ class PageWork:
         )
         # kvm_make_all_cpus_request() checks every vCPU, running or not (docs/calibration.md).
         kick_vcpus = costs.base("kick_per_vcpu") * len(td.vcpus)
-        kick = partial(costs.step, "kick")
-        samplers: list[Callable[[], int]] = [partial(costs.seamcall, leaf) for leaf in ZAP_ORDER]
+        kick = costs.step_sampler("kick")
+        samplers: list[Callable[[], int]] = [costs.leaf_sampler(leaf) for leaf in ZAP_ORDER]
         samplers[2] = lambda: kick() + kick_vcpus
         holders = [(job.lp, max(leaf, 0), job.corr) for leaf in ZAP_ORDER]
         steps = tuple(zip(range(5), samplers, calls, holders, strict=True))
@@ -176,8 +176,9 @@ class PageWork:
         for i in range(self.row_pages, len(pages), BATCH_PAGES):
             chunk = pages[i:i + BATCH_PAGES]
             t, status, done = self.sim.now, SUCCESS, 0
+            sample = self.costs.leaf_sampler(leaf)
             for kind, key, _, _ in chunk:
-                d = self.costs.seamcall(leaf)
+                d = sample()
                 status = reclaim(mtd, kind, key, t, t + d, (job.lp, leaf, job.corr))
                 t, done = t + d, done + 1
                 if status:

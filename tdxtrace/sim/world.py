@@ -94,6 +94,7 @@ class World:
         self.tds = [self._build_td(t) for t in range(scenario.td.count)]
         self._vmm_rng = self.rng.stream("vmm")
         self._touch_ns = self.costs.base("guest_touch")
+        self._accept_ns = self.costs.step_sampler("guest_accept")  # bound once: hot path
         self._max_touches = scenario.guest.max_touches
         # Direct roots, shared memory, memslot/notifier zaps and MapGPA: only when used.
         self.roots = Roots(self) if Roots.wanted(scenario) else None
@@ -150,11 +151,12 @@ class World:
         if state == _SEPTSTATE_PENDING:
             # The #VE handler accepts the AUGed page; on success the access completes and the
             # guest runs on (one scheduling step for both, to keep the emulator fast).
-            spent = self.costs.step("guest_accept")
+            spent = self._accept_ns()
             status = self.module.guest_accept(v.td.module, touch.gfn, now, now + spent,
                                               (v.lp, GUEST_ACCEPT_HOLDER, 0))
-            self.log.emit(_KIND_GUEST_ACCEPT, td=v.td.index, vcpu=v.index, lp=v.lp,
-                          gpa=touch.gfn << 12, level=0, status=status, dur=spent)
+            # Positional (EventLog.row, in row order): one per page the guest accepts.
+            self.log.row(spent, _KIND_GUEST_ACCEPT, 0, 0, None, v.td.index, v.index, v.lp, None,
+                         status, None, touch.gfn << 12, 0, None, None, None, None)
             if status not in ACCEPT_OK:  # the host holds the entry: try again
                 sim.after(spent, self.guest_step, v, token)
                 return
@@ -212,8 +214,7 @@ class World:
         self.lifecycle.placement.start()
         end = t0 + scenario.run.duration_us * 1000
         max_events = scenario.run.max_events
-        log = self.log
-        stop = (lambda: log.events >= max_events) if max_events else None
+        stop = self.log.stop_check(max_events) if max_events else None
         self.sim.run(end, stop)
         self.stopping = True
         if scenario.teardown.enabled:
