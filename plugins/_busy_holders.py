@@ -1,0 +1,156 @@
+"""Status classes and who held the resource behind a BUSY: helpers for busy_retry.
+
+*Holders* (who held the contended resource) are inferred from the contention matrix of the
+TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call of a leaf that
+takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [start, end)
+covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import polars as pl
+
+from tdxtrace.codes import LEAF_NAMES, TDCALL_LEAF_NAMES, OperandId, Status, TdcallLeaf
+from tdxtrace.codes import Leaf as L
+from tdxtrace.events import GUEST_LEAF_BASE
+
+DIV = 1 << 32  # status // DIV = the class half; status % DIV = the operand ID
+BUSY = int(Status.OPERAND_BUSY) // DIV
+PREV_EPOCH = int(Status.PREVIOUS_TLB_EPOCH_BUSY) // DIV
+INTERRUPTED = int(Status.INTERRUPTED_RESUMABLE) // DIV
+RETRY_CLASSES = (BUSY, PREV_EPOCH, INTERRUPTED)
+PREV_EPOCH_KEY = -1  # the holder rules' operand key for PREVIOUS_TLB_EPOCH_BUSY
+# Holder id of the guest's TDG.MEM.PAGE.ACCEPT (a TDCALL: kept apart from SEAMCALL leaves).
+GUEST_ACCEPT = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
+HOLDER_NAMES = {**LEAF_NAMES, GUEST_ACCEPT: TDCALL_LEAF_NAMES[int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)]}
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
+HOLDER_KEY = ["op_key", "holder_leaf", "s_td", "s_vcpu", "s_gpa"]
+
+# The contention matrix (tdx-reference.md 6.2/6.3): BUSY leaves, operand keys, the leaves that
+# may hold that resource (most likely first), and the scope in which they conflict.
+_SHARED_SEPT = (L.TDH_MEM_SEPT_ADD, L.TDH_MEM_PAGE_AUG, L.TDH_MEM_PAGE_REMOVE, L.TDH_MEM_PAGE_ADD)
+_EXCL_SEPT = (L.TDH_MEM_RANGE_BLOCK, L.TDH_MEM_SEPT_REMOVE, L.TDH_MEM_RANGE_UNBLOCK)
+_KOT_EXCL = (L.TDH_MNG_CREATE, L.TDH_MNG_VPFLUSHDONE, L.TDH_MNG_KEY_FREEID)
+_TDR_EXCL = (*_KOT_EXCL, L.TDH_MNG_ADDCX, L.TDH_MNG_INIT, L.TDH_MNG_KEY_CONFIG, L.TDH_MR_EXTEND,
+             L.TDH_MR_FINALIZE, L.TDH_VP_INIT, L.TDH_MEM_PAGE_ADD)
+_TDVPR_EXCL = (L.TDH_VP_ENTER, L.TDH_VP_FLUSH, L.TDH_VP_CREATE, L.TDH_VP_ADDCX, L.TDH_VP_INIT)
+_O = OperandId
+HOLDER_RULES: tuple[tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...], str], ...] = (
+    (_SHARED_SEPT, (_O.SEPT_TREE,), (*_EXCL_SEPT, L.TDH_VP_ENTER), "td"),
+    ((*_EXCL_SEPT, L.TDH_VP_ENTER), (_O.SEPT_TREE,),
+     (*_EXCL_SEPT, *_SHARED_SEPT, L.TDH_VP_ENTER), "td"),
+    ((*_SHARED_SEPT, *_EXCL_SEPT), (_O.SEPT_ENTRY, _O.RCX),
+     (*_EXCL_SEPT, *_SHARED_SEPT, GUEST_ACCEPT), "gpa"),
+    ((L.TDH_MEM_TRACK,), (_O.TD_EPOCH, PREV_EPOCH_KEY), (L.TDH_VP_ENTER,), "td"),
+    ((L.TDH_VP_ENTER,), (_O.TD_EPOCH,), (L.TDH_MEM_TRACK,), "td"),
+    (None, (_O.TDR,), _TDR_EXCL, "td"),
+    (_KOT_EXCL, (_O.KOT,), (L.TDH_PHYMEM_CACHE_WB, *_KOT_EXCL), "host"),
+    ((L.TDH_PHYMEM_CACHE_WB,), (_O.KOT,), _KOT_EXCL, "host"),
+    ((L.TDH_PHYMEM_CACHE_WB,), (_O.WBCACHE,), (L.TDH_PHYMEM_CACHE_WB,), "host"),
+    ((*_TDVPR_EXCL, L.TDH_VP_RD, L.TDH_VP_WR), (_O.TDVPR,), _TDVPR_EXCL, "vcpu"),
+)
+
+
+def holder_matrix() -> pl.DataFrame:
+    """HOLDER_RULES as rows: busy_leaf, op_key, holder_leaf, priority (0 = first), scope."""
+    rows = [
+        (int(busy), int(op), int(holder), priority, scope)
+        for busy_leaves, ops, holders, scope in HOLDER_RULES
+        for busy in (busy_leaves if busy_leaves is not None else tuple(L))
+        for op in ops
+        for priority, holder in enumerate(holders)
+    ]
+    schema = {"busy_leaf": pl.Int64, "op_key": pl.Int64, "holder_leaf": pl.Int64,
+              "priority": pl.Int64, "scope": pl.String}
+    return pl.DataFrame(rows, schema=schema, orient="row").unique(
+        ["busy_leaf", "op_key", "holder_leaf"], keep="first", maintain_order=True)
+
+
+def status_class(status: pl.Expr) -> pl.Expr:
+    """The class half of a status (bits 63:32): BUSY, PREV_EPOCH, INTERRUPTED, ..."""
+    return status // DIV
+
+
+def _scoped(frame: FrameT) -> FrameT:
+    """Scope columns: the TD (unless host-wide), and the vCPU or GPA for narrower scopes."""
+    scope = pl.col("scope")
+    return frame.with_columns(
+        pl.when(scope != "host").then(pl.col("td")).alias("s_td"),
+        pl.when(scope == "vcpu").then(pl.col("vcpu")).alias("s_vcpu"),
+        pl.when(scope == "gpa").then(pl.col("gpa")).alias("s_gpa"),
+    )
+
+
+def _points(frame: pl.DataFrame, ts: str, phase: int, delta: int, query: bool) -> pl.DataFrame:
+    return frame.select(
+        "gid", pl.col(ts).alias("ts"), pl.lit(phase, pl.Int8).alias("phase"),
+        pl.col("start_seq").alias("order"), pl.lit(delta, pl.Int64).alias("delta"),
+        (pl.col("start_seq") if query else pl.lit(None, pl.Int64)).alias("qid"),
+        (pl.col("priority") if query else pl.lit(None, pl.Int64)).alias("priority"),
+    )
+
+
+def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.DataFrame:
+    """The BUSY and PREVIOUS_TLB_EPOCH_BUSY calls, each with its inferred ``holder_leaf``.
+
+    ``holder_leaf`` is a SEAMCALL leaf, GUEST_ACCEPT, or null when no holder was found.
+
+    A sweep instead of interval joins: per group (operand, holder leaf, scope), interval starts
+    count +1 and ends -1 in time order; a BUSY call is covered by a holder of that leaf when
+    the running count is positive at its start. Ends sort before starts at the same ns
+    (intervals are half-open) and a start sorts before the query only when its row came first.
+    """
+    cls = status_class(pl.col("status"))
+    busy = all_calls.filter(cls.is_in([BUSY, PREV_EPOCH])).with_columns(
+        pl.when(cls == BUSY).then((pl.col("status") % DIV).cast(pl.Int64))
+        .otherwise(pl.lit(PREV_EPOCH_KEY, pl.Int64)).alias("op_key"))
+    queries = _scoped(busy.join(holder_matrix(), left_on=["leaf_id", "op_key"],
+                                right_on=["busy_leaf", "op_key"]))
+    # One id per group with queries, and the time span its queries cover: intervals outside
+    # every group's span cannot cover a query and are dropped before the sort.
+    groups = queries.group_by([*HOLDER_KEY, "scope"]).agg(
+        pl.col("start_ns").min().alias("first_q"), pl.col("start_ns").max().alias("last_q"),
+    ).sort(HOLDER_KEY, nulls_last=True).with_row_index("gid")
+    queries = queries.join(groups.select("gid", *HOLDER_KEY), on=HOLDER_KEY, nulls_equal=True)
+    holder_leaves = groups["holder_leaf"].unique().implode()
+    calls_of_holders = pl.concat([
+        frame.lazy().select("start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
+                            pl.col("leaf_id").alias("holder_leaf"), "retryable")
+        .filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("retryable")
+                & (pl.col("end_ns") > pl.col("start_ns")))
+        for frame in (all_calls, accepts)
+    ])
+    covering = (pl.col("end_ns") > pl.col("first_q")) & (pl.col("start_ns") <= pl.col("last_q"))
+    near = []
+    # A call can only hold a resource of its own TD, except in host-wide groups. Before a call
+    # is repeated once per group of its leaf (on a trace of many TDs that join was most of
+    # the time and memory), keep just the calls that overlap the time span some group of
+    # their leaf (and TD) asks about.
+    for host, by in ((False, ["holder_leaf", "td"]), (True, ["holder_leaf"])):
+        scoped = groups.filter((pl.col("scope") == "host") == host)
+        spans = scoped.group_by(pl.col("holder_leaf"), pl.col("s_td").alias("td")).agg(
+            pl.col("first_q").min(), pl.col("last_q").max()).select(*by, "first_q", "last_q")
+        near.append(
+            calls_of_holders.join(spans.lazy(), on=by, nulls_equal=True).filter(covering)
+            .drop("first_q", "last_q")
+            .join(scoped.lazy().select("op_key", "holder_leaf", "scope").unique(),
+                  on="holder_leaf"))
+    intervals = _scoped(pl.concat(near)).join(
+        groups.lazy(), on=[*HOLDER_KEY, "scope"], nulls_equal=True,
+    ).filter(covering).collect()
+    sweep = pl.concat([
+        _points(intervals, "end_ns", 0, -1, False), _points(intervals, "start_ns", 1, 1, False),
+        _points(queries, "start_ns", 1, 0, True),
+    ]).sort(["gid", "ts", "phase", "order", "delta"]).with_columns(
+        # Every interval's +1 and -1 fall in the same group, so each group sums to zero and
+        # the running sum over the whole sorted frame is the running sum within the group.
+        pl.col("delta").cum_sum().alias("active"))
+    best = sweep.filter((pl.col("delta") == 0) & (pl.col("active") > 0)).group_by("qid").agg(
+        pl.col("priority").min())
+    chosen = best.join(queries.select(pl.col("start_seq").alias("qid"), "priority",
+                                      "holder_leaf"),
+                       on=["qid", "priority"])
+    return busy.join(chosen.select(pl.col("qid").alias("start_seq"), "holder_leaf"),
+                     on="start_seq", how="left").sort("start_seq")
