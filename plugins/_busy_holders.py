@@ -1,4 +1,4 @@
-"""Status classes and who held the resource behind a BUSY: helpers for busy_retry.
+"""Who held the resource behind a BUSY: helpers for busy_retry.
 
 *Holders* (who held the contended resource) are inferred from the contention matrix of the
 TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call of a leaf that
@@ -12,15 +12,12 @@ from typing import TypeVar
 
 import polars as pl
 
-from tdxtrace.codes import LEAF_NAMES, TDCALL_LEAF_NAMES, OperandId, Status, TdcallLeaf
+from tdxtrace.codes import LEAF_NAMES, TDCALL_LEAF_NAMES, OperandId, TdcallLeaf
 from tdxtrace.codes import Leaf as L
 from tdxtrace.events import GUEST_LEAF_BASE
 
-DIV = 1 << 32  # status // DIV = the class half; status % DIV = the operand ID
-BUSY = int(Status.OPERAND_BUSY) // DIV
-PREV_EPOCH = int(Status.PREVIOUS_TLB_EPOCH_BUSY) // DIV
-INTERRUPTED = int(Status.INTERRUPTED_RESUMABLE) // DIV
-RETRY_CLASSES = (BUSY, PREV_EPOCH, INTERRUPTED)
+from ._status import BUSY, DIV, PREV_EPOCH, status_class
+
 PREV_EPOCH_KEY = -1  # the holder rules' operand key for PREVIOUS_TLB_EPOCH_BUSY
 # Holder id of the guest's TDG.MEM.PAGE.ACCEPT (a TDCALL: kept apart from SEAMCALL leaves).
 GUEST_ACCEPT = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
@@ -66,11 +63,6 @@ def holder_matrix() -> pl.DataFrame:
               "priority": pl.Int64, "scope": pl.String}
     return pl.DataFrame(rows, schema=schema, orient="row").unique(
         ["busy_leaf", "op_key", "holder_leaf"], keep="first", maintain_order=True)
-
-
-def status_class(status: pl.Expr) -> pl.Expr:
-    """The class half of a status (bits 63:32): BUSY, PREV_EPOCH, INTERRUPTED, ..."""
-    return status // DIV
 
 
 def _scoped(frame: FrameT) -> FrameT:

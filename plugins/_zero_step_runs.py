@@ -19,6 +19,8 @@ from tdxtrace.codes import (
 )
 from tdxtrace.events import Kind
 
+from ._vp_enter import vcpu_key
+
 # Bit 47 is the shared bit of a TD with 4-level S-EPT (GPAW 48); a GPA with it clear is private.
 SHARED_BIT = 1 << 47
 NOT_SHARED = 0xFFFF_FFFF_FFFF_FFFF ^ SHARED_BIT
@@ -31,12 +33,6 @@ VCPU = ("td", "vcpu")
 
 def u64(value: int) -> pl.Expr:
     return pl.lit(value, dtype=pl.UInt64)
-
-
-def vcpu_key() -> pl.Expr:
-    """(td, vcpu) packed in one Int64, so per-vCPU order is one integer sort key."""
-    return (pl.col("td").cast(pl.Int64) * (1 << 32) + (pl.col("vcpu").cast(pl.Int64) & 0xFFFFFFFF)
-            ).alias("vkey")
 
 
 def td_exits(observable: pl.LazyFrame) -> pl.LazyFrame:

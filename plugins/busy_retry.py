@@ -32,17 +32,8 @@ from tdxtrace.codes import Leaf as L
 from tdxtrace.events import Flow, Kind
 from tdxtrace.trace import Trace
 
-from ._busy_holders import (
-    BUSY,
-    DIV,
-    GUEST_ACCEPT,
-    HOLDER_NAMES,
-    INTERRUPTED,
-    PREV_EPOCH,
-    RETRY_CLASSES,
-    attribute_holders,
-    status_class,
-)
+from ._busy_holders import GUEST_ACCEPT, HOLDER_NAMES, attribute_holders
+from ._status import BUSY, DIV, INTERRUPTED, PREV_EPOCH, RETRY_CLASSES, status_class
 from ._vp_enter import paired_exits
 
 MAX_ROWS = 100

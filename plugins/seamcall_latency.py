@@ -15,26 +15,18 @@ import polars as pl
 
 from tdxtrace import hookimpl
 from tdxtrace.analysis import Analyzer, AnalyzerResult
-from tdxtrace.codes import LEAF_NAMES, STATUS_MASK, Leaf, Status
+from tdxtrace.codes import LEAF_NAMES, Leaf
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
 
+from ._status import is_operand_busy
 from ._vp_enter import paired_exits
-
-_CLASS_DIVISOR = 1 << 32  # status // this = the class half (bits 63:32)
-_BUSY_CLASS = int(Status.OPERAND_BUSY) // _CLASS_DIVISOR
-assert _BUSY_CLASS * _CLASS_DIVISOR == Status.OPERAND_BUSY & STATUS_MASK
 
 BY_LEAF_SCHEMA: dict[str, pl.DataType] = {
     "leaf": pl.String(), "leaf_id": pl.Int64(), "count": pl.Int64(), "pct": pl.Float64(),
     "min_ns": pl.Int64(), "mean_ns": pl.Float64(), "p50_ns": pl.Int64(), "p99_ns": pl.Int64(),
     "max_ns": pl.Int64(), "busy_pct": pl.Float64(),
 }
-
-
-def is_operand_busy(status: pl.Expr) -> pl.Expr:
-    """TDX_OPERAND_BUSY with any operand, compared on the class half as KVM does."""
-    return (status // _CLASS_DIVISOR == _BUSY_CLASS).fill_null(False)
 
 
 def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:

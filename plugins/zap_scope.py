@@ -96,11 +96,10 @@ class ZapScopeAnalyzer(Analyzer):
     }
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
-        # One pass keeps the rows read below but the accesses (few next to the trace: zaps,
-        # the SPTE changes that zap, phases, bugs); each lazy read of trace.observable()
-        # would decode the file again, and the helpers read these rows five times. The
-        # accesses that may refault (every fault and SPTE install) are read apart, for the
-        # zapped pages only, by refaults().
+        # One pass keeps the rows the helpers read five times (zaps, the SPTE changes that
+        # zap, phases, bugs: few next to the trace), since each lazy read of
+        # trace.observable() would decode the file again. The accesses that may refault
+        # (every fault and SPTE install) are read apart by refaults(), for zapped pages only.
         observable = trace.observable().select(self.columns)
         zap_rows = (
             observable.filter(pl.col("kind").is_in(READ_KINDS) | zapping_spte())
