@@ -1,10 +1,7 @@
-"""TD creation and teardown as KVM drives them (tdx-reference.md §4(c)); one process per TD.
+"""TD teardown as KVM drives it (tdx-reference.md §4(c)), and the shared machinery of the
+per-TD flows (creation is in :mod:`.td_create`); one process per TD.
 
 Each flow is a :mod:`.process` generator, so the KVM sequence reads like the kernel code.
-
-Creation (flow CREATE): MNG.CREATE under the global ``tdx_lock``, KEY.CONFIG on the first LP of
-every package (IPI), MNG.ADDCX per TDCS page, MNG.INIT, then per vCPU VP.CREATE, VP.ADDCX per
-TDCX page, VP.INIT (under mmu_lock write), then MR.FINALIZE.
 
 Teardown (flow TEARDOWN), policy ``hkid_release``:
 
@@ -43,9 +40,10 @@ from tdxtrace.codes import TDX_SEAMCALL_RETRIES, ExitReason, Leaf, Status, leaf_
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 from tdxtrace.sim.migration import VcpuPlacement
 from tdxtrace.sim.module import SUCCESS
-from tdxtrace.sim.module_teardown import TDCS_PAGES, TDVPS_PAGES, LifecycleLeaves
+from tdxtrace.sim.module_teardown import LifecycleLeaves
 from tdxtrace.sim.module_teardown import PageKind as P
 from tdxtrace.sim.process import FOREVER, KvmMutex, Op, Process, parallel, spawn
+from tdxtrace.sim.td_create import create_td
 from tdxtrace.sim.teardown_pages import Page, PageWork
 
 if TYPE_CHECKING:
@@ -86,6 +84,10 @@ class Lifecycle:
         self.pages = PageWork(self)
 
     # --- operations ------------------------------------------------------------------------
+    def new_job(self, td: KvmTd, flow: Flow) -> Job:
+        """A new operation on ``td``, run from the host's LP with a fresh ``corr``."""
+        return Job(td, self.log.new_corr(), flow, self.world.host_lp)
+
     def sleep(self, ns: int) -> Op:
         return lambda done: self.sim.after(ns, done, None)
 
@@ -136,49 +138,11 @@ class Lifecycle:
         yield self.sleep(back)
         return status
 
-    # --- creation --------------------------------------------------------------------------
+    # --- creation (td_create.py) ----------------------------------------------------------
     def create_all(self) -> None:
-        self.run_all(self._create)
+        self.run_all(partial(create_td, self))
         if self.cfg.prepopulate:
             self.pages.prepopulate()
-
-    def _create(self, td: KvmTd) -> Process:
-        job = Job(td, self.log.new_corr(), Flow.CREATE, self.world.host_lp)
-        mtd, lv = td.module, self.leaves
-        start = self.phase(job, Phase.CREATE, len(td.vcpus))
-        yield self.tdx_lock.acquire
-        status = yield self.call(job, L.TDH_MNG_CREATE, partial(lv.mng_create, mtd),
-                                 arg0=mtd.hkid)
-        self.tdx_lock.release()
-        leaf = L.TDH_MNG_CREATE
-        for package, target in enumerate(self.first_lps):
-            if not status:
-                leaf = L.TDH_MNG_KEY_CONFIG
-                status = yield from self.on_lp(job, IpiPurpose.KEY_CONFIG, target, leaf,
-                                               partial(lv.key_config, mtd, package))
-        steps: list[tuple[Leaf, Callable[..., int], int | None]] = [
-            (L.TDH_MNG_ADDCX, partial(lv.mng_addcx, mtd), None)] * TDCS_PAGES
-        steps.append((L.TDH_MNG_INIT, partial(lv.mng_init, mtd), None))
-        for i in range(len(td.vcpus)):
-            steps.append((L.TDH_VP_CREATE, partial(lv.vp_create, mtd, i), i))
-            steps += [(L.TDH_VP_ADDCX, partial(lv.vp_addcx, mtd, i), i)] * (TDVPS_PAGES - 1)
-            steps.append((L.TDH_VP_INIT, partial(lv.vp_init, mtd, i), i))
-        for leaf, fn, vcpu in steps:
-            if status:
-                break
-            if leaf == L.TDH_VP_INIT:
-                yield self.mmu_write(td)  # VP.INIT takes the TDR exclusively
-            status = yield self.call(job, leaf, fn, vcpu=vcpu)
-            if leaf == L.TDH_VP_INIT:
-                td.mmu.release_write()
-        self.done(job, Phase.CREATE, start, status)
-        if status:
-            return self.bug(job, leaf, status)
-        start = self.phase(job, Phase.FINALIZE)
-        status = yield self.call(job, L.TDH_MR_FINALIZE, partial(lv.mr_finalize, mtd))
-        self.done(job, Phase.FINALIZE, start, status)
-        self.log.count("tds_created")
-        return self.bug(job, L.TDH_MR_FINALIZE, status) if status else SUCCESS
 
     # --- teardown --------------------------------------------------------------------------
     def teardown_all(self) -> None:
@@ -196,7 +160,7 @@ class Lifecycle:
         self.run_all(self._teardown)
 
     def _teardown(self, td: KvmTd) -> Process:
-        job = Job(td, self.log.new_corr(), Flow.TEARDOWN, self.world.host_lp)
+        job = self.new_job(td, Flow.TEARDOWN)
         yield self.mmu_write(td)  # no vCPU thread is left in the fault path
         td.mmu.release_write()
         self.log.count("teardowns")

@@ -1,4 +1,5 @@
-"""Scenarios: TOML files (built-in or the user's), validated against one declarative spec.
+"""Scenarios: TOML files (built-in or the user's), validated against one declarative spec
+(``scenario_spec.py``).
 
 Every key has a type, a default, and either the allowed values or a range whose upper bound is
 the largest size tdxtrace will attempt (refused before any work starts, with the limit named).
@@ -20,137 +21,7 @@ from typing import Any
 
 from tdxtrace.errors import ScenarioError
 from tdxtrace.sim.costs import DEFAULT_STEP_COSTS, LEAF_BY_KEY
-
-
-@dataclass(frozen=True)
-class Key:
-    type: type
-    default: Any
-    allowed: tuple[Any, ...] = ()
-    low: float | None = None
-    high: float | None = None
-    doc: str = ""
-
-
-SPEC: dict[str, dict[str, Key]] = {
-    "run": {
-        "duration_us": Key(int, 20000, low=1, high=3_600_000_000,
-                           doc="simulated time to run the TDs (µs)"),
-        "max_events": Key(int, 0, low=0, high=2_000_000_000,
-                          doc="stop after about this many events (0: no limit)"),
-    },
-    "host": {
-        "lps": Key(int, 8, low=1, high=4096, doc="logical processors"),
-        "packages": Key(int, 2, low=1, high=64, doc="CPU packages (sockets)"),
-    },
-    "td": {
-        "count": Key(int, 1, low=1, high=64, doc="TDs on the host"),
-        "vcpus": Key(int, 4, low=1, high=1024, doc="vCPUs per TD"),
-        "memory_mb": Key(int, 64, low=1, high=4 * 1024 * 1024, doc="private memory per TD"),
-    },
-    "policy": {
-        "frozen_spte": Key(str, "local_retry", ("local_retry", "resume_guest"),
-                           doc="what RET_PF_RETRY does on the private fault path"),
-        "zap_busy": Key(str, "kick_retry_once",
-                        ("kick_retry_once", "retry_loop", "seamcall_spinlock"),
-                        doc="OPERAND_BUSY handling on the zap path"),
-        "zap_scope": Key(str, "range_leafs", ("range_leafs", "all_roots", "everything"),
-                         doc="what a memslot/notifier change zaps"),
-        "hkid_release": Key(str, "late", ("late", "early"), doc="TD teardown order"),
-    },
-    "guest": {
-        "workload": Key(str, "sequential", ("sequential", "random", "hot"),
-                        doc="which private pages the vCPUs touch"),
-        "hot_pages": Key(int, 16, low=1, high=1 << 30, doc="size of the shared hot set"),
-        "hot_fraction": Key(float, 0.5, low=0.0, high=1.0,
-                            doc="share of touches that go to the hot set"),
-        "timer_hz": Key(int, 250, low=1, high=100_000, doc="guest timer interrupts per second"),
-        "max_touches": Key(int, 64, low=1, high=100_000,
-                           doc="touches of mapped pages the guest does per scheduling step"),
-        "shared_fraction": Key(float, 0.0, low=0.0, high=1.0,
-                               doc="share of touches that go to shared memory (direct root)"),
-        "shared_pages": Key(int, 512, low=1, high=1 << 30,
-                            doc="size of the shared window (its own memslot), in 4K pages"),
-    },
-    "kvm": {
-        "preempt_p": Key(float, 0.0, low=0.0, high=1.0,
-                         doc="chance the host thread is preempted while a mirror SPTE it "
-                             "froze is held"),
-        "preempt_ns": Key(int, 50000, low=0, high=10_000_000_000, doc="length of it"),
-        "signal_p": Key(float, 0.0, low=0.0, high=1.0,
-                        doc="chance a local-retry turn finds a signal pending"),
-    },
-    "vmm": {
-        "zap_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                               doc="how often the VMM zaps private memory (0: never)"),
-        "zap_pages": Key(int, 64, low=1, high=1 << 30, doc="pages per zap"),
-        "zap_reason": Key(str, "truncation", ("truncation", "conversion"),
-                          doc="hole punch, or a private->shared attribute change"),
-        "memslot_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                                   doc="how often the VMM changes the shared memslot (0: never)"),
-        "notifier_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                                    doc="how often an mmu_notifier invalidation hits the VMM's "
-                                        "mapping of guest memory (0: never)"),
-        "notifier_pages": Key(int, 64, low=1, high=1 << 30,
-                              doc="pages per mmu_notifier invalidation"),
-    },
-    "mapgpa": {
-        "interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                           doc="how often a vCPU of each TD converts a range (0: never)"),
-        "size_kb": Key(int, 4096, low=1, high=64 * 1024 * 1024,
-                       doc="bytes per conversion in KiB (not a multiple of 4: ALIGN_ERROR)"),
-        "direction": Key(str, "alternate", ("alternate", "to_shared", "to_private"),
-                         doc="alternate: to shared, then the same range back to private"),
-        "max_retries": Key(int, 3, low=1, high=1000,
-                           doc="guest: consecutive no-progress RETRYs before giving up"),
-        "vmm": Key(str, "complete", ("complete", "partial", "no_progress", "bad_r11", "reject"),
-                   doc="how the VMM answers each userspace exit"),
-        "partial_pages": Key(int, 512, low=1, high=1 << 30,
-                             doc="partial: pages converted per TDVMCALL before EAGAIN"),
-        "no_progress_calls": Key(int, 3, low=0, high=1000,
-                                 doc="no_progress: EAGAINs without progress per conversion"),
-    },
-    "faults": {
-        "spurious_busy_leaf": Key(str, "", doc="leaf that sometimes returns OPERAND_BUSY "
-                                               "(e.g. mem.page.aug); empty: none"),
-        "spurious_busy_p": Key(float, 0.0, low=0.0, high=1.0, doc="its probability"),
-        "ipi_delay_p": Key(float, 0.0, low=0.0, high=1.0, doc="chance an IPI is delayed"),
-        "ipi_delay_ns": Key(int, 20000, low=0, high=10_000_000_000, doc="by how much"),
-        "mapgpa_interrupt_p": Key(float, 0.0, low=0.0, high=1.0,
-                                  doc="chance an interrupt is pending after each MapGPA chunk"),
-        "vcpu_load_during_teardown_p": Key(
-            float, 0.0, low=0.0, high=1.0,
-            doc="chance, per TD teardown, that a vCPU is loaded and entered again between the "
-                "VP.FLUSH round and VPFLUSHDONE (seed 001)"),
-        "skip_flush_on_migrate_p": Key(
-            float, 0.0, low=0.0, high=1.0,
-            doc="chance a migration skips VP.FLUSH on the old LP (an injected KVM bug)"),
-    },
-    # TD teardown after the run (lifecycle.py, docs/calibration.md).
-    "teardown": {
-        "enabled": Key(bool, True, doc="tear every TD down after the run"),
-        "flush_loop": Key(str, "resend_flush", ("resend_flush", "vpflushdone_only"),
-                          doc="on FLUSHVP_NOT_DONE: VP.FLUSH every vCPU again, or only "
-                              "re-issue VPFLUSHDONE (seed 001)"),
-        "vpflushdone_tries": Key(int, 3, low=1, high=10000,
-                                 doc="VPFLUSHDONE attempts before the HKID is leaked (1: "
-                                     "mainline, no loop)"),
-        "cache_wb_blocks": Key(int, 4, low=1, high=100_000,
-                               doc="sub-blocks of a package's CACHE.WB; every one but the last "
-                                   "returns INTERRUPTED_RESUMABLE"),
-        "prepopulate": Key(bool, False, doc="start with all private memory mapped and "
-                                            "accepted (no rows), as a long-running TD"),
-        "row_pages": Key(int, 64, low=0, high=1 << 30,
-                         doc="pages per teardown phase recorded one row per SEAMCALL; the "
-                             "rest are batched rows with arg1 = pages"),
-    },
-    "migration": {
-        "rate_hz": Key(float, 0.0, low=0.0, high=1_000_000.0,
-                       doc="migrations per second per vCPU between LPs (0: none)"),
-    },
-}
-TOP_LEVEL = {"name": str, "description": str}
-COST_FIELDS = ("base_ns", "jitter", "tail_p", "tail_x")
+from tdxtrace.sim.scenario_spec import COST_FIELDS, MAX_TOTAL_VCPUS, SPEC, TOP_LEVEL, Key
 
 
 def _bound(key: Key, bound: float) -> str:
@@ -240,11 +111,6 @@ def resolve(raw: dict[str, Any], source: str) -> dict[str, Any]:
     out.setdefault("costs", {})
     _check_total_vcpus(source, out)
     return out
-
-
-# Each key has its own limit; the emulator's work grows with the vCPUs of all TDs together
-# (about 3 s per 1024 vCPUs per simulated millisecond), so their product has one too.
-MAX_TOTAL_VCPUS = 4096
 
 
 def _check_total_vcpus(source: str, scenario: dict[str, Any]) -> None:

@@ -1,0 +1,65 @@
+"""TD creation as KVM drives it (tdx-reference.md §4(c)), flow CREATE; one process per TD.
+
+MNG.CREATE under the global ``tdx_lock``, KEY.CONFIG on the first LP of every package (IPI),
+MNG.ADDCX per TDCS page, MNG.INIT, then per vCPU VP.CREATE, VP.ADDCX per TDCX page, VP.INIT
+(under mmu_lock write), then MR.FINALIZE. A failing step ends the creation and marks the VM
+bugged. Helper of :mod:`.lifecycle` (same conventions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from tdxtrace.codes import Leaf
+from tdxtrace.events import Flow, IpiPurpose, Phase
+from tdxtrace.sim.module import SUCCESS
+from tdxtrace.sim.module_teardown import TDCS_PAGES, TDVPS_PAGES
+
+if TYPE_CHECKING:
+    from tdxtrace.sim.kvm import KvmTd
+    from tdxtrace.sim.lifecycle import Lifecycle
+    from tdxtrace.sim.process import Process
+
+L = Leaf
+
+
+def create_td(life: Lifecycle, td: KvmTd) -> Process:
+    """KVM_TDX_INIT_VM, KVM_TDX_INIT_VCPU for every vCPU, KVM_TDX_FINALIZE_VM."""
+    job = life.new_job(td, Flow.CREATE)
+    mtd, lv = td.module, life.leaves
+    start = life.phase(job, Phase.CREATE, len(td.vcpus))
+    yield life.tdx_lock.acquire
+    status = yield life.call(job, L.TDH_MNG_CREATE, partial(lv.mng_create, mtd),
+                             arg0=mtd.hkid)
+    life.tdx_lock.release()
+    leaf = L.TDH_MNG_CREATE
+    for package, target in enumerate(life.first_lps):
+        if not status:
+            leaf = L.TDH_MNG_KEY_CONFIG
+            status = yield from life.on_lp(job, IpiPurpose.KEY_CONFIG, target, leaf,
+                                           partial(lv.key_config, mtd, package))
+    steps: list[tuple[Leaf, Callable[..., int], int | None]] = [
+        (L.TDH_MNG_ADDCX, partial(lv.mng_addcx, mtd), None)] * TDCS_PAGES
+    steps.append((L.TDH_MNG_INIT, partial(lv.mng_init, mtd), None))
+    for i in range(len(td.vcpus)):
+        steps.append((L.TDH_VP_CREATE, partial(lv.vp_create, mtd, i), i))
+        steps += [(L.TDH_VP_ADDCX, partial(lv.vp_addcx, mtd, i), i)] * (TDVPS_PAGES - 1)
+        steps.append((L.TDH_VP_INIT, partial(lv.vp_init, mtd, i), i))
+    for leaf, fn, vcpu in steps:
+        if status:
+            break
+        if leaf == L.TDH_VP_INIT:
+            yield life.mmu_write(td)  # VP.INIT takes the TDR exclusively
+        status = yield life.call(job, leaf, fn, vcpu=vcpu)
+        if leaf == L.TDH_VP_INIT:
+            td.mmu.release_write()
+    life.done(job, Phase.CREATE, start, status)
+    if status:
+        return life.bug(job, leaf, status)
+    start = life.phase(job, Phase.FINALIZE)
+    status = yield life.call(job, L.TDH_MR_FINALIZE, partial(lv.mr_finalize, mtd))
+    life.done(job, Phase.FINALIZE, start, status)
+    life.log.count("tds_created")
+    return life.bug(job, L.TDH_MR_FINALIZE, status) if status else SUCCESS
