@@ -79,3 +79,50 @@ def test_analyzers_equal_truth(tmp_path: Path, analyzers: list, name: str,  # ty
     assert not mismatches, f"{name} seed {seed}: " + "; ".join(mismatches)
     quiet = [key for key in STORY.get(name, ()) if not summary.truth.get(key)]
     assert not quiet, f"{name} seed {seed}: nothing happened for {quiet}"
+
+
+# Policies and fault injections the built-in scenarios leave at their defaults: the same
+# figures must still equal the truth (one of these caught resent VPFLUSHDONEs counted as
+# leaks). Each names the truth counters its story needs to be non-zero.
+TEARDOWN_RACE = ["td.memory_mb=8", "teardown.vpflushdone_tries=3",
+                 "faults.vcpu_load_during_teardown_p=1.0"]
+VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
+    "resend-flush-recovers": ("teardown", [*TEARDOWN_RACE, "teardown.flush_loop=resend_flush"],
+                              ("teardown_vcpu_reloads", "teardowns_finished")),
+    "vpflushdone-only-leaks": ("teardown",
+                               [*TEARDOWN_RACE, "teardown.flush_loop=vpflushdone_only"],
+                               ("teardown_vcpu_reloads", "hkid_leaks")),
+    "early-hkid-release": ("teardown", ["td.memory_mb=8", "policy.hkid_release=early"],
+                           ("teardowns_finished",)),
+    "zero-step-local-retry": ("zero-step", ["policy.frozen_spte=local_retry"],
+                              ("local_retries",)),
+    "zap-retry-loop": ("zap-under-load", [*SHORT, "policy.zap_busy=retry_loop"],
+                       ("busy_total",)),
+    "zap-spinlock": ("zap-under-load", [*SHORT, "policy.zap_busy=seamcall_spinlock"],
+                     ("vms_bugged",)),
+    "zap-everything": ("memslot-churn", [*SHORT, "policy.zap_scope=everything"],
+                       ("sptes_zapped",)),
+    "mapgpa-partial": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=partial"], ("mapgpa_retries",)),
+    "mapgpa-no-progress": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=no_progress"],
+                           ("mapgpa_giveups",)),
+    "mapgpa-bad-r11": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=bad_r11"], ("mapgpa_retries",)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_analyzers_equal_truth_under_other_policies(
+        tmp_path: Path, analyzers: list, variant: str) -> None:  # type: ignore[type-arg]
+    name, overrides, story = VARIANTS[variant]
+    path = tmp_path / f"{variant}.arrow"
+    summary = record(load_scenario(name, overrides), 5, path)
+    outcomes = {o.name: o for o in run_analyzers(open_trace(path), analyzers)}
+    mismatches = []
+    for (analyzer, metric), truth_key in sorted(EXACT.items()):
+        result = outcomes[analyzer].result
+        assert result is not None, f"{analyzer}: {outcomes[analyzer].error}"
+        got, want = result.metrics.get(metric), summary.truth.get(truth_key)
+        if got != want:
+            mismatches.append(f"{analyzer}.{metric} = {got}, truth {truth_key} = {want}")
+    assert not mismatches, f"{variant}: " + "; ".join(mismatches)
+    quiet = [key for key in story if not summary.truth.get(key)]
+    assert not quiet, f"{variant}: nothing happened for {quiet}"

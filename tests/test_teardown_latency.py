@@ -54,13 +54,24 @@ class Teardown:
             self.call(Leaf.TDH_PHYMEM_PAGE_WBINVD, step, arg1=batch)
         self.done(Phase.PRIVATE_PAGES)
 
-    def release_hkid(self, *, wb_resumes: int = 0, flushvp_not_done: bool = False) -> None:
-        self.phase(Phase.RELEASE_HKID)
+    def flush_vcpus(self) -> None:
         self.phase(Phase.VP_FLUSH, 2)
         self.row(Kind.IPI, 40, sub=IpiPurpose.VP_FLUSH, lp=1, arg0=0, td=None)
         self.call(Leaf.TDH_VP_FLUSH, 300, vcpu=0, lp=1)
         self.call(Leaf.TDH_VP_FLUSH, 200, vcpu=1, lp=0)  # last ran here: no IPI
         self.done(Phase.VP_FLUSH)
+
+    def release_hkid(self, *, wb_resumes: int = 0, flushvp_not_done: bool = False,
+                     resends: int = 0) -> None:
+        """``resends``: VPFLUSHDONE fails that often first, each time after flushing every
+        vCPU again (the resend_flush loop: each attempt is its own VPFLUSHDONE phase)."""
+        self.phase(Phase.RELEASE_HKID)
+        self.flush_vcpus()
+        for _ in range(resends):
+            self.phase(Phase.VPFLUSHDONE)
+            self.call(Leaf.TDH_MNG_VPFLUSHDONE, 100, Status.FLUSHVP_NOT_DONE)
+            self.done(Phase.VPFLUSHDONE, Status.FLUSHVP_NOT_DONE)
+            self.flush_vcpus()
         self.phase(Phase.VPFLUSHDONE)
         if flushvp_not_done:
             self.call(Leaf.TDH_MNG_VPFLUSHDONE, 100, Status.FLUSHVP_NOT_DONE)
@@ -237,6 +248,30 @@ def test_vpflushdone_retried_until_it_succeeds_is_no_leak() -> None:
     assert result.metrics["vpflushdone_retries"] == 2
     assert result.metrics["hkid_leaks"] == 0
     assert result.tables["phases"].filter(phase="vpflushdone")["retries"].to_list() == [2]
+
+
+def test_vpflushdone_that_fails_then_succeeds_after_flushing_again_is_no_leak() -> None:
+    # resend_flush (seed 001): a VPFLUSHDONE phase ends in FLUSHVP_NOT_DONE, every vCPU is
+    # flushed again, and the next VPFLUSHDONE succeeds; the teardown finishes.
+    result = run_analyzer(ANALYZER, make_trace(one_td(pages=2, per_page_ns=1000, resends=2)))
+    per_td = result.tables["per_td"].row(0, named=True)
+    assert not per_td["hkid_leaked"] and per_td["finished"]
+    m = result.metrics
+    assert (m["teardowns"], m["finished"], m["hkid_leaks"]) == (1, 1, 0)
+    assert m["max_teardown_ns"] == per_td["teardown_ns"] > 0
+
+
+def test_trace_ending_between_vpflushdone_attempts_is_no_leak_yet() -> None:
+    rows: list[dict[str, Any]] = []
+    td = Teardown(rows, td=0, start_ns=0)
+    td.phase(Phase.TEARDOWN)
+    td.release_hkid(resends=1)
+    cut = next(i for i, r in enumerate(rows) if r["kind"] == Kind.PHASE_DONE
+               and r.get("status") == Status.FLUSHVP_NOT_DONE)
+    result = run_analyzer(ANALYZER, make_trace(rows[:cut + 1]))
+    per_td = result.tables["per_td"].row(0, named=True)
+    assert not per_td["hkid_leaked"] and not per_td["finished"]
+    assert result.metrics["hkid_leaks"] == 0
 
 
 def test_failed_key_freeid_leaks_the_pages_that_were_not_reclaimed() -> None:
