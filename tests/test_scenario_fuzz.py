@@ -164,3 +164,22 @@ def test_absurd_but_individually_valid_sizes_are_refused_with_the_limit_named(
                              f"65536 vCPUs is above the limit {MAX_TOTAL_VCPUS} "
                              "(lower td.count or td.vcpus)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("costs.mem.page.aug=5000", {"mem.page.aug": {"base_ns": 5000.0}}),
+    ('costs."mem.page.aug"=5000', {"mem.page.aug": {"base_ns": 5000.0}}),
+    ("costs.mem.page.aug.base_ns=7", {"mem.page.aug": {"base_ns": 7.0}}),
+    ("costs.vp.enter.jitter=0.5", {"vp.enter": {"jitter": 0.5}}),
+    ("costs.kick=300", {"kick": {"base_ns": 300.0}}),
+    ("costs.kick.tail_p=0.01", {"kick": {"tail_p": 0.01}}),
+])
+def test_set_overrides_a_cost_whose_name_has_dots(override: str,
+                                                   expected: dict[str, Any]) -> None:
+    # Leaf costs are named like the leaf (mem.page.aug): the dots belong to the name.
+    assert load_scenario("zero-step", [override]).data["costs"] == expected
+
+
+def test_set_with_an_unknown_cost_names_it() -> None:
+    with pytest.raises(ScenarioError, match=r"costs\.mem\.page\.agu: unknown cost"):
+        load_scenario("zero-step", ["costs.mem.page.agu=5"])

@@ -120,14 +120,34 @@ def _check_total_vcpus(source: str, scenario: dict[str, Any]) -> None:
                             f"{MAX_TOTAL_VCPUS} (lower td.count or td.vcpus)")
 
 
+def _key_parts(path: str) -> list[str]:
+    """A dotted key as TOML reads it (so ``costs."mem.page.aug"`` works), else split on dots."""
+    try:
+        node: Any = tomllib.loads(f"{path.strip()} = 0")
+    except tomllib.TOMLDecodeError:
+        return [p for p in path.strip().split(".") if p]
+    parts = []
+    while isinstance(node, dict) and len(node) == 1:
+        key = next(iter(node))
+        parts.append(key)
+        node = node[key]
+    return parts
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (path, value); the value is TOML, or else a plain string."""
     if "=" not in text:
         raise ScenarioError(f"--set {text!r}: expected KEY=VALUE (e.g. td.vcpus=8)")
     path, value_text = text.split("=", 1)
-    parts = [p for p in path.strip().split(".") if p]
+    parts = _key_parts(path)
     if not parts:
         raise ScenarioError(f"--set {text!r}: empty key")
+    if parts[0] == "costs" and len(parts) > 2:
+        # Cost names have dots of their own (mem.page.aug): everything between "costs" and
+        # an optional field name is the one name.
+        field = parts[-1] if parts[-1] in COST_FIELDS and len(parts) > 2 else None
+        name = ".".join(parts[1:-1] if field else parts[1:])
+        parts = ["costs", name] + ([field] if field else [])
     try:
         value = tomllib.loads(f"v = {value_text}")["v"]
     except tomllib.TOMLDecodeError:
