@@ -121,9 +121,10 @@ SPEC: dict[str, dict[str, Key]] = {
         "flush_loop": Key(str, "resend_flush", ("resend_flush", "vpflushdone_only"),
                           doc="on FLUSHVP_NOT_DONE: VP.FLUSH every vCPU again, or only "
                               "re-issue VPFLUSHDONE (seed 001)"),
-        "vpflushdone_tries": Key(int, 3, low=1, high=10000,
+        # Mainline by default, as every policy: no loop, FLUSHVP_NOT_DONE leaks the HKID.
+        "vpflushdone_tries": Key(int, 1, low=1, high=10000,
                                  doc="VPFLUSHDONE attempts before the HKID is leaked (1: "
-                                     "mainline, no loop)"),
+                                     "mainline, no loop; more: the flush_loop of seed 001)"),
         "cache_wb_blocks": Key(int, 4, low=1, high=100_000,
                                doc="sub-blocks of a package's CACHE.WB; every one but the last "
                                    "returns INTERRUPTED_RESUMABLE"),

@@ -4,6 +4,10 @@ MNG.CREATE under the global ``tdx_lock``, KEY.CONFIG on the first LP of every pa
 MNG.ADDCX per TDCS page, MNG.INIT, then per vCPU VP.CREATE, VP.ADDCX per TDCX page, VP.INIT
 (under mmu_lock write), then MR.FINALIZE. A failing step ends the creation and marks the VM
 bugged. Helper of :mod:`.lifecycle` (same conventions).
+
+Not modelled: KVM_TDX_INIT_MEM_REGION (TDH.MEM.PAGE.ADD plus 16 TDH.MR.EXTEND per page,
+reference §4(a) step 5) between VP.INIT and MR.FINALIZE; the TD starts with no private
+memory, and the guest's pages are added by AUG on its faults (or by teardown.prepopulate).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tdxtrace.codes import Leaf, Status, is_busy
+from tdxtrace.codes import Leaf, is_busy
 from tdxtrace.events import KickReason, Kind, RootKind, ZapReason
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS
@@ -35,7 +35,6 @@ TRACK = int(Leaf.TDH_MEM_TRACK)
 REMOVE = int(Leaf.TDH_MEM_PAGE_REMOVE)
 WBINVD = int(Leaf.TDH_PHYMEM_PAGE_WBINVD)
 RETRY_LOOP_MAX = 16  # SEAMCALL_RETRY_MAX of the dropped retry hack
-ALREADY_BLOCKED = int(Status.GPA_RANGE_ALREADY_BLOCKED)
 
 Done = Callable[[], None]
 
@@ -130,7 +129,10 @@ class ZapPath:
         level = 0 if gpa is not None else None
 
         def result(status: int) -> None:
-            if status == SUCCESS or (leaf == BLOCK and status == ALREADY_BLOCKED):
+            # Any other status bugs the VM, GPA_RANGE_ALREADY_BLOCKED included: KVM's
+            # TDX_BUG_ON on BLOCK/TRACK/REMOVE (tdx-reference.md §4(b) step 6); a range found
+            # blocked means an earlier zap went wrong, which must not be hidden.
+            if status == SUCCESS:
                 if attempt and self.policy == "kick_retry_once":
                     td.wait_for_sept_zap = False
                 then()
