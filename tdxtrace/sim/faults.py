@@ -8,21 +8,40 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tdxtrace.codes import OperandId, Status, with_operand
+from tdxtrace.codes import Leaf, OperandId, Status, with_operand
 from tdxtrace.errors import ScenarioError
 from tdxtrace.sim.costs import LEAF_BY_KEY
 from tdxtrace.sim.kernel import RandomStreams
+
+L = Leaf
+# The resource each leaf's BUSY names when injected (reference §6.2 and §6.3): the S-EPT tree
+# for the TDH.MEM.* leaves that take it, the TD epoch for TRACK and VP.ENTER, the KOT for the
+# HKID leaves, the vCPU's TDVPR for VP.*; every other TD-scope leaf takes the TDR.
+_CONTENDED: dict[int, OperandId] = {
+    **{int(leaf): OperandId.SEPT_TREE for leaf in (
+        L.TDH_MEM_SEPT_ADD, L.TDH_MEM_SEPT_REMOVE, L.TDH_MEM_PAGE_AUG, L.TDH_MEM_PAGE_ADD,
+        L.TDH_MEM_PAGE_REMOVE, L.TDH_MEM_RANGE_BLOCK, L.TDH_MEM_RANGE_UNBLOCK)},
+    int(L.TDH_MEM_TRACK): OperandId.TD_EPOCH,
+    int(L.TDH_VP_ENTER): OperandId.TD_EPOCH,
+    **{int(leaf): OperandId.KOT for leaf in (
+        L.TDH_MNG_CREATE, L.TDH_MNG_VPFLUSHDONE, L.TDH_MNG_KEY_FREEID, L.TDH_PHYMEM_CACHE_WB)},
+    **{int(leaf): OperandId.TDVPR for leaf in (
+        L.TDH_VP_CREATE, L.TDH_VP_ADDCX, L.TDH_VP_INIT, L.TDH_VP_FLUSH)},
+}
 
 
 class FaultPlan:
     def __init__(self, config: SimpleNamespace, rng: RandomStreams) -> None:
         self._leaf: int | None = None
         if config.spurious_busy_leaf:
-            leaf = LEAF_BY_KEY.get(config.spurious_busy_leaf)
+            # Accept the cost-table key (mem.page.aug) or the name every output prints
+            # (TDH.MEM.PAGE.AUG).
+            key = config.spurious_busy_leaf.strip().lower().removeprefix("tdh.")
+            leaf = LEAF_BY_KEY.get(key)
             if leaf is None:
                 raise ScenarioError(
                     f"faults.spurious_busy_leaf: unknown leaf {config.spurious_busy_leaf!r} "
-                    f"(allowed: {', '.join(sorted(LEAF_BY_KEY))})")
+                    f"(allowed: {', '.join(sorted(LEAF_BY_KEY))}, or TDH.* names)")
             self._leaf = int(leaf)
         self._busy_p = config.spurious_busy_p
         self.injects_busy = self._leaf is not None and self._busy_p > 0
@@ -30,8 +49,10 @@ class FaultPlan:
         self._ipi_p = config.ipi_delay_p
         self._ipi_ns = config.ipi_delay_ns
         self._ipi_rng = rng.stream("faults.ipi_delay")
-        # A spurious BUSY names the S-EPT tree: the most common operand in real traces.
-        self._busy_status = with_operand(int(Status.OPERAND_BUSY), OperandId.SEPT_TREE)
+        # A spurious BUSY names a resource the leaf really contends on (reference §6.2), so
+        # busy_retry can look for its holder as it would for a real one.
+        operand = _CONTENDED.get(self._leaf, OperandId.TDR) if self._leaf is not None else 0
+        self._busy_status = with_operand(int(Status.OPERAND_BUSY), operand)
 
     def maybe_spurious_busy(self, leaf: int, now: int) -> int:
         """0, or the BUSY status to return instead of running the call."""

@@ -101,7 +101,8 @@ SPEC: dict[str, dict[str, Key]] = {
     },
     "faults": {
         "spurious_busy_leaf": Key(str, "", doc="leaf that sometimes returns OPERAND_BUSY "
-                                               "(e.g. mem.page.aug); empty: none"),
+                                               "(mem.page.aug or TDH.MEM.PAGE.AUG); empty: "
+                                               "none"),
         "spurious_busy_p": Key(float, 0.0, low=0.0, high=1.0, doc="its probability"),
         "ipi_delay_p": Key(float, 0.0, low=0.0, high=1.0, doc="chance an IPI is delayed"),
         "ipi_delay_ns": Key(int, 20000, low=0, high=10_000_000_000, doc="by how much"),
