@@ -102,7 +102,11 @@ class AnalyzerOutcome:
 
 def error_line(err: BaseException) -> str:
     """An exception as one line: its type and its message."""
-    message = " ".join(str(err).split())
+    try:
+        text = str(err)
+    except Exception:  # a plugin's broken __str__ must not hide which error it raised
+        text = "(its message could not be shown)"
+    message = " ".join(text.split())
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
@@ -162,10 +166,20 @@ def select_analyzers(analyzers: Iterable[Analyzer], only: Sequence[str] = ()) ->
     return [by_name[n] for n in sorted(wanted)]
 
 
-def _run_guarded(analyzer: Analyzer, trace: Trace) -> AnalyzerOutcome:
+def _run_guarded(analyzer: Analyzer, trace: Trace, *, in_worker: bool = False) -> AnalyzerOutcome:
+    # Any BaseException an analyzer raises (GeneratorExit, SystemExit, an exception group...)
+    # is that analyzer's failure: its bug must not take the others down or print a traceback.
+    # KeyboardInterrupt is the exception: in the main thread it may be the user's Ctrl-C (or
+    # SIGTERM, see tdxtrace.cli), which must stop the whole command, so it propagates. In a
+    # worker thread it cannot be: Python delivers signals to the main thread only, so one
+    # raised there was raised by the analyzer itself and is reported as its failure.
     try:
         result = check_result(analyzer.name, analyzer.analyze(trace))
-    except (Exception, SystemExit) as err:  # an analyzer's bug must not take the others down
+    except KeyboardInterrupt as err:
+        if not in_worker:
+            raise
+        return AnalyzerOutcome(analyzer.name, None, error_line(err), analyzer)
+    except BaseException as err:  # any other BaseException: see above
         return AnalyzerOutcome(analyzer.name, None, error_line(err), analyzer)
     return AnalyzerOutcome(analyzer.name, result, None, analyzer)
 
@@ -176,18 +190,24 @@ def run_one(analyzer: Analyzer, trace: Trace, timeout: float | None = None) -> A
     With ``timeout`` the analyzer runs in a daemon thread; one that has not returned after
     ``timeout`` seconds is reported as failed and left behind (a Python thread running polars
     cannot be stopped; the process exits without waiting for it). Only a run that asks for a
-    timeout depends on the machine's speed.
+    timeout depends on the machine's speed. A Ctrl-C while waiting stops the command as usual.
     """
     if timeout is None:
         return _run_guarded(analyzer, trace)
     box: list[AnalyzerOutcome] = []
-    worker = threading.Thread(target=lambda: box.append(_run_guarded(analyzer, trace)),
-                              name=f"tdxtrace-analyzer-{analyzer.name}", daemon=True)
+
+    def work() -> None:
+        box.append(_run_guarded(analyzer, trace, in_worker=True))
+
+    worker = threading.Thread(target=work, name=f"tdxtrace-analyzer-{analyzer.name}",
+                              daemon=True)
     worker.start()
     worker.join(timeout)
-    if not box:
+    if worker.is_alive():  # only a thread still running has really run out of time
         return AnalyzerOutcome(analyzer.name, None,
                                f"timed out after {timeout:g} s (--timeout)", analyzer)
+    if not box:  # _run_guarded catches everything; kept so a gap can never read as a timeout
+        return AnalyzerOutcome(analyzer.name, None, "ended without a result", analyzer)
     return box[0]
 
 

@@ -1,14 +1,15 @@
 """The ``tdxtrace`` command: a thin click layer over library functions.
 
 Each command lives in its own module under :mod:`tdxtrace.commands`; this module only builds the
-group and turns :class:`~tdxtrace.errors.TdxtraceError` into one line on stderr.
+group and turns :class:`~tdxtrace.errors.TdxtraceError` and click's own usage errors into one
+line on stderr.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -35,8 +36,64 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _param_hint(err: click.BadParameter) -> str | None:
+    """The option or argument at fault as the user types it: ``-o/--output``, ``TRACE``."""
+    if err.param_hint is not None:
+        hint = err.param_hint
+        return hint if isinstance(hint, str) else "/".join(hint)
+    if isinstance(err.param, click.Option):
+        return "/".join(err.param.opts)
+    if err.param is not None:
+        return err.param.human_readable_name
+    return None
+
+
+def one_line_message(err: click.ClickException) -> str:
+    """A click error as the single line after ``tdxtrace: error: ``.
+
+    A bad value reads ``-o/--output: File '/tmp' is a directory``; other usage errors keep
+    click's wording (``Missing argument 'TRACE'``, ``No such command 'x'``). A usage error ends
+    with where to get help, the one useful line of click's usual four-line block.
+    """
+    hint = None
+    if isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter):
+        hint = _param_hint(err)  # MissingParameter's own wording already names the parameter
+    message = f"{hint}: {err.message}" if hint else err.format_message()
+    # One line even when a message (a plugin's, a type's) spans several.
+    message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    ctx = err.ctx if isinstance(err, click.UsageError) else None
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        help_name = max(ctx.command.get_help_option_names(ctx), key=len)
+        message = f"{message.removesuffix('.')} (see {ctx.command_path} {help_name})"
+    return message
+
+
 class _Group(click.Group):
     """A group whose commands report user errors as one line and a non-zero exit status."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        # click prints its errors in standalone mode only, as a 4-line Usage/Try/Error block,
+        # with no hook to change that; so run click non-standalone and do what standalone mode
+        # does here, printing ClickExceptions our way. A caller asking for non-standalone mode
+        # gets click's exceptions unchanged.
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:
+            err.show()  # a bare `tdxtrace`: the help is the message, as before
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"tdxtrace: error: {one_line_message(err)}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:  # Ctrl-C or EOF while click parses or prompts: as standalone does
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        # Non-standalone click returns a click Exit's code (--help, --version, ctx.exit(n)) or
+        # the command's return value; commands here return None and exit with sys.exit().
+        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

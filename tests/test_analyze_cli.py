@@ -216,3 +216,17 @@ def test_plugins_json_lists_failed_plugins_and_exits_1(plugins_dir: Path) -> Non
     assert doc["failed"] == [{
         "name": "broken", "where": str(plugins_dir / "broken.py"),
         "error": "ModuleNotFoundError: No module named 'no_such_module_here'"}]
+
+
+def test_no_analyzer_loaded_is_an_error_not_an_empty_success(trace_file: Path,
+                                                             tmp_path: Path) -> None:
+    # A plugin that registers no analyzer, and the only one allowed to load: nothing would
+    # run, and an empty output with exit 0 would read as "no findings" to a script.
+    folder = tmp_path / "quiet"
+    folder.mkdir()
+    (folder / "quiet.py").write_text("from tdxtrace import hookimpl\n\n@hookimpl\n"
+                                     "def register_analyzers():\n    return []\n")
+    result = invoke("analyze", trace_file, "--plugins-dir", folder, load="quiet")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("tdxtrace: error: no analyzers loaded")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""

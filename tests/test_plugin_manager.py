@@ -161,7 +161,9 @@ def test_tdxtrace_load_plugins_limits_what_loads(tmp_path: Path) -> None:
         plugin(tmp_path, name, name)
     assert sorted(dir_manager(tmp_path, env={"TDXTRACE_LOAD_PLUGINS": " gamma,alpha "}).origins
                   ) == ["alpha", "gamma"]
-    assert dir_manager(tmp_path, env={"TDXTRACE_LOAD_PLUGINS": ""}).origins == {}
+    for empty in ("", " , "):  # set but empty means unset: everything loads
+        assert sorted(dir_manager(tmp_path, env={"TDXTRACE_LOAD_PLUGINS": empty}).origins
+                      ) == ["alpha", "beta", "gamma"]
     with pytest.raises(TdxtraceError, match="TDXTRACE_LOAD_PLUGINS names unknown plugin"
                                             r"\(s\) delta; available: alpha, beta, gamma"):
         dir_manager(tmp_path, env={"TDXTRACE_LOAD_PLUGINS": "alpha,delta"})

@@ -15,7 +15,7 @@ import polars as pl
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
-from tdxtrace.plugins import load_analyzers, make_plugin_manager
+from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report.formatting import is_hex_name
 from tdxtrace.trace import open_trace
 
@@ -138,6 +138,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
         click.echo(f"tdxtrace: warning: {warning}", err=True)
     pm = make_plugin_manager(plugins_dirs=plugins_dirs)
     loaded = load_analyzers(pm)
+    require_analyzers(loaded)
     # Reported first: a failed plugin may be why an --analyzer NAME is unknown.
     for failed in loaded.failed:
         click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",

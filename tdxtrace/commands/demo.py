@@ -10,7 +10,7 @@ import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.record import ProgressLine
-from tdxtrace.plugins import load_analyzers, make_plugin_manager
+from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report import render, write_html
 from tdxtrace.sim.emulator import record
 from tdxtrace.sim.scenario import load_scenario
@@ -71,6 +71,7 @@ def demo_command(seed: int, out_dir: Path) -> None:
     progress.finish()
     trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
     loaded = load_analyzers(make_plugin_manager())
+    require_analyzers(loaded)
     outcomes = run_analyzers(trace, loaded.analyzers)
     rendered = render(trace, outcomes, analyzers={a.name: a for a in loaded.analyzers})
     written = write_html(rendered.html, out_dir / "demo.html", force=True)

@@ -71,7 +71,10 @@ def load_analyzers(pm: TdxtracePluginManager) -> LoadedAnalyzers:
                 raise TypeError(f"register_analyzers returned {type(returned).__name__}, "
                                 "expected a list")
             analyzers = [check_analyzer(a, impl.plugin_name) for a in returned]
-        except Exception as err:  # one plugin's bug must not hide the others' analyzers
+        except KeyboardInterrupt:  # the user's Ctrl-C (or SIGTERM) stops the command
+            raise
+        except BaseException as err:  # one plugin's bug (even SystemExit) must not hide
+            # the others' analyzers
             where = pm.origins[impl.plugin_name].where
             failed.append(FailedPlugin(impl.plugin_name, where, error_line(err)))
             continue
@@ -87,6 +90,14 @@ def load_analyzers(pm: TdxtracePluginManager) -> LoadedAnalyzers:
         plugin_of=plugin_of,
         failed=tuple(sorted(failed, key=lambda f: (f.name, f.where))),
     )
+
+
+def require_analyzers(loaded: LoadedAnalyzers) -> None:
+    """An error when nothing loaded and nothing failed: running no analyzer would print
+    nothing and exit 0, which a script would read as a clean bill of health."""
+    if not loaded.analyzers and not loaded.failed:
+        raise TdxtraceError("no analyzers loaded (check TDXTRACE_LOAD_PLUGINS and "
+                            "--plugins-dir; `tdxtrace plugins` lists what loads)")
 
 
 def describe_plugins(pm: TdxtracePluginManager,

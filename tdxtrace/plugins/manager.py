@@ -2,9 +2,10 @@
 
 Plugins come from two places, both loaded the same way: the entry-point group ``tdxtrace``
 (installed packages, the built-in analyzers included) and ``*.py`` files in folders given with
-``--plugins-dir``. ``TDXTRACE_LOAD_PLUGINS`` (comma-separated plugin names; empty = none) limits
-which of them load. A plugin whose module fails to import is recorded as a failed plugin and
-the rest still load; a plugin that implements an unknown (misspelled) hook is an error.
+``--plugins-dir``. ``TDXTRACE_LOAD_PLUGINS`` (comma-separated plugin names) limits which of
+them load; set but empty (or only spaces and commas) it means the same as unset: every plugin
+loads. A plugin whose module fails to import is recorded as a failed plugin and the rest still
+load; a plugin that implements an unknown (misspelled) hook is an error.
 Nothing registers at import time: every call of :func:`make_plugin_manager` starts empty.
 """
 
@@ -73,7 +74,8 @@ def make_plugin_manager(*, plugins_dirs: Sequence[Path] = (), load_entry_points:
                         env: Mapping[str, str] | None = None) -> TdxtracePluginManager:
     """Build a plugin manager with every allowed plugin loaded and its hooks checked.
 
-    ``env`` defaults to ``os.environ`` (only ``TDXTRACE_LOAD_PLUGINS`` is read). Raises
+    ``env`` defaults to ``os.environ`` (only ``TDXTRACE_LOAD_PLUGINS`` is read; unset, empty
+    or only spaces and commas, every plugin loads). Raises
     :class:`TdxtraceError` for a plugins dir that is not a folder, a name in
     ``TDXTRACE_LOAD_PLUGINS`` that matches no plugin, and a plugin implementing a hook that
     does not exist or with the wrong arguments.
@@ -148,10 +150,12 @@ def _file_loader(path: Path) -> Callable[[], ModuleType]:
 
 
 def _allowed_names(env: Mapping[str, str], candidates: Sequence[_Candidate]) -> set[str] | None:
-    value = env.get(LOAD_PLUGINS_ENV)
-    if value is None:
+    allowed = {name.strip() for name in env.get(LOAD_PLUGINS_ENV, "").split(",") if name.strip()}
+    if not allowed:
+        # Empty is "no limit", not "load nothing": `VAR= cmd` or a blank CI variable is far
+        # more often a limit left unset than a wish to run without analyzers, and loading
+        # nothing made `analyze` print nothing and exit 0.
         return None
-    allowed = {name.strip() for name in value.split(",") if name.strip()}
     known = {c.origin.name for c in candidates}
     unknown = sorted(allowed - known)
     if unknown:
@@ -169,7 +173,9 @@ def _load(pm: TdxtracePluginManager, candidate: _Candidate) -> None:
         return
     try:
         module = candidate.load()
-    except (Exception, SystemExit) as err:  # a broken plugin must not stop the others
+    except KeyboardInterrupt:  # the user's Ctrl-C (or SIGTERM) stops the command
+        raise
+    except BaseException as err:  # a broken plugin (even `raise GeneratorExit`) fails alone
         pm.failed.append(FailedPlugin(origin.name, origin.where, error_line(err)))
         return
     try:
