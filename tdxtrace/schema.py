@@ -91,7 +91,8 @@ FIELDS: tuple[Field, ...] = (
     Field("rip", pa.uint64(), True, "guest linear address",
           "Guest RIP (TD_ENTRY, TD_EXIT, PAGE_FAULT, truth zero-step rows)."),
     Field("arg0", pa.uint64(), True, "per kind",
-          "First kind-specific argument (see the kind table in the README / schemas/)."),
+          "First kind-specific argument (see the table of kinds: `tdxtrace schema`, "
+          "schemas/trace-v1.txt)."),
     Field("arg1", pa.uint64(), True, "per kind", "Second kind-specific argument."),
     Field("arg2", pa.uint64(), True, "per kind", "Third kind-specific argument."),
 )
@@ -102,7 +103,9 @@ COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 KIND_ARGS: dict[str, str] = {
     "SEAMCALL": "leaf, status, dur_ns, lp, td, vcpu (VP.* leaves), gpa+level (MEM.* leaves); "
                 "arg0 = RCX input when it is not a GPA (CACHE.WB resume flag, reclaimed page "
-                "number, MNG.CREATE HKID); arg1 = a page count for batched RECLAIMs",
+                "number, MNG.CREATE HKID); arg1 = the pages a batched row stands for (teardown "
+                "BLOCK, TRACK, REMOVE, WBINVD and RECLAIM beyond teardown.row_pages per phase; "
+                "dur_ns is their sum)",
     "TD_ENTRY": "td, vcpu, lp, rip; leaf = 0",
     "TD_EXIT": "td, vcpu, lp, status (RAX), exit_reason, gpa (R8), rip, arg0 = exit "
                "qualification (KVM cannot tell a module-synthesized exit from a real one)",

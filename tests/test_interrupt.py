@@ -64,8 +64,10 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
         folder = tmp_path_factory.mktemp(sig.name)
         out = folder / "run.arrow"
         child = _start(["record", "fault-storm", *LONG, "-o", out], folder)
-        partial = folder / "run.arrow.partial"
-        _wait_for(lambda p=partial: _size(p) > FIRST_BATCHES_BYTES, child)  # type: ignore[misc]
+        def grown(folder: Path = folder) -> bool:  # the run's own .run.arrow.<random>.partial
+            return any(_size(p) > FIRST_BATCHES_BYTES for p in folder.glob(".run.arrow.*.partial"))
+
+        _wait_for(grown, child)
         child.send_signal(sig)
         _, stderr = child.communicate(timeout=WAIT_S)
         runs[sig.name] = (out, stderr, child.returncode)

@@ -20,24 +20,14 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner, Result
-
-from tdxtrace.cli import main
+from cli_helpers import assert_one_line_error as _one_line_error
+from cli_helpers import run_cli as _run
+from click.testing import Result
 
 SHORT = ("--set", "run.duration_us=3000")  # ~20k events, ~150 KB
 BIG = ("--set", "run.duration_us=60000")  # well over 1 MB
 
 
-def _run(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result: Result, path: Path, problem: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith(f"tdxtrace: error: {path}: "), result.stderr
-    assert problem in result.stderr, result.stderr
 
 
 def _only(folder: Path, *names: str) -> None:

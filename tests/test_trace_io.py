@@ -201,10 +201,12 @@ def test_writer_keeps_the_name_free_until_close(tmp_path: Path) -> None:
     writer = TraceWriter(path, META)
     writer.write_batch(_batch(0, 10))
     writer.write_batch(_batch(10, 5))
-    assert not path.exists() and (tmp_path / "run.arrow.partial").exists()
+    partial = writer.partial_path
+    assert not path.exists() and partial.parent == tmp_path and partial.exists()
+    assert partial.name.startswith(".run.arrow.") and partial.name.endswith(".partial")
     assert writer.events_written == 15
     summary = writer.close({"faults": 1})
-    assert path.exists() and not (tmp_path / "run.arrow.partial").exists()
+    assert path.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run.arrow"]
     assert summary.events == 15 and open_trace(path).summary == summary
 
 

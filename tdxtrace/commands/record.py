@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from tdxtrace.outputs import check_output
 from tdxtrace.sim.emulator import record
-from tdxtrace.sim.scenario import load_scenario
+from tdxtrace.sim.scenario import builtin_names, load_scenario
 
 
 class ProgressLine:
@@ -46,7 +47,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 @click.option("--seed", type=int, default=1, show_default=True, help="Run seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a scenario key, e.g. --set td.vcpus=8 (repeatable).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=click.Path(path_type=Path),  # checked by check_output
               default=None, help="Trace file to write [default: SCENARIO.arrow].")
 @click.option("--compression", type=click.Choice(["zstd", "lz4"]), default="zstd",
               show_default=True)
@@ -61,6 +62,9 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
     """
     loaded = load_scenario(scenario, overrides)
     path = output or Path(f"{Path(scenario).stem}.arrow")
+    # A scenario file given as the output would be lost; the writer checks the rest again.
+    scenario_file = None if scenario in builtin_names() else Path(scenario)
+    check_output(path, force=force, inputs=(scenario_file,))
     progress = ProgressLine(sys.stderr.isatty())
     before = _identity(path)
     try:

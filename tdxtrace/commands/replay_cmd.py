@@ -13,6 +13,7 @@ import click
 
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
+from tdxtrace.outputs import check_output
 from tdxtrace.plugins import load_analyzers, make_plugin_manager
 from tdxtrace.replay import (
     AnalysisCheck,
@@ -193,7 +194,7 @@ def _run_analysis(trace: Trace, plugins_dirs: Sequence[Path],
 
 @click.command("capsule")
 @click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=click.Path(path_type=Path),  # checked when writing
               default=None, help="Capsule file to write [default: TRACE.capsule.json].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def capsule_command(trace_path: Path, output: Path | None, force: bool) -> None:
@@ -206,9 +207,10 @@ def capsule_command(trace_path: Path, output: Path | None, force: bool) -> None:
     Example:
       tdxtrace capsule run.arrow -o run.capsule.json
     """
+    path = output or trace_path.with_name(trace_path.name + ".capsule.json")
+    check_output(path, force=force, inputs=(trace_path,))  # before reading the whole trace
     trace = open_trace(trace_path)
     capsule = capsule_from_trace(trace)
-    path = output or trace_path.with_name(trace_path.name + ".capsule.json")
-    write_capsule(capsule, path, force=force)
+    write_capsule(capsule, path, force=force, inputs=(trace_path,))
     click.echo(f"{path}: capsule of {capsule.events} events, {capsule.digest} "
                f"({path.stat().st_size} bytes)")

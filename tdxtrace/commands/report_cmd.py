@@ -11,7 +11,8 @@ import click
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
-from tdxtrace.errors import OutputError, TdxtraceError
+from tdxtrace.errors import TdxtraceError
+from tdxtrace.outputs import check_output
 from tdxtrace.plugins import FailedPlugin, load_analyzers, make_plugin_manager
 from tdxtrace.report import default_report_path, parse_thresholds, render, write_html
 from tdxtrace.report.thresholds import ThresholdTable
@@ -71,7 +72,8 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     \b
     Exit status: 0 written; 1 written, but an analyzer, a plugin or a section template
     failed (its section shows the error); 2 bad input (unreadable trace, unknown analyzer,
-    bad --threshold, output exists without --force).
+    bad --threshold, output exists without --force, output is the trace itself or not a
+    regular file).
 
     \b
     Examples:
@@ -81,8 +83,8 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     """
     thresholds = parse_thresholds(threshold_specs)
     path = output if output is not None else default_report_path(trace_path)
-    if path.exists() and not force:  # before the analysis, not after minutes of it
-        raise OutputError(f"{path}: already exists (use --force to overwrite it)")
+    # Before the analysis, not after minutes of it; write_html checks again when publishing.
+    check_output(path, force=force, inputs=(trace_path,))
     trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
     for warning in trace.warnings:
         click.echo(f"tdxtrace: warning: {warning}", err=True)
@@ -95,7 +97,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     plugin_outcomes = [failed_plugin_outcome(f) for f in loaded.failed]
     rendered = render(trace, [*outcomes, *plugin_outcomes],
                       analyzers={a.name: a for a in loaded.analyzers}, thresholds=thresholds)
-    written = write_html(rendered.html, path, force=force)
+    written = write_html(rendered.html, path, force=force, inputs=(trace_path,))
     errors = {o.name: o.error for o in outcomes if o.error}
     for name in rendered.failed:
         if name in errors:

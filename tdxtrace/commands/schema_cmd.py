@@ -7,7 +7,6 @@ schemas/``; a test fails when they drift from :mod:`tdxtrace.schema`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import click
 
 from tdxtrace.errors import OutputError
 from tdxtrace.events import TRUTH_KIND_BASE, Kind
+from tdxtrace.outputs import write_output
 from tdxtrace.schema import (
     FIELDS,
     FORMAT_NAME,
@@ -60,16 +60,6 @@ def schema_json() -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {err.strerror or err}") from None
-
-
 def export_schema(folder: Path) -> list[Path]:
     """Write ``trace-v1.txt`` and ``trace-v1.arrow-schema`` (serialized Arrow schema)."""
     if folder.exists() and not folder.is_dir():
@@ -83,7 +73,7 @@ def export_schema(folder: Path) -> list[Path]:
         folder / ARROW_FILE: arrow_schema().serialize().to_pybytes(),
     }
     for path, data in outputs.items():
-        _write_atomically(path, data)
+        write_output(path, data, force=True)  # regenerating overwrites, but only regular files
     return list(outputs)
 
 

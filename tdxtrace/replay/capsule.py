@@ -16,7 +16,7 @@ Layout (keys sorted, UTF-8)::
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from tdxtrace.errors import OutputError, TdxtraceError
+from tdxtrace.outputs import check_output, write_output
 from tdxtrace.replay.compare import Divergence
 from tdxtrace.replay.runner import (
     ReplayPlan,
@@ -90,21 +91,16 @@ def capsule_from_trace(trace: Trace) -> Capsule:
                    trace.summary.digest, dict(trace.summary.truth))
 
 
-def write_capsule(capsule: Capsule, path: Path, *, force: bool = False) -> None:
-    """Write ``path`` through a temporary name, so it is either whole or absent."""
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists (use --force to overwrite it)")
+def write_capsule(capsule: Capsule, path: Path, *, force: bool = False,
+                  inputs: Sequence[Path | None] = ()) -> None:
+    """Write ``path`` through a temporary name, so it is either whole or absent.
+
+    ``inputs`` (the trace the capsule was made from) must not be ``path``, even with ``force``.
+    """
+    check_output(path, force=force, inputs=inputs)  # before the folder: its words are clearer
     if not path.parent.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist")
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(capsule.to_json(), encoding="utf-8")
-        os.replace(partial, path)
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {err.strerror or err}") from err
+    write_output(path, capsule.to_json().encode("utf-8"), force=force, inputs=inputs)
 
 
 def _field(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:

@@ -15,12 +15,12 @@ overrides the analyzers' own; see :mod:`tdxtrace.report.thresholds` for the mark
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tdxtrace.errors import OutputError
+from tdxtrace.outputs import check_output, write_output
 from tdxtrace.report import model as _model
 from tdxtrace.report.render import RenderedReport, render_model
 from tdxtrace.report.thresholds import THRESHOLD_RULE, ThresholdTable, parse_thresholds
@@ -28,6 +28,8 @@ from tdxtrace.report.thresholds import THRESHOLD_RULE, ThresholdTable, parse_thr
 if TYPE_CHECKING:
     from tdxtrace.analysis import Analyzer, AnalyzerOutcome
     from tdxtrace.trace import Trace
+
+_CANNOT_WRITE = "cannot write the report ({reason})"
 
 __all__ = [
     "THRESHOLD_RULE",
@@ -82,41 +84,28 @@ def default_report_path(trace_path: Path) -> Path:
     return Path("reports") / f"{trace_path.stem}.html"
 
 
-def write_html(html: str, path: Path, *, force: bool = False) -> Path:
+def write_html(html: str, path: Path, *, force: bool = False,
+               inputs: Sequence[Path | None] = ()) -> Path:
     """Write ``html`` to ``path`` through a temporary file in the same folder, then rename.
 
     The folder is created if missing. An existing ``path`` is an :class:`OutputError` unless
-    ``force``; a crash never leaves a half-written report under the final name.
+    ``force``; one that is not a regular file, or is one of ``inputs`` (the trace), is one
+    even with ``force``. A crash never leaves a half-written report under the final name.
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder, expected a report file name")
+    check_output(path, force=force, inputs=inputs)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"{path}: cannot write the report (folder {parent} is not "
                                   "a folder)")
             break
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists (use --force to overwrite it)")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
-                                         dir=path.parent)
+        os.makedirs(path.parent, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{path}: cannot write the report ({err.strerror or err})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.write(html)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(temp_name, path)
-    except OSError as err:
-        Path(temp_name).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the report ({err.strerror or err})") from None
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_output(path, html.encode("utf-8"), force=force, inputs=inputs,
+                        failure=_CANNOT_WRITE)
 
 
 def write_report(trace: Trace, outcomes: Sequence[AnalyzerOutcome], path: Path, *,
@@ -124,7 +113,6 @@ def write_report(trace: Trace, outcomes: Sequence[AnalyzerOutcome], path: Path, 
                  thresholds: ThresholdTable | None = None, force: bool = False) -> Path:
     """Render the report and write it to ``path`` (see :func:`write_html`); returns ``path``."""
     path = Path(path)
-    if path.exists() and not force:  # checked before the work, and again when writing
-        raise OutputError(f"{path}: already exists (use --force to overwrite it)")
+    check_output(path, force=force, inputs=(trace.path,))  # before the work, and when writing
     html = render_report(trace, outcomes, analyzers=analyzers, thresholds=thresholds)
-    return write_html(html, path, force=force)
+    return write_html(html, path, force=force, inputs=(trace.path,))

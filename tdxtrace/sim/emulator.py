@@ -65,7 +65,7 @@ def metadata_for(scenario: Scenario, seed: int) -> RunMetadata:
 
 def record(scenario: Scenario, seed: int, path: str | Path, *, force: bool = False,
            compression: str = "zstd", progress: Progress | None = None) -> Summary:
-    """Record ``scenario`` to ``path`` (written as ``path.partial``, renamed when finished)."""
+    """Record ``scenario`` to ``path`` (through a temporary file, published when finished)."""
     with TraceWriter(path, metadata_for(scenario, seed), compression=compression,
                      force=force) as writer:
         truth = run_scenario(scenario, seed, writer.write_batch, progress)

@@ -11,16 +11,18 @@ Why a zero-row batch and not the file footer: pyarrow takes the footer's custom 
 the writer *opens*, before the counts are known. A reader finds the summary in the last batch
 (``RecordBatchFileReader.get_batch_with_custom_metadata``). A file without it is *unfinished*.
 
-The writer writes ``NAME.partial``, fsyncs it, and renames it to ``NAME`` only when closed, so
-a crash never leaves a file that looks whole. It does no per-row Python work: batches are
-validated by their column types, null counts and first/last ``seq``.
+The writer writes a temporary ``.NAME.<random>.partial`` in the same folder (unique per run, so
+concurrent runs cannot mix their files), fsyncs it, and gives it the name ``NAME`` only when
+closed, so a crash never leaves a file that looks whole. Without ``force`` the name is claimed
+atomically: if ``NAME`` appeared meanwhile, the run fails rather than overwrite it (see
+:mod:`tdxtrace.outputs`). It does no per-row Python work: batches are validated by their
+column types, null counts and first/last ``seq``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -31,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import OutputError, TdxtraceError, TraceFormatError
+from tdxtrace.outputs import check_output, create_temp, os_reason, publish
 from tdxtrace.schema import COLUMN_NAMES, FIELDS, SCHEMA_VERSION, arrow_schema
 from tdxtrace.trace.digest import ContentDigest
 from tdxtrace.trace.metadata import RunMetadata, Summary
@@ -40,16 +43,6 @@ DEFAULT_BATCH_ROWS = 65536
 COMPRESSIONS: dict[str, str | None] = {"zstd": "zstd", "lz4": "lz4", "none": None}
 _EXPECTED_TYPES = tuple(f.type for f in FIELDS)
 _NOT_NULL = tuple(i for i, f in enumerate(FIELDS) if not f.nullable)
-
-
-def _reason(err: OSError) -> str:
-    """The system's words for an OSError (Arrow's I/O errors wrap them in longer text)."""
-    if err.errno:
-        return os.strerror(err.errno)
-    found = re.search(r"\[errno (\d+)\]", str(err))
-    if found:
-        return os.strerror(int(found.group(1)))
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 class TraceWriter:
@@ -63,12 +56,10 @@ class TraceWriter:
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
         self.path = Path(path)
-        self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.batch_rows = batch_rows
-        if self.path.is_dir():
-            raise OutputError(f"{self.path}: is a directory")
-        if (self.path.exists() or self.path.is_symlink()) and not force:
-            raise OutputError(f"{self.path}: already exists (use --force to overwrite it)")
+        self._force = force
+        # Checked now so a bad output fails before the run, and again when publishing.
+        check_output(self.path, force=force)
         if not self.path.parent.is_dir():
             problem = "is not a folder" if self.path.parent.exists() else "does not exist"
             raise OutputError(f"{self.path}: folder {self.path.parent} {problem}")
@@ -77,17 +68,20 @@ class TraceWriter:
         self._events = 0
         self._batches = 0
         self._open = False
+        fd, self.partial_path = create_temp(self.path)
+        os.close(fd)  # Arrow opens the file by name
         try:
             self._sink = pa.OSFile(str(self.partial_path), "wb")
         except OSError as err:
-            raise OutputError(f"{self.path}: cannot write: {_reason(err)}") from err
+            self.partial_path.unlink(missing_ok=True)
+            raise OutputError(f"{self.path}: cannot write: {os_reason(err)}") from err
         try:
             options = ipc.IpcWriteOptions(compression=COMPRESSIONS[compression])
             self._writer = ipc.new_file(self._sink, self._schema, options=options)
         except OSError as err:
             self._sink.close()
             self.partial_path.unlink(missing_ok=True)
-            raise OutputError(f"{self.path}: cannot write: {_reason(err)}") from err
+            raise OutputError(f"{self.path}: cannot write: {os_reason(err)}") from err
         self._open = True
 
     @property
@@ -114,7 +108,7 @@ class TraceWriter:
         self._events += batch.num_rows
 
     def close(self, truth: dict[str, Any] | None = None) -> Summary:
-        """Write the summary, close, fsync and rename ``NAME.partial`` to ``NAME``."""
+        """Write the summary, close, fsync and publish the temporary file as ``NAME``."""
         self._check_open()
         summary = Summary(self._events, self._digest.hexdigest(), dict(truth or {}))
         summary_meta = summary.to_arrow()  # fails here, writer still open, if truth isn't JSON
@@ -129,14 +123,14 @@ class TraceWriter:
         return summary
 
     def close_unfinished(self) -> Path:
-        """Close without a summary (an interrupted run) and rename; readers say unfinished."""
+        """Close without a summary (an interrupted run) and publish; readers say unfinished."""
         self._check_open()
         with signals_held():
             self._finish()
         return self.path
 
     def abort(self) -> None:
-        """Give up: close and remove ``NAME.partial``; ``NAME`` is left untouched."""
+        """Give up: close and remove the temporary file; ``NAME`` is left untouched."""
         if not self._open:
             return
         self._open = False
@@ -202,29 +196,16 @@ class TraceWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(self.partial_path, self.path)
         except OSError as err:
             self._fail(err)
-        self._open = False
-        _fsync_folder(self.path.parent)
+        try:
+            publish(self.partial_path, self.path, force=self._force)
+        finally:  # published, or refused (the name appeared meanwhile) and the file removed
+            self._open = False
 
     def _fail(self, err: OSError) -> NoReturn:
         self.abort()
-        raise OutputError(f"{self.path}: cannot write: {_reason(err)}") from err
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable; best effort (not every platform can fsync a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        raise OutputError(f"{self.path}: cannot write: {os_reason(err)}") from err
 
 
 def conform_events(frame: pl.DataFrame | pa.Table, *, source: str = "events") -> pa.Table:
