@@ -13,7 +13,7 @@ from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.outputs import check_output
-from tdxtrace.plugins import FailedPlugin, load_analyzers, make_plugin_manager
+from tdxtrace.plugins import FailedPlugin, load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report import default_report_path, parse_thresholds, render, write_html
 from tdxtrace.report.thresholds import ThresholdTable
 from tdxtrace.trace import open_trace
@@ -89,6 +89,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     for warning in trace.warnings:
         click.echo(f"tdxtrace: warning: {warning}", err=True)
     loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))
+    require_analyzers(loaded)
     for failed in loaded.failed:
         click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",
                    err=True)
