@@ -16,7 +16,9 @@ compression; unfinished) and every kind of damage the reader must survive:
 
 Each :class:`Case` says what must happen: ``"error"`` (one line naming the file),
 ``"partial"`` (a correct prefix of the events, with a warning), ``"full"`` (every event, with
-or without warnings) or ``"any"`` (an error or a correct partial read; bit flips land anywhere).
+or without warnings), ``"whole"`` (cut after the summary: every event, finished, with a
+damaged-footer warning) or ``"any"`` (an error or a correct partial read; bit flips land
+anywhere).
 :func:`check_case` is the oracle shared by the corpus test and the hypothesis tests.
 """
 
@@ -54,7 +56,7 @@ TRUTH = {"faults": 12}
 class Case:
     name: str
     path: Path
-    expect: str  # "error" | "partial" | "full" | "any"
+    expect: str  # "error" | "partial" | "full" | "whole" | "any"
     base: str  # the good trace it was made from ("" when built from scratch)
     events: pl.DataFrame | None = None  # what a full read gives, when not the base's events
 
@@ -131,8 +133,10 @@ def truncations(folder: Path, base: Base) -> list[Case]:
     cases = []
     for offset in sorted(o for o in offsets if 0 < o < len(data)):
         path = _write(folder, f"{base.name}-cut-{offset}", data[:offset])
-        # Before the schema ends nothing can be saved; after it, a prefix always can.
-        expect = "error" if offset < ends[0] else "partial"
+        # Before the schema ends nothing can be saved; after it, a prefix always can; once
+        # the summary is whole, every event can (the reader checks them against its digest).
+        whole = base.finished and offset >= ends[-1]  # a finished trace's last batch: summary
+        expect = "error" if offset < ends[0] else "whole" if whole else "partial"
         cases.append(Case(path.stem, path, expect, base.name))
     return cases
 
@@ -345,6 +349,9 @@ def _check_read(case: Case, trace: Trace, events: pl.DataFrame, expected: pl.Dat
         assert trace.warnings, f"{case.name}: rows missing or unfinished, but no warning"
     if case.expect == "partial":
         assert events.height < expected.height or not trace.finished, case.name
+    if case.expect == "whole":  # only the footer is damaged
+        assert events.height == expected.height and trace.finished, case.name
+        assert any("damaged footer" in w for w in trace.warnings), trace.warnings
     if case.expect == "full":
         assert events.height == expected.height and trace.finished, case.name
         assert any(" events have " in w for w in trace.warnings), trace.warnings

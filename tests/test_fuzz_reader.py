@@ -104,7 +104,8 @@ def test_every_damaged_file_in_the_corpus_gives_an_error_or_a_correct_partial_re
     assert outcomes["error->error"] >= 20 and outcomes["partial->partial"] >= 150
     assert outcomes["full->full"] == 5
     assert outcomes["any->error"] >= 300 and outcomes["any->full"] >= 100
-    assert outcomes["any->partial"] >= 20  # a damaged footer: read as a file cut short
+    # Cut or damaged after the summary (the footer): every event, checked by the digest.
+    assert outcomes["whole->full"] >= 10 and outcomes["any->full"] >= 200
     assert result["cases"] >= 800
     growth = result["peak_mb"] - result["baseline_mb"]
     assert growth < RSS_GROWTH_LIMIT_MB, result

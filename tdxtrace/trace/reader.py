@@ -222,17 +222,26 @@ def _check_stream(file: Path, source: str, mapped: pa.MemoryMappedFile, size: in
                   checker: BatchChecker) -> Trace:
     end_of_complete = mapped.tell()
     problem: str | None = None
-    while problem is None:
+    summary: Summary | None = None
+    while problem is None and summary is None:
         try:
-            batch = stream.read_next_batch()
+            with_meta = stream.read_next_batch_with_custom_metadata()
         except StopIteration:
             break
         except (pa.ArrowException, OSError, ValueError):
             break  # a batch cut in the middle: everything before it is good
-        problem = checker.check(batch)
+        if with_meta.batch.num_rows == 0 and with_meta.custom_metadata:
+            # The writer's summary made it to disk; only what follows it (the footer) is
+            # damaged, so the events can still be vouched for by the digest.
+            summary = _summary(with_meta.custom_metadata, source)
+            end_of_complete = mapped.tell()
+            continue
+        problem = checker.check(with_meta.batch)
         if problem is None:
             end_of_complete = mapped.tell()
     tail = size - end_of_complete
+    if summary is not None:
+        return _footer_damaged(file, source, metadata, summary, checker, tail)
     warnings = [_unfinished(source, checker.batches, checker.events)]
     if problem is not None:
         warnings.append(f"{source}: record batch {checker.batches} is damaged ({problem}); "
@@ -242,4 +251,20 @@ def _check_stream(file: Path, source: str, mapped: pa.MemoryMappedFile, size: in
         f"short); {tail} bytes after the last complete batch were ignored")
     warnings += _suspects(source, checker)
     return Trace(path=file, metadata=metadata, summary=None, num_events=checker.events,
+                 warnings=tuple(warnings), layout=Layout("stream", checker.batches))
+
+
+def _footer_damaged(file: Path, source: str, metadata: RunMetadata, summary: Summary,
+                    checker: BatchChecker, tail: int) -> Trace:
+    """A finished trace whose footer was damaged or cut off after the summary batch: whole
+    if its events match the summary, as an intact file must."""
+    if summary.digest != checker.hexdigest() or summary.events != checker.events:
+        raise TraceFormatError(
+            f"{source}: damaged trace: the Arrow footer is damaged and the events do not "
+            "match the summary's digest (the file was changed after it was written)")
+    warnings = [f"{source}: damaged footer: the {tail} bytes after the summary are not a valid "
+                "Arrow footer (the file was changed after it was written); every event was "
+                "read and matches the summary's digest"]
+    warnings += _suspects(source, checker)
+    return Trace(path=file, metadata=metadata, summary=summary, num_events=checker.events,
                  warnings=tuple(warnings), layout=Layout("stream", checker.batches))
