@@ -230,3 +230,23 @@ def test_no_analyzer_loaded_is_an_error_not_an_empty_success(trace_file: Path,
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("tdxtrace: error: no analyzers loaded")
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_strict_refuses_a_cut_trace_that_would_otherwise_analyze_to_zeros(
+        trace_file: Path, tmp_path: Path) -> None:
+    # A trace cut inside its only batch reads as 0 events: without --strict the figures are
+    # all zero and the exit status 0, which a CI check would take for a clean run.
+    cut = tmp_path / "cut.arrow"
+    data = trace_file.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    lenient = invoke("analyze", cut, "--format", "json", load="busy_retry")
+    assert lenient.exit_code == 0 and "unfinished trace" in lenient.stderr
+    assert json.loads(lenient.stdout)["busy_retry"]["metrics"]["busy_total"] == 0
+    strict = invoke("analyze", cut, "--strict", "--format", "json", load="busy_retry")
+    assert strict.exit_code == 2 and strict.stdout == ""
+    assert strict.stderr.splitlines()[-1] == (
+        f"tdxtrace: error: {cut}: --strict: the trace has 2 warning(s), above; nothing was "
+        "analyzed")
+    whole = invoke("analyze", trace_file, "--strict", "--format", "json", load="busy_retry")
+    assert whole.exit_code == 0 and json.loads(whole.stdout)["busy_retry"]["metrics"][
+        "busy_total"] == 24

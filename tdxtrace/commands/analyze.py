@@ -15,6 +15,7 @@ import polars as pl
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.options import timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
+from tdxtrace.errors import TraceFormatError
 from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report.formatting import is_hex_name
 from tdxtrace.trace import open_trace
@@ -108,8 +109,11 @@ def outcomes_text(outcomes: Sequence[AnalyzerOutcome]) -> str:
 @timeout_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Text for people, or JSON for scripts and CI.")
+@click.option("--strict", is_flag=True,
+              help="Refuse a trace with any warning (unfinished, damaged, suspect rows) "
+                   "instead of analyzing what could be read: exit status 2.")
 def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequence[Path],
-                    fmt: str, timeout: float | None) -> None:
+                    fmt: str, timeout: float | None, strict: bool) -> None:
     """Run the analyzers over TRACE and print their metrics and tables.
 
     Analyzers come from the plugins (see `tdxtrace plugins`); results are ordered by analyzer
@@ -126,16 +130,22 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
 
     \b
     Exit status: 0 all analyzers ran; 1 an analyzer or a plugin failed (the other results
-    are still printed); 2 bad input (unreadable trace, unknown --analyzer, bad plugin hook).
+    are still printed); 2 bad input (unreadable trace, unknown --analyzer, bad plugin hook,
+    or with --strict a trace with warnings: a CI check then cannot pass on the part of a cut
+    or damaged file that could be read).
 
     \b
     Examples:
       tdxtrace analyze run.arrow
       tdxtrace analyze run.arrow -a busy_retry --format json
+      tdxtrace analyze run.arrow --strict --format json > figures.json   (CI)
     """
     trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
     for warning in trace.warnings:
         click.echo(f"tdxtrace: warning: {warning}", err=True)
+    if strict and trace.warnings:
+        raise TraceFormatError(f"{trace_path}: --strict: the trace has {len(trace.warnings)} "
+                               "warning(s), above; nothing was analyzed")
     pm = make_plugin_manager(plugins_dirs=plugins_dirs)
     loaded = load_analyzers(pm)
     require_analyzers(loaded)
