@@ -26,7 +26,8 @@ SPEC: dict[str, dict[str, Key]] = {
         "duration_us": Key(int, 20000, low=1, high=3_600_000_000,
                            doc="simulated time to run the TDs (µs)"),
         "max_events": Key(int, 0, low=0, high=2_000_000_000,
-                          doc="stop after about this many events (0: no limit)"),
+                          doc="stop the run after about this many events (0: no limit); TD "
+                              "creation and teardown come on top"),
     },
     "host": {
         "lps": Key(int, 8, low=1, high=4096, doc="logical processors"),
