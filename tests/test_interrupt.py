@@ -96,8 +96,9 @@ def test_info_analyze_and_report_read_the_interrupted_trace_and_mark_it_unfinish
     facts = json.loads(info.stdout)
     assert facts["finished"] is False and facts["digest"] is None
     assert facts["events"] >= 65536 and facts["scenario"] == "fault-storm"
-    assert facts["warnings"] == [f"{out}: unfinished trace (no summary): "
-                                 f"{-(-facts['events'] // 65536)} complete batches, "
+    batches = -(-facts["events"] // 65536)
+    assert facts["warnings"] == [f"{out}: unfinished trace (no summary): {batches} complete "
+                                 f"{'batch' if batches == 1 else 'batches'}, "
                                  f"{facts['events']} events read"]
     analyze = _tdxtrace("analyze", "--format", "json", "-a", "seamcall_latency",
                         "-a", "busy_retry", out, cwd=folder)

@@ -273,8 +273,9 @@ def test_an_imported_trace_cannot_be_replayed(tmp_path: Path) -> None:
     write_events(path, frame, RunMetadata(producer="perf-import"))
     result = _replay(path)
     assert result.exit_code == 2
-    assert result.output == (f"tdxtrace: error: {path}: cannot replay: no scenario (the trace "
-                             "was produced by 'perf-import', not recorded by the emulator)\n")
+    assert result.output == (f"tdxtrace: error: {path}: cannot replay: the trace holds no "
+                             "scenario to re-run (producer 'perf-import'; only `tdxtrace record` "
+                             "stores one)\n")
 
 
 def test_neither_or_both_inputs_is_a_usage_error(storm: Path) -> None:

@@ -55,8 +55,9 @@ def test_a_file_cut_anywhere_keeps_every_complete_batch(tmp_path: Path, trace_fi
             assert_frame_equal(trace.events().collect(), full)
             continue
         assert not trace.finished and trace.summary is None, offset
+        plural = "batch" if batches == 1 else "batches"
         assert trace.warnings[0] == (f"{cut}: unfinished trace (no summary): {batches} "
-                                     f"complete batches, {batches * 100} events read")
+                                     f"complete {plural}, {batches * 100} events read")
         assert trace.warnings[1].startswith(f"{cut}: damaged tail: the Arrow footer is missing")
         assert trace.num_events() == batches * 100
         assert len(list(trace.iter_batches())) == batches

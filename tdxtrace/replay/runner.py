@@ -71,9 +71,9 @@ def version_note(written_by: str, source: str) -> str | None:
 def plan_from_metadata(metadata: RunMetadata, source: str, *, force: bool) -> ReplayPlan:
     """The run a trace describes; a :class:`TdxtraceError` when it cannot be replayed."""
     if not metadata.scenario_text:
-        producer = metadata.producer or "an unknown producer"
-        raise TdxtraceError(f"{source}: cannot replay: no scenario (the trace was produced by "
-                            f"{producer!r}, not recorded by the emulator)")
+        producer = repr(metadata.producer) if metadata.producer else "an unknown producer"
+        raise TdxtraceError(f"{source}: cannot replay: the trace holds no scenario to re-run "
+                            f"(producer {producer}; only `tdxtrace record` stores one)")
     if metadata.producer != "emulator":
         raise TdxtraceError(f"{source}: cannot replay: metadata {META_PRODUCER} is "
                             f"{metadata.producer!r} but the trace holds a scenario (altered "

@@ -55,7 +55,8 @@ def _validate_schema(schema: pa.Schema, source: str) -> RunMetadata:
 
 
 def _unfinished(source: str, batches: int, events: int) -> str:
-    return (f"{source}: unfinished trace (no summary): {batches} complete batches, "
+    plural = "batch" if batches == 1 else "batches"
+    return (f"{source}: unfinished trace (no summary): {batches} complete {plural}, "
             f"{events} events read")
 
 
