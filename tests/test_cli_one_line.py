@@ -91,6 +91,9 @@ BAD_INVOCATIONS: dict[str, tuple[Args, Args]] = {
     "replay-needs-a-source": (
         lambda d: ["replay"],
         lambda d: ["give either TRACE or --capsule FILE", "(see tdxtrace replay --help)"]),
+    "replay-until-with-analyze": (
+        lambda d: ["replay", "run.arrow", "--until", "5", "--analyze"],
+        lambda d: ["--analyze and --until cannot be combined", "(see tdxtrace replay --help)"]),
     "unknown-option": (
         lambda d: ["analyze", "run.arrow", "--bogus"],
         lambda d: ["No such option '--bogus'", "(see tdxtrace analyze --help)"]),

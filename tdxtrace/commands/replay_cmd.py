@@ -153,6 +153,8 @@ def replay_command(trace_path: Path | None, capsule_path: Path | None, force: bo
         raise click.UsageError("give either TRACE or --capsule FILE")
     if capsule_path is not None and analyze:
         raise click.UsageError("--analyze needs the trace's events, not a capsule")
+    if until is not None and analyze:  # --until stops part way: nothing whole to analyze
+        raise click.UsageError("--analyze and --until cannot be combined")
     trace = open_trace(trace_path) if trace_path is not None else None
     if trace is not None:
         for warning in trace.warnings:
