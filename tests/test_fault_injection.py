@@ -53,3 +53,16 @@ def test_unknown_leaf_is_refused_naming_the_key() -> None:
     with pytest.raises(ScenarioError, match=r"faults\.spurious_busy_leaf: unknown leaf 'mem\.aug'"):
         run("fault-storm", *SHORT, "faults.spurious_busy_leaf='mem.aug'",
             "faults.spurious_busy_p=0.5")
+
+
+@pytest.mark.parametrize("name, leaf", [("mng.create", Leaf.TDH_MNG_CREATE),
+                                        ("mng.key.config", Leaf.TDH_MNG_KEY_CONFIG),
+                                        ("vp.create", Leaf.TDH_VP_CREATE)])
+def test_a_failed_td_creation_bugs_the_vm_naming_the_call_that_failed(name: str,
+                                                                      leaf: Leaf) -> None:
+    events, truth = run("zero-step", "run.duration_us=500", f"faults.spurious_busy_leaf='{name}'",
+                        "faults.spurious_busy_p=1.0")
+    bugged = events.filter(pl.col("kind") == int(Kind.VM_BUGGED))
+    assert bugged["leaf"].to_list() == [int(leaf)] and truth["vms_bugged"] == 1
+    assert (bugged["status"].to_list()[0] >> 32) == int(Status.OPERAND_BUSY) >> 32
+    assert not truth.get("tds_created")

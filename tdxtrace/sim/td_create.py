@@ -51,9 +51,10 @@ def create_td(life: Lifecycle, td: KvmTd) -> Process:
         steps.append((L.TDH_VP_CREATE, partial(lv.vp_create, mtd, i), i))
         steps += [(L.TDH_VP_ADDCX, partial(lv.vp_addcx, mtd, i), i)] * (TDVPS_PAGES - 1)
         steps.append((L.TDH_VP_INIT, partial(lv.vp_init, mtd, i), i))
-    for leaf, fn, vcpu in steps:
+    for step, fn, vcpu in steps:
         if status:
-            break
+            break  # ``leaf`` stays the call that failed, for the VM_BUGGED row
+        leaf = step
         if leaf == L.TDH_VP_INIT:
             yield life.mmu_write(td)  # VP.INIT takes the TDR exclusively
         status = yield life.call(job, leaf, fn, vcpu=vcpu)
