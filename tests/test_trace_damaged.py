@@ -94,6 +94,36 @@ def test_a_summary_that_disagrees_with_the_batches_is_reported(tmp_path: Path) -
     assert trace.warnings == (f"{path}: the summary says 5 events but the file holds 3",)
 
 
+def test_batches_after_the_summary_of_a_footerless_file_refuse_it(tmp_path: Path) -> None:
+    # Batches after the summary: no digest vouches for them, and the writer never writes any.
+    schema = arrow_schema(RunMetadata().to_arrow())
+    events = conform_events(pl.DataFrame({"ts_ns": [0, 1, 2], "kind": [1, 1, 1]})).cast(schema)
+    first, more = events.slice(0, 2).to_batches()[0], events.slice(2).to_batches()[0]
+    path = tmp_path / "run.arrow"
+    with ipc.new_file(str(path), schema) as writer:
+        writer.write_batch(first)
+        writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema),
+                           custom_metadata=Summary(2, digest_batches([first]), {}).to_arrow())
+        writer.write_batch(more)
+    data = path.read_bytes()
+    path.write_bytes(data[:message_ends(data)[-1]])  # no footer
+    with pytest.raises(TraceFormatError, match=f"^{path}: damaged trace: record batches follow "
+                                               "the summary"):
+        open_trace(path)
+
+
+def test_a_footer_cut_off_exactly_says_the_metadata_cannot_be_checked(
+        tmp_path: Path, trace_file: Path) -> None:
+    data = trace_file.read_bytes()
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(data[:message_ends(data)[-1]])
+    trace = open_trace(cut)
+    assert trace.finished and trace.warnings == (
+        f"{cut}: damaged footer: the Arrow footer is missing (the file was cut short); every "
+        "event was read and matches the summary's digest, but the run metadata (scenario, "
+        "seed) cannot be checked",)
+
+
 def _arrow_file(path: Path, schema: pa.Schema) -> Path:
     with ipc.new_file(str(path), schema) as writer:
         writer.write_table(schema.empty_table())

@@ -236,6 +236,7 @@ def _check_stream(file: Path, source: str, mapped: pa.MemoryMappedFile, size: in
             # damaged, so the events can still be vouched for by the digest.
             summary = _summary(with_meta.custom_metadata, source)
             end_of_complete = mapped.tell()
+            _check_nothing_follows(stream, source)
             continue
         problem = checker.check(with_meta.batch)
         if problem is None:
@@ -263,9 +264,24 @@ def _footer_damaged(file: Path, source: str, metadata: RunMetadata, summary: Sum
         raise TraceFormatError(
             f"{source}: damaged trace: the Arrow footer is damaged and the events do not "
             "match the summary's digest (the file was changed after it was written)")
-    warnings = [f"{source}: damaged footer: the {tail} bytes after the summary are not a valid "
-                "Arrow footer (the file was changed after it was written); every event was "
-                "read and matches the summary's digest"]
+    footer = (f"the {tail} bytes after the summary are not a valid Arrow footer (the file "
+              "was changed after it was written)" if tail else "the Arrow footer is missing "
+              "(the file was cut short)")
+    # The digest covers the events only; the run metadata's one check is its copy in the
+    # footer, which is gone: say so, since replay would blame the emulator for altered seeds.
+    warnings = [f"{source}: damaged footer: {footer}; every event was read and matches the "
+                "summary's digest, but the run metadata (scenario, seed) cannot be checked"]
     warnings += _suspects(source, checker)
     return Trace(path=file, metadata=metadata, summary=summary, num_events=checker.events,
                  warnings=tuple(warnings), layout=Layout("stream", checker.batches))
+
+
+def _check_nothing_follows(stream: ipc.RecordBatchStreamReader, source: str) -> None:
+    """The summary is the writer's last batch: another batch after it means the file was
+    assembled or altered, and no digest vouches for what follows."""
+    try:
+        stream.read_next_batch()
+    except (StopIteration, pa.ArrowException, OSError, ValueError):
+        return  # the end of the stream, or the damage that took the footer
+    raise TraceFormatError(f"{source}: damaged trace: record batches follow the summary (the "
+                           "file was changed after it was written)")
