@@ -31,7 +31,14 @@ from tdxtrace.trace.signals import signals_held
 EXISTS = "already exists (use --force to overwrite it)"
 CANNOT_WRITE = "cannot write: {reason}"  # callers may word it their own way, with {reason}
 TEMP_SUFFIX = ".partial"
-_MODE = 0o644  # mkstemp makes files private; outputs are meant to be shared and read
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the umask. mkstemp makes files
+    private (0o600) whatever the umask; an output should honour the user's choice."""
+    mask = os.umask(0)  # the only way to read it; set back at once (no threads create files)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -93,7 +100,7 @@ def create_temp(path: Path, *, failure: str = CANNOT_WRITE) -> tuple[int, Path]:
     except OSError as err:
         raise OutputError(f"{path}: {failure.format(reason=os_reason(err))}") from None
     try:
-        os.chmod(name, _MODE)
+        os.chmod(name, _new_file_mode())
     except OSError as err:
         os.close(fd)
         Path(name).unlink(missing_ok=True)
@@ -136,7 +143,7 @@ def _link_no_clobber(temp: Path, path: Path) -> None:
         # No hard links here (FAT and exFAT say EPERM; some FUSE and SMB mounts ENOTSUP or
         # ENOSYS). Claim the name with an exclusive create, then rename over the placeholder:
         # a reader may see an empty file for a moment, but no other file is ever overwritten.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _MODE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         placeholder = os.fstat(fd)
         os.close(fd)
         try:

@@ -258,4 +258,20 @@ def test_traces_stay_byte_identical_and_readable_by_others(tmp_path: Path) -> No
     assert _run("record", "zero-step", *SHORT, "-o", first).exit_code == 0
     assert _run("record", "zero-step", *SHORT, "-o", second).exit_code == 0
     assert first.read_bytes() == second.read_bytes()
-    assert stat.S_IMODE(first.stat().st_mode) == 0o644  # not mkstemp's private 0o600
+    old_mask = os.umask(0o022)
+    os.umask(old_mask)
+    # Not mkstemp's private 0o600: what open() would have made under the umask.
+    assert stat.S_IMODE(first.stat().st_mode) == 0o666 & ~old_mask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_outputs_honour_the_umask(tmp_path: Path, mask: int) -> None:
+    trace, capsule = tmp_path / "a.arrow", tmp_path / "a.capsule.json"
+    old_mask = os.umask(mask)
+    try:
+        assert _run("record", "zero-step", *SHORT, "-o", trace).exit_code == 0
+        assert _run("capsule", trace, "-o", capsule).exit_code == 0
+    finally:
+        os.umask(old_mask)
+    for path in (trace, capsule):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

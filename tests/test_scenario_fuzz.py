@@ -183,3 +183,14 @@ def test_set_overrides_a_cost_whose_name_has_dots(override: str,
 def test_set_with_an_unknown_cost_names_it() -> None:
     with pytest.raises(ScenarioError, match=r"costs\.mem\.page\.agu: unknown cost"):
         load_scenario("zero-step", ["costs.mem.page.agu=5"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["costs.mem.page.aug=5000", "costs.mem.page.aug.jitter=0.5"],
+    ["costs.mem.page.aug.jitter=0.5", "costs.mem.page.aug=5000"],
+    ['costs."mem.page.aug".jitter=0.5', "costs.mem.page.aug.base_ns=5000"],
+])
+def test_cost_overrides_combine_field_by_field(overrides: list[str]) -> None:
+    # A bare number is the base cost only: it must not drop, or refuse, the other fields.
+    assert load_scenario("zero-step", overrides).data["costs"] == {
+        "mem.page.aug": {"base_ns": 5000.0, "jitter": 0.5}}

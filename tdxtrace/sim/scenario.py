@@ -207,6 +207,9 @@ def load_scenario(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()
         raise ScenarioError(f"{source}: not valid TOML: {err}") from None
     for item in overrides:
         parts, value = parse_override(item)
+        if parts[0] == "costs" and len(parts) > 1:
+            _override_cost(raw, parts, value, item)
+            continue
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -214,6 +217,19 @@ def load_scenario(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()
                 raise ScenarioError(f"--set {item}: {part!r} is not a table")
         node[parts[-1]] = value
     return Scenario(resolve(raw, source))
+
+
+def _override_cost(raw: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
+    """``costs.NAME=N`` sets NAME's base_ns, keeping its other fields; ``costs.NAME.FIELD=V``
+    sets one field, keeping a base_ns given as a bare number."""
+    costs = raw.setdefault("costs", {})
+    if not isinstance(costs, dict):
+        raise ScenarioError(f"--set {item}: 'costs' is not a table")
+    name, field = parts[1], parts[2] if len(parts) > 2 else "base_ns"
+    current = costs.get(name, {})
+    spec = dict(current) if isinstance(current, dict) else {"base_ns": current}
+    spec[field] = value
+    costs[name] = spec
 
 
 def from_canonical(text: str, source: str) -> Scenario:
