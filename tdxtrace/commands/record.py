@@ -11,6 +11,7 @@ import click
 from tdxtrace.outputs import check_output
 from tdxtrace.sim.emulator import record
 from tdxtrace.sim.scenario import builtin_names, load_scenario
+from tdxtrace.trace.signals import interrupt_once
 
 
 class ProgressLine:
@@ -67,17 +68,18 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
     check_output(path, force=force, inputs=(scenario_file,))
     progress = ProgressLine(sys.stderr.isatty())
     before = _identity(path)
-    try:
-        summary = record(loaded, seed, path, force=force, compression=compression,
-                         progress=progress)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI group turns it into this)
-        progress.finish()
-        if _identity(path) not in (None, before):
-            click.echo(f"tdxtrace: interrupted: {path} keeps the events recorded so far and "
-                       "is marked unfinished", err=True)
-        else:
-            click.echo(f"tdxtrace: interrupted before the first batch of events was written; "
-                       f"{path} was not written", err=True)
-        sys.exit(130)
+    with interrupt_once():  # a second Ctrl-C must not cut the unfinished trace's clean-up
+        try:
+            summary = record(loaded, seed, path, force=force, compression=compression,
+                             progress=progress)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+            progress.finish()
+            if _identity(path) not in (None, before):
+                click.echo(f"tdxtrace: interrupted: {path} keeps the events recorded so far "
+                           "and is marked unfinished", err=True)
+            else:
+                click.echo(f"tdxtrace: interrupted before the first batch of events was "
+                           f"written; {path} was not written", err=True)
+            sys.exit(130)
     progress.finish()
     click.echo(f"{path}: {summary.events} events, {summary.digest}")

@@ -149,12 +149,16 @@ class TraceWriter:
             return
         if exc_type is None:
             self.close()
-        elif self._batches:
-            # If this fails too, the original exception matters more (the partial is gone).
-            with contextlib.suppress(OutputError):
-                self.close_unfinished()
-        else:
-            self.abort()
+            return
+        # Held for the whole clean-up: a second Ctrl-C right after the first (a user pressing
+        # it twice) would otherwise cut it short and leave the temporary file behind.
+        with signals_held():
+            if self._batches:
+                # If this fails too, the original exception matters more (the partial is gone).
+                with contextlib.suppress(OutputError):
+                    self.close_unfinished()
+            else:
+                self.abort()
 
     # -- internals ---------------------------------------------------------------------------
 
