@@ -4,6 +4,8 @@ injected."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 import pytest
 from emulator_helpers import run
@@ -11,6 +13,8 @@ from emulator_helpers import run
 from tdxtrace.codes import Leaf, OperandId, Status, with_operand
 from tdxtrace.errors import ScenarioError
 from tdxtrace.events import Kind
+from tdxtrace.sim.emulator import record
+from tdxtrace.sim.scenario import load_scenario
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace_plugins.busy_retry import BusyRetry
 
@@ -66,3 +70,14 @@ def test_a_failed_td_creation_bugs_the_vm_naming_the_call_that_failed(name: str,
     assert bugged["leaf"].to_list() == [int(leaf)] and truth["vms_bugged"] == 1
     assert (bugged["status"].to_list()[0] >> 32) == int(Status.OPERAND_BUSY) >> 32
     assert not truth.get("tds_created")
+
+
+def test_the_leaf_is_stored_one_way_however_it_was_spelled(tmp_path: Path) -> None:
+    # The scenario is stored in the trace: two spellings of one leaf must give one file.
+    paths = []
+    for spelling in ("mem.range.block", " TDH.MEM.RANGE.BLOCK"):
+        path = tmp_path / f"{len(paths)}.arrow"
+        record(load_scenario("zap-under-load", [*SHORT, f"faults.spurious_busy_leaf='{spelling}'",
+                                                "faults.spurious_busy_p=0.2"]), 3, path)
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()

@@ -109,8 +109,19 @@ def resolve(raw: dict[str, Any], source: str) -> dict[str, Any]:
                                            given.get(name, spec.default))
                         for name, spec in keys.items()}
     out.setdefault("costs", {})
+    out["faults"]["spurious_busy_leaf"] = _leaf_key(source, out["faults"]["spurious_busy_leaf"])
     _check_total_vcpus(source, out)
     return out
+
+
+def _leaf_key(source: str, text: str) -> str:
+    """A leaf as its cost-table key (``mem.page.aug``), whichever way it was written
+    (``TDH.MEM.PAGE.AUG`` too): stored one way, so the spelling cannot change the trace."""
+    key = text.strip().lower().removeprefix("tdh.")
+    if key and key not in LEAF_BY_KEY:
+        raise ScenarioError(f"{source}: faults.spurious_busy_leaf: unknown leaf {text!r} "
+                            f"(allowed: {', '.join(sorted(LEAF_BY_KEY))}, or TDH.* names)")
+    return key
 
 
 def _check_total_vcpus(source: str, scenario: dict[str, Any]) -> None:
