@@ -47,6 +47,8 @@ def _is_valid(key: Key, value: Any) -> bool:
         value = float(value)
     if not isinstance(value, key.type):
         return False
+    if key.normalize is not None:
+        value = key.normalize(value)
     if key.allowed:
         return value in key.allowed
     if isinstance(value, float) and math.isnan(value):
@@ -69,7 +71,8 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(where: tuple[str, str],
     if _is_valid(key, value):
         assume(not (section == "td" and raw["td"].get("count", 1) * raw["td"]["vcpus"]
                     > MAX_TOTAL_VCPUS))
-        assert resolve(raw, SOURCE)[section][name] == value
+        stored = key.normalize(value) if key.normalize is not None else value
+        assert resolve(raw, SOURCE)[section][name] == stored
         return
     with pytest.raises(ScenarioError) as caught:
         resolve(raw, SOURCE)

@@ -31,7 +31,7 @@ def _bound(key: Key, bound: float) -> str:
 def allowed_text(key: Key) -> str:
     """What a key accepts, in words, for error messages."""
     if key.allowed:
-        return "one of " + ", ".join(map(str, key.allowed))
+        return "one of " + ", ".join(map(_shown, key.allowed))
     kinds = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
     kind = kinds.get(key.type, key.type.__name__)
     if key.low is not None and key.high is not None:
@@ -39,14 +39,20 @@ def allowed_text(key: Key) -> str:
     return kind
 
 
+def _shown(choice: Any) -> str:
+    return '""' if choice == "" else str(choice)
+
+
 def _check_value(where: str, key: Key, value: Any) -> Any:
+    if key.normalize is not None and isinstance(value, key.type):
+        value = key.normalize(value)
     if key.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, key.type) or isinstance(value, bool) != (key.type is bool):
         raise ScenarioError(f"{where}: expected {allowed_text(key)}, got {value!r}")
     if key.allowed and value not in key.allowed:
         raise ScenarioError(f"{where}: {value!r} is not allowed "
-                            f"(allowed: {', '.join(map(str, key.allowed))})")
+                            f"(allowed: {', '.join(map(_shown, key.allowed))})")
     if isinstance(value, float) and math.isnan(value):  # nan compares false with any limit
         raise ScenarioError(f"{where}: nan is not allowed (expected {allowed_text(key)})")
     number: Any = value
@@ -109,19 +115,9 @@ def resolve(raw: dict[str, Any], source: str) -> dict[str, Any]:
                                            given.get(name, spec.default))
                         for name, spec in keys.items()}
     out.setdefault("costs", {})
-    out["faults"]["spurious_busy_leaf"] = _leaf_key(source, out["faults"]["spurious_busy_leaf"])
     _check_total_vcpus(source, out)
     return out
 
-
-def _leaf_key(source: str, text: str) -> str:
-    """A leaf as its cost-table key (``mem.page.aug``), whichever way it was written
-    (``TDH.MEM.PAGE.AUG`` too): stored one way, so the spelling cannot change the trace."""
-    key = text.strip().lower().removeprefix("tdh.")
-    if key and key not in LEAF_BY_KEY:
-        raise ScenarioError(f"{source}: faults.spurious_busy_leaf: unknown leaf {text!r} "
-                            f"(allowed: {', '.join(sorted(LEAF_BY_KEY))}, or TDH.* names)")
-    return key
 
 
 def _check_total_vcpus(source: str, scenario: dict[str, Any]) -> None:

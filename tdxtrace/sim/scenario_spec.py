@@ -7,8 +7,11 @@ before any work starts, with the limit named.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from tdxtrace.sim.costs import LEAF_BY_KEY
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,15 @@ class Key:
     low: float | None = None
     high: float | None = None
     doc: str = ""
+    # Applied to a value of the right type before it is checked and stored, so that two
+    # spellings of one choice give one scenario (and one trace).
+    normalize: Callable[[Any], Any] | None = None
+
+
+def leaf_key(text: str) -> str:
+    """A leaf as its cost-table key: ``TDH.MEM.PAGE.AUG`` and `` mem.page.aug`` are
+    ``mem.page.aug``."""
+    return text.strip().lower().removeprefix("tdh.")
 
 
 SPEC: dict[str, dict[str, Key]] = {
@@ -101,9 +113,9 @@ SPEC: dict[str, dict[str, Key]] = {
                                  doc="no_progress: EAGAINs without progress per conversion"),
     },
     "faults": {
-        "spurious_busy_leaf": Key(str, "", doc="leaf that sometimes returns OPERAND_BUSY "
-                                               "(mem.page.aug or TDH.MEM.PAGE.AUG); empty: "
-                                               "none"),
+        "spurious_busy_leaf": Key(str, "", ("", *sorted(LEAF_BY_KEY)), normalize=leaf_key,
+                                  doc="leaf that sometimes returns OPERAND_BUSY "
+                                      "(mem.page.aug or TDH.MEM.PAGE.AUG); empty: none"),
         "spurious_busy_p": Key(float, 0.0, low=0.0, high=1.0, doc="its probability"),
         "ipi_delay_p": Key(float, 0.0, low=0.0, high=1.0, doc="chance an IPI is delayed"),
         "ipi_delay_ns": Key(int, 20000, low=0, high=10_000_000_000, doc="by how much"),
