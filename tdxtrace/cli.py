@@ -48,7 +48,7 @@ def _param_hint(err: click.BadParameter) -> str | None:
     return None
 
 
-def one_line_message(err: click.ClickException) -> str:
+def one_line_message(err: click.ClickException, help_command: str | None = None) -> str:
     """A click error as the single line after ``tdxtrace: error: ``.
 
     A bad value reads ``-o/--output: File '/tmp' is a directory``; other usage errors keep
@@ -65,6 +65,9 @@ def one_line_message(err: click.ClickException) -> str:
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
         help_name = max(ctx.command.get_help_option_names(ctx), key=len)
         message = f"{message.removesuffix('.')} (see {ctx.command_path} {help_name})"
+    elif isinstance(err, click.UsageError) and help_command:
+        # click's option parser raises some errors ("requires an argument") with no context.
+        message = f"{message.removesuffix('.')} (see {help_command} --help)"
     return message
 
 
@@ -86,7 +89,8 @@ class _Group(click.Group):
             err.show()  # a bare `tdxtrace`: the help is the message, as before
             sys.exit(err.exit_code)
         except click.ClickException as err:
-            click.echo(f"tdxtrace: error: {one_line_message(err)}", err=True)
+            click.echo(f"tdxtrace: error: {one_line_message(err, self._help_for(args))}",
+                       err=True)
             sys.exit(err.exit_code)
         except click.Abort:  # Ctrl-C or EOF while click parses or prompts: as standalone does
             click.echo("Aborted!", err=True)
@@ -94,6 +98,12 @@ class _Group(click.Group):
         # Non-standalone click returns a click Exit's code (--help, --version, ctx.exit(n)) or
         # the command's return value; commands here return None and exit with sys.exit().
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+
+    def _help_for(self, args: Sequence[str] | None) -> str:
+        """``tdxtrace CMD`` for the command the arguments name, else ``tdxtrace``."""
+        words = list(sys.argv[1:] if args is None else args)
+        command = next((w for w in words if not w.startswith("-")), None)
+        return f"tdxtrace {command}" if command in self.commands else "tdxtrace"
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -94,6 +94,9 @@ BAD_INVOCATIONS: dict[str, tuple[Args, Args]] = {
     "replay-until-with-analyze": (
         lambda d: ["replay", "run.arrow", "--until", "5", "--analyze"],
         lambda d: ["--analyze and --until cannot be combined", "(see tdxtrace replay --help)"]),
+    "option-without-its-argument": (
+        lambda d: ["record", "zero-step", "-o"],
+        lambda d: ["Option '-o' requires an argument", "(see tdxtrace record --help)"]),
     "unknown-option": (
         lambda d: ["analyze", "run.arrow", "--bogus"],
         lambda d: ["No such option '--bogus'", "(see tdxtrace analyze --help)"]),
