@@ -201,6 +201,25 @@ def test_force_replaces_a_name_taken_during_the_run(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.arrow"]
 
 
+def test_an_interrupted_record_whose_name_was_taken_says_its_events_were_not_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run.arrow"
+    real = emulator.run_scenario
+
+    def run_scenario(scenario: Any, seed: int, sink: Any, progress: Any = None) -> Any:
+        real(scenario, seed, sink, progress)  # batches written: an unfinished trace to keep
+        out.write_bytes(b"the other run's trace")
+        raise KeyboardInterrupt  # Ctrl-C after another process took the name
+
+    monkeypatch.setattr(emulator, "run_scenario", run_scenario)
+    result = _run("record", "zero-step", *SHORT, "-o", out)
+    assert result.exit_code == 130
+    assert result.stderr == (f"tdxtrace: interrupted: another file took the name {out} during "
+                             "the run; the events recorded so far were not kept\n")
+    assert out.read_bytes() == b"the other run's trace"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.arrow"]
+
+
 def _no_hard_links(src: object, dst: object, *args: object, **kwargs: object) -> None:
     raise OSError(errno.EPERM, os.strerror(errno.EPERM))  # what FAT says
 

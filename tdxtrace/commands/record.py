@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tdxtrace.outputs import check_output
-from tdxtrace.sim.emulator import record
+from tdxtrace.sim.emulator import RecordInterrupted, record
 from tdxtrace.sim.scenario import builtin_names, load_scenario
 from tdxtrace.trace.signals import interrupt_once
 
@@ -72,11 +72,14 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
         try:
             summary = record(loaded, seed, path, force=force, compression=compression,
                              progress=progress)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        except RecordInterrupted as interrupt:  # Ctrl-C or SIGTERM
             progress.finish()
-            if _identity(path) not in (None, before):
+            if interrupt.kept:
                 click.echo(f"tdxtrace: interrupted: {path} keeps the events recorded so far "
                            "and is marked unfinished", err=True)
+            elif _identity(path) not in (None, before):
+                click.echo(f"tdxtrace: interrupted: another file took the name {path} during "
+                           "the run; the events recorded so far were not kept", err=True)
             else:
                 click.echo(f"tdxtrace: interrupted before the first batch of events was "
                            f"written; {path} was not written", err=True)

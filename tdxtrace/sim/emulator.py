@@ -63,10 +63,23 @@ def metadata_for(scenario: Scenario, seed: int) -> RunMetadata:
                        policies=scenario.policies())
 
 
+class RecordInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped :func:`record`; ``kept`` says whether the path now holds the
+    unfinished trace (not when no batch was written yet, or another file took the name)."""
+
+    def __init__(self, kept: bool) -> None:
+        super().__init__()
+        self.kept = kept
+
+
 def record(scenario: Scenario, seed: int, path: str | Path, *, force: bool = False,
            compression: str = "zstd", progress: Progress | None = None) -> Summary:
     """Record ``scenario`` to ``path`` (through a temporary file, published when finished)."""
-    with TraceWriter(path, metadata_for(scenario, seed), compression=compression,
-                     force=force) as writer:
-        truth = run_scenario(scenario, seed, writer.write_batch, progress)
-        return writer.close(truth)
+    writer = TraceWriter(path, metadata_for(scenario, seed), compression=compression,
+                         force=force)
+    try:
+        with writer:
+            truth = run_scenario(scenario, seed, writer.write_batch, progress)
+            return writer.close(truth)
+    except KeyboardInterrupt as interrupt:
+        raise RecordInterrupted(writer.published) from interrupt

@@ -58,6 +58,7 @@ class TraceWriter:
         self.path = Path(path)
         self.batch_rows = batch_rows
         self._force = force
+        self.published = False  # whether ``path`` now holds this writer's file
         # Checked now so a bad output fails before the run, and again when publishing.
         check_output(self.path, force=force)
         if not self.path.parent.is_dir():
@@ -204,6 +205,7 @@ class TraceWriter:
             self._fail(err)
         try:
             publish(self.partial_path, self.path, force=self._force)
+            self.published = True
         finally:  # published, or refused (the name appeared meanwhile) and the file removed
             self._open = False
 
