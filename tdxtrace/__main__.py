@@ -1,5 +1,5 @@
 """``python -m tdxtrace`` runs the CLI."""
 
-from tdxtrace.cli import main
+from tdxtrace._entry import run
 
-main()
+run()

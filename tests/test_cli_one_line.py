@@ -9,17 +9,20 @@ set but empty loads every plugin, as unset does.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner, Result
 
+from tdxtrace import _entry
 from tdxtrace.analysis import Analyzer, AnalyzerResult, run_one
 from tdxtrace.cli import main, one_line_message
 from tdxtrace.testing import make_trace
@@ -224,3 +227,20 @@ def test_an_empty_load_plugins_variable_loads_everything(trace_file: Path, value
                       env={"TDXTRACE_LOAD_PLUGINS": value})
     assert analyzed.exit_code == 0, analyzed.output
     assert set(json.loads(analyzed.stdout)) >= BUILTINS
+
+
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Importing the CLI (polars, pyarrow) takes ~0.3 s; a Ctrl-C then must not be a traceback.
+    real_import = builtins.__import__
+
+    def interrupted_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "tdxtrace.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(SystemExit) as exited:
+        _entry.run()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "tdxtrace: interrupted\n"
