@@ -9,6 +9,7 @@ and in the README.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,18 @@ def _short(name: str) -> list[str]:
     return [] if name in ("teardown",) else SHORT
 
 
+def _mismatches(outcomes: dict[str, Any], truth: dict[str, Any]) -> list[str]:
+    """Each EXACT figure that differs from its truth counter, as ``analyzer.metric = x, ...``."""
+    mismatches = []
+    for (analyzer, metric), truth_key in sorted(EXACT.items()):
+        result = outcomes[analyzer].result
+        assert result is not None, f"{analyzer}: {outcomes[analyzer].error}"
+        got, want = result.metrics.get(metric), truth.get(truth_key)
+        if got != want:
+            mismatches.append(f"{analyzer}.{metric} = {got}, truth {truth_key} = {want}")
+    return mismatches
+
+
 @pytest.fixture(scope="module")
 def analyzers() -> list:  # type: ignore[type-arg]
     loaded = load_analyzers(make_plugin_manager())
@@ -69,13 +82,7 @@ def test_analyzers_equal_truth(tmp_path: Path, analyzers: list, name: str,  # ty
     outcomes = {o.name: o for o in run_analyzers(trace, analyzers)}
     for outcome in outcomes.values():
         assert outcome.error is None, f"{outcome.name}: {outcome.error}"
-    mismatches = []
-    for (analyzer, metric), truth_key in sorted(EXACT.items()):
-        result = outcomes[analyzer].result
-        assert result is not None
-        got, want = result.metrics.get(metric), summary.truth.get(truth_key)
-        if got != want:
-            mismatches.append(f"{analyzer}.{metric} = {got}, truth {truth_key} = {want}")
+    mismatches = _mismatches(outcomes, summary.truth)
     assert not mismatches, f"{name} seed {seed}: " + "; ".join(mismatches)
     quiet = [key for key in STORY.get(name, ()) if not summary.truth.get(key)]
     assert not quiet, f"{name} seed {seed}: nothing happened for {quiet}"
@@ -116,13 +123,7 @@ def test_analyzers_equal_truth_under_other_policies(
     path = tmp_path / f"{variant}.arrow"
     summary = record(load_scenario(name, overrides), 5, path)
     outcomes = {o.name: o for o in run_analyzers(open_trace(path), analyzers)}
-    mismatches = []
-    for (analyzer, metric), truth_key in sorted(EXACT.items()):
-        result = outcomes[analyzer].result
-        assert result is not None, f"{analyzer}: {outcomes[analyzer].error}"
-        got, want = result.metrics.get(metric), summary.truth.get(truth_key)
-        if got != want:
-            mismatches.append(f"{analyzer}.{metric} = {got}, truth {truth_key} = {want}")
+    mismatches = _mismatches(outcomes, summary.truth)
     assert not mismatches, f"{variant}: " + "; ".join(mismatches)
     quiet = [key for key in story if not summary.truth.get(key)]
     assert not quiet, f"{variant}: nothing happened for {quiet}"

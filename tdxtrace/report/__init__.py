@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tdxtrace.errors import OutputError
-from tdxtrace.outputs import check_output, write_output
+from tdxtrace.outputs import check_output, os_reason, write_output
 from tdxtrace.report import model as _model
 from tdxtrace.report.render import RenderedReport, render_model
 from tdxtrace.report.thresholds import THRESHOLD_RULE, ThresholdTable, parse_thresholds
@@ -103,7 +103,7 @@ def write_html(html: str, path: Path, *, force: bool = False,
     try:
         os.makedirs(path.parent, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"{path}: cannot write the report ({err.strerror or err})") from None
+        raise OutputError(f"{path}: {_CANNOT_WRITE.format(reason=os_reason(err))}") from None
     return write_output(path, html.encode("utf-8"), force=force, inputs=inputs,
                         failure=_CANNOT_WRITE)
 

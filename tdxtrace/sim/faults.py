@@ -12,6 +12,7 @@ from tdxtrace.codes import Leaf, OperandId, Status, with_operand
 from tdxtrace.errors import ScenarioError
 from tdxtrace.sim.costs import LEAF_BY_KEY
 from tdxtrace.sim.kernel import RandomStreams
+from tdxtrace.sim.scenario_spec import leaf_key
 
 L = Leaf
 # The resource each leaf's BUSY names when injected (reference §6.2 and §6.3): the S-EPT tree
@@ -34,10 +35,9 @@ class FaultPlan:
     def __init__(self, config: SimpleNamespace, rng: RandomStreams) -> None:
         self._leaf: int | None = None
         if config.spurious_busy_leaf:
-            # Accept the cost-table key (mem.page.aug) or the name every output prints
-            # (TDH.MEM.PAGE.AUG).
-            key = config.spurious_busy_leaf.strip().lower().removeprefix("tdh.")
-            leaf = LEAF_BY_KEY.get(key)
+            # A resolved scenario holds the cost-table key already (scenario_spec normalizes
+            # it); a config built by hand may still spell it TDH.MEM.PAGE.AUG.
+            leaf = LEAF_BY_KEY.get(leaf_key(config.spurious_busy_leaf))
             if leaf is None:
                 raise ScenarioError(
                     f"faults.spurious_busy_leaf: unknown leaf {config.spurious_busy_leaf!r} "

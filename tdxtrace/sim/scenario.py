@@ -119,7 +119,6 @@ def resolve(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-
 def _check_total_vcpus(source: str, scenario: dict[str, Any]) -> None:
     total = scenario["td"]["count"] * scenario["td"]["vcpus"]
     if total > MAX_TOTAL_VCPUS:
@@ -152,7 +151,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if parts[0] == "costs" and len(parts) > 2:
         # Cost names have dots of their own (mem.page.aug): everything between "costs" and
         # an optional field name is the one name.
-        field = parts[-1] if parts[-1] in COST_FIELDS and len(parts) > 2 else None
+        field = parts[-1] if parts[-1] in COST_FIELDS else None
         name = ".".join(parts[1:-1] if field else parts[1:])
         parts = ["costs", name] + ([field] if field else [])
     try:
