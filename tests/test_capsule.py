@@ -87,6 +87,15 @@ def test_a_wrong_digest_in_the_capsule_is_a_divergence(capsule: Path) -> None:
     assert "replay the trace itself" in result.output
 
 
+def test_a_wrong_event_count_in_the_capsule_is_a_divergence(capsule: Path) -> None:
+    recorded = json.loads(capsule.read_text())["events"]
+    _edit(capsule, events=recorded + 1)
+    result = _run("replay", "--capsule", str(capsule))
+    assert result.exit_code == 1
+    assert (f"the capsule says {recorded + 1} events; the replay produced {recorded}"
+            in result.output)
+
+
 def test_a_changed_seed_in_the_capsule_is_a_divergence(capsule: Path) -> None:
     _edit(capsule, seed=12)
     result = _run("replay", "--capsule", str(capsule), "--json")

@@ -80,8 +80,8 @@ def test_close_unfinished_gives_an_unfinished_trace_with_every_batch(
     assert_frame_equal(trace.events().collect(), pl.from_arrow(table))  # type: ignore[arg-type]
 
 
-def test_a_summary_that_disagrees_with_the_batches_is_reported(tmp_path: Path) -> None:
-    path = tmp_path / "run.arrow"
+def _summary_with_wrong_count(path: Path) -> Path:
+    """A finished trace of 3 events whose summary has their digest but says 5."""
     schema = arrow_schema(RunMetadata().to_arrow())
     batch = conform_events(pl.DataFrame({"ts_ns": [0, 1, 2], "kind": [1, 1, 1]}))
     digest = digest_batches(batch.to_batches())  # right events, wrong count
@@ -89,9 +89,24 @@ def test_a_summary_that_disagrees_with_the_batches_is_reported(tmp_path: Path) -
         writer.write_table(batch.cast(schema))
         writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema),
                            custom_metadata=Summary(5, digest, {}).to_arrow())
-    trace = open_trace(path)
-    assert trace.finished and trace.num_events() == 3
-    assert trace.warnings == (f"{path}: the summary says 5 events but the file holds 3",)
+    return path
+
+
+@pytest.mark.parametrize("footer", ["intact", "cut off"])
+def test_a_summary_whose_count_disagrees_with_the_batches_refuses_the_file(
+        tmp_path: Path, footer: str) -> None:
+    # The digest covers the rows' values, not their number: a summary that matches the
+    # digest but miscounts was altered, and the same answer holds whatever else is damaged.
+    path = _summary_with_wrong_count(tmp_path / "run.arrow")
+    also = ""
+    if footer == "cut off":
+        data = path.read_bytes()
+        path.write_bytes(data[:message_ends(data)[-1]])
+        also = "the Arrow footer is damaged too; "
+    with pytest.raises(TraceFormatError, match=(
+            f"^{path}: damaged trace: {also}the summary says 5 events but the file holds 3 "
+            r"\(the summary was changed")):
+        open_trace(path)
 
 
 def test_batches_after_the_summary_of_a_footerless_file_refuse_it(tmp_path: Path) -> None:

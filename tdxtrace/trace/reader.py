@@ -171,17 +171,28 @@ def _check_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
     warnings = []
     if summary is None:
         warnings.append(_unfinished(source, checker.batches, checker.events))
-    elif summary.digest != checker.hexdigest():
-        raise TraceFormatError(
-            f"{source}: damaged trace: the events' content digest does not match the "
-            "summary's (a value was changed after the run was recorded)")
-    elif summary.events != checker.events:
-        warnings.append(f"{source}: the summary says {summary.events} events but the file "
-                        f"holds {checker.events}")
+    else:
+        _match_summary(source, summary, checker)
     warnings += _suspects(source, checker)
     data_batches = total - 1 if summary is not None else total
     return Trace(path=file, metadata=metadata, summary=summary, num_events=checker.events,
                  warnings=tuple(warnings), layout=Layout("file", data_batches))
+
+
+def _match_summary(source: str, summary: Summary, checker: BatchChecker, also: str = "") -> None:
+    """A finished trace's events must be the ones its summary vouches for: the same content
+    (digest) and the same number. The digest covers the rows' values, not their count, so a
+    summary whose count alone is wrong was altered too: its truth counters cannot be trusted
+    either, whichever part of the file is damaged."""
+    if summary.digest != checker.hexdigest():
+        raise TraceFormatError(
+            f"{source}: damaged trace: {also}the events' content digest does not match the "
+            "summary's (a value was changed after the run was recorded)")
+    if summary.events != checker.events:
+        raise TraceFormatError(
+            f"{source}: damaged trace: {also}the summary says {summary.events} events but "
+            f"the file holds {checker.events} (the summary was changed after the run was "
+            "recorded)")
 
 
 def _with_kept(trace: Trace, checker: BatchChecker) -> Trace:
@@ -260,10 +271,7 @@ def _footer_damaged(file: Path, source: str, metadata: RunMetadata, summary: Sum
                     checker: BatchChecker, tail: int) -> Trace:
     """A finished trace whose footer was damaged or cut off after the summary batch: whole
     if its events match the summary, as an intact file must."""
-    if summary.digest != checker.hexdigest() or summary.events != checker.events:
-        raise TraceFormatError(
-            f"{source}: damaged trace: the Arrow footer is damaged and the events do not "
-            "match the summary's digest (the file was changed after it was written)")
+    _match_summary(source, summary, checker, also="the Arrow footer is damaged too; ")
     footer = (f"the {tail} bytes after the summary are not a valid Arrow footer (the file "
               "was changed after it was written)" if tail else "the Arrow footer is missing "
               "(the file was cut short)")
