@@ -122,6 +122,30 @@ def test_a_click_usage_error_is_one_line_exit_2(case: str, tmp_path: Path) -> No
     assert_one_error_line(invoke(*args(tmp_path)), *named(tmp_path))
 
 
+EMPTY_PATHS = {
+    "record-output": (["record", "zero-step", "-o", ""], "-o/--output", "record"),
+    "report-output": (["report", "run.arrow", "-o", ""], "-o/--output", "report"),
+    "capsule-output": (["capsule", "run.arrow", "-o", ""], "-o/--output", "capsule"),
+    "analyze-trace": (["analyze", ""], "TRACE", "analyze"),
+    "info-trace": (["info", ""], "TRACE", "info"),
+    "replay-capsule": (["replay", "--capsule", ""], "--capsule", "replay"),
+    "demo-out-dir": (["demo", "--out-dir", ""], "--out-dir", "demo"),
+    "plugins-dir": (["plugins", "--plugins-dir", ""], "--plugins-dir", "plugins"),
+    "schema-export": (["schema", "--export", ""], "--export", "schema"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_PATHS))
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("") is ".": `-o "$OUT"` with OUT unset must not become "write into this folder".
+    monkeypatch.chdir(tmp_path)
+    args, option, command = EMPTY_PATHS[case]
+    assert_one_error_line(invoke(*args), f"{option}: the path is empty",
+                          f"(see tdxtrace {command} --help)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root reads a file without read permission")
 def test_an_unreadable_trace_is_one_line_exit_2(tmp_path: Path) -> None:

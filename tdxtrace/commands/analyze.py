@@ -13,7 +13,7 @@ import click
 import polars as pl
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
-from tdxtrace.commands.options import timeout_option
+from tdxtrace.commands.options import path_param, timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TraceFormatError
 from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
@@ -102,7 +102,7 @@ def outcomes_text(outcomes: Sequence[AnalyzerOutcome]) -> str:
 
 
 @click.command("analyze")
-@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+@click.argument("trace_path", metavar="TRACE", type=path_param())
 @click.option("--analyzer", "-a", "only", multiple=True, metavar="NAME",
               help="Run only this analyzer (repeatable; default: all).")
 @plugins_dir_option

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
+from tdxtrace.commands.options import path_param
 from tdxtrace.commands.record import ProgressLine
 from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report import render, write_html
@@ -49,7 +50,7 @@ def summary_lines(header: str, outcomes: Sequence[AnalyzerOutcome]) -> list[str]
 
 @click.command("demo")
 @click.option("--seed", type=int, default=1, show_default=True, help="Run seed.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=path_param(file_okay=False),
               default=Path("reports"), show_default=True,
               help="Folder for demo.arrow and demo.html (both are overwritten).")
 def demo_command(seed: int, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 import polars as pl
 
+from tdxtrace.commands.options import path_param
 from tdxtrace.events import kind_name
 from tdxtrace.trace import Trace, open_trace
 
@@ -108,7 +109,7 @@ Examples:
   tdxtrace info run.arrow
   tdxtrace info run.arrow --json | jq .events_by_kind""",
 )
-@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+@click.argument("trace_path", metavar="TRACE", type=path_param())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def info_command(trace_path: Path, as_json: bool) -> None:
     """Show a trace's run metadata, event counts by kind, time span and digest.

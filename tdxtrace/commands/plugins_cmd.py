@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from tdxtrace.commands.options import path_param
 from tdxtrace.plugins import describe_plugins, load_analyzers, make_plugin_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -20,7 +21,7 @@ def plugins_dir_option(command: F) -> F:
     """``--plugins-dir DIR`` (repeatable), shared by every command that loads plugins."""
     return click.option(
         "--plugins-dir", "plugins_dirs", multiple=True, metavar="DIR",
-        type=click.Path(path_type=Path),
+        type=path_param(),
         help="Also load every *.py file in DIR as a plugin (repeatable).",
     )(command)
 

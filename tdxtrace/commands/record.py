@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from tdxtrace.commands.options import path_param
 from tdxtrace.outputs import check_output
 from tdxtrace.sim.emulator import RecordInterrupted, record
 from tdxtrace.sim.scenario import builtin_names, load_scenario
@@ -48,7 +49,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 @click.option("--seed", type=int, default=1, show_default=True, help="Run seed.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a scenario key, e.g. --set td.vcpus=8 (repeatable).")
-@click.option("-o", "--output", type=click.Path(path_type=Path),  # checked by check_output
+@click.option("-o", "--output", type=path_param(),  # checked by check_output
               default=None, help="Trace file to write [default: SCENARIO.arrow].")
 @click.option("--compression", type=click.Choice(["zstd", "lz4"]), default="zstd",
               show_default=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from tdxtrace.commands.options import path_param
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.outputs import check_output
@@ -113,8 +114,8 @@ def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
 
 @click.command("replay")
 @click.argument("trace_path", metavar="[TRACE]", required=False,
-                type=click.Path(path_type=Path))
-@click.option("--capsule", "capsule_path", type=click.Path(path_type=Path), metavar="FILE",
+                type=path_param())
+@click.option("--capsule", "capsule_path", type=path_param(), metavar="FILE",
               help="Replay from a capsule (see `tdxtrace capsule`) instead of a trace.")
 @click.option("--force", is_flag=True,
               help="Replay a trace written by another tdxtrace version anyway.")
@@ -195,8 +196,8 @@ def _run_analysis(trace: Trace, plugins_dirs: Sequence[Path],
 
 
 @click.command("capsule")
-@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),  # checked when writing
+@click.argument("trace_path", metavar="TRACE", type=path_param())
+@click.option("-o", "--output", type=path_param(),  # checked when writing
               default=None, help="Capsule file to write [default: TRACE.capsule.json].")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def capsule_command(trace_path: Path, output: Path | None, force: bool) -> None:

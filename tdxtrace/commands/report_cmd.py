@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
-from tdxtrace.commands.options import timeout_option
+from tdxtrace.commands.options import path_param, timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.outputs import check_output
@@ -43,8 +43,8 @@ def check_thresholds(thresholds: ThresholdTable, outcomes: Sequence[AnalyzerOutc
 
 
 @click.command("report")
-@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE",
+@click.argument("trace_path", metavar="TRACE", type=path_param())
+@click.option("-o", "--output", type=path_param(), metavar="FILE",
               help="Where to write the report (default: reports/<trace stem>.html).")
 @click.option("--analyzer", "-a", "only", multiple=True, metavar="NAME",
               help="Report only this analyzer (repeatable; default: all).")

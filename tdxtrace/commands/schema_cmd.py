@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from tdxtrace.commands.options import path_param
 from tdxtrace.errors import OutputError
 from tdxtrace.events import TRUTH_KIND_BASE, Kind
 from tdxtrace.outputs import write_output
@@ -87,7 +88,7 @@ Examples:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the schema as JSON.")
 @click.option("--export", "export_dir", metavar="DIR",
-              type=click.Path(path_type=Path),
+              type=path_param(),
               help="Write the schema files (text and serialized Arrow schema) into DIR.")
 def schema_command(as_json: bool, export_dir: Path | None) -> None:
     """Show trace format v1: every column with its type, unit and meaning, every event kind."""
