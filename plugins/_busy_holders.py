@@ -3,7 +3,10 @@
 *Holders* (who held the contended resource) are inferred from the contention matrix of the
 TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call of a leaf that
 takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [start, end)
-covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT.
+covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT. A call that
+returned BUSY or PREVIOUS_TLB_EPOCH_BUSY took no lock and holds nothing; one that returned
+INTERRUPTED_RESUMABLE (a CACHE.WB sub-block) took its locks and did part of its work, so it
+holds like any other call.
 """
 
 from __future__ import annotations
@@ -109,8 +112,8 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
     holder_leaves = groups["holder_leaf"].unique().implode()
     calls_of_holders = pl.concat([
         frame.lazy().select("start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
-                            pl.col("leaf_id").alias("holder_leaf"), "retryable")
-        .filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("retryable")
+                            pl.col("leaf_id").alias("holder_leaf"), "contended")
+        .filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("contended")
                 & (pl.col("end_ns") > pl.col("start_ns")))
         for frame in (all_calls, accepts)
     ])

@@ -15,7 +15,12 @@ DIV = 1 << 32  # status // DIV = the class half; status % DIV = the operand ID
 BUSY = int(Status.OPERAND_BUSY) // DIV
 PREV_EPOCH = int(Status.PREVIOUS_TLB_EPOCH_BUSY) // DIV
 INTERRUPTED = int(Status.INTERRUPTED_RESUMABLE) // DIV
-RETRY_CLASSES = (BUSY, PREV_EPOCH, INTERRUPTED)
+# The call did not get its lock and did nothing: KVM retries it. Only these are contention.
+CONTENTION_CLASSES = (BUSY, PREV_EPOCH)
+# The call did part of its work and stopped (an interrupt was pending): KVM calls it again to
+# resume, by design (CACHE.WB, tdx-reference.md section 4(c)). Not contention.
+RESUME_CLASSES = (INTERRUPTED,)
+RETRY_CLASSES = (*CONTENTION_CLASSES, *RESUME_CLASSES)  # every class busy_retry counts
 assert BUSY * DIV == Status.OPERAND_BUSY & STATUS_MASK
 
 

@@ -1,17 +1,45 @@
 """TDX_OPERAND_BUSY and friends: who got them, how often, how long retrying took, who held on.
 
 A *call* is a SEAMCALL row, or a VP.ENTER attempt (a TD_EXIT row; it starts at the vCPU's
-preceding TD_ENTRY). *Retry statuses* are OPERAND_BUSY (any operand), PREVIOUS_TLB_EPOCH_BUSY
-and INTERRUPTED_RESUMABLE. A *retry chain* is a run of calls of one operation - same corr, TD,
-vCPU, leaf and target (the GPA, else RCX such as a reclaimed page; CACHE.WB: its LP) in seq
-order - in which every call but possibly the last returned a retry status, and at least one
-retry happened (length >= 2). It *gave up* when its last call still failed, or when the
-operation ended with a VM_BUGGED for that leaf. Time lost = last call's start - first call's.
+preceding TD_ENTRY). *Retry statuses* make KVM call again; all three are counted by leaf x
+operand x flow (``by_leaf_operand``), but they mean different things:
+
+* OPERAND_BUSY (any operand) and PREVIOUS_TLB_EPOCH_BUSY are *contention*: the call found its
+  resource taken and did nothing (tdx-reference.md section 6);
+* INTERRUPTED_RESUMABLE is a *resume*: the call did part of its work (one CACHE.WB sub-block)
+  and KVM calls again with resume = 1, the designed protocol, up to TDX_SEAMCALL_RETRIES
+  (10000) calls (section 4(c)). A normal flush of n sub-blocks is n calls.
+
+An *operation* is the calls with the same corr, TD, vCPU, leaf and target (the GPA, else RCX
+such as a reclaimed page; CACHE.WB: its LP), in seq order.
+
+A *retry chain* (contention only) is a run of an operation's calls in which every call but
+possibly the last returned a contention status, at least one retry happened (length >= 2). It
+*gave up* when its last call still returned one, failed (an error other than
+INTERRUPTED_RESUMABLE, which means the call got its resource), or a VM_BUGGED for that leaf
+followed; else it succeeded. Time lost = last call's start - first call's. The metrics ``chains``,
+``max_chain``, ``gave_up``, ``lost_ns``, ``livelock_candidates`` and the tables ``chains``,
+``chain_length_hist`` and ``livelock`` describe these chains only.
+
+A *resume chain* is a run of an operation's calls that starts at a call that returned
+INTERRUPTED_RESUMABLE and in which every call but the last returned a retry status (length >=
+2). It gave up when its last call still returned a retry status (the budget ran out, or a BUSY,
+which KVM does not retry in CACHE.WB), failed, or was followed by a VM_BUGGED for that leaf.
+Its time (``resume_ns``) runs from its first call's start to its last call's end: how long the
+flush took. Figures: ``resume_chains``, ``max_resume_chain``, ``resume_gave_up``,
+``resume_ns``, table ``resume_chains``.
+
+Mixed operations: BUSY calls before the first resume form a retry chain that ends, as a
+success, at the call that returned INTERRUPTED_RESUMABLE (it got its resource); the resume
+chain starts there. A BUSY between two resumes stays in the resume chain (counted in its
+``busy_calls``) and also forms a retry chain with the call after it, so that gap counts in
+both ``lost_ns`` and ``resume_ns``.
 
 *Holders* (who held the contended resource) are inferred from the contention matrix of the
 TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call of a leaf that
 takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [start, end)
-covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT.
+covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT. A call that
+returned INTERRUPTED_RESUMABLE took its locks, so it can be a holder; a BUSY call cannot.
 """
 
 from __future__ import annotations
@@ -27,13 +55,22 @@ from tdxtrace.codes import (
     LEAF_NAMES,
     OPERAND_NAMES,
     STATUS_CLASS_NAMES,
+    status_name,
 )
 from tdxtrace.codes import Leaf as L
 from tdxtrace.events import Flow, Kind
 from tdxtrace.trace import Trace
 
 from ._busy_holders import GUEST_ACCEPT, HOLDER_NAMES, attribute_holders
-from ._status import BUSY, DIV, INTERRUPTED, PREV_EPOCH, RETRY_CLASSES, status_class
+from ._status import (
+    BUSY,
+    CONTENTION_CLASSES,
+    DIV,
+    INTERRUPTED,
+    PREV_EPOCH,
+    RESUME_CLASSES,
+    status_class,
+)
 from ._vp_enter import paired_exits
 
 MAX_ROWS = 100
@@ -42,6 +79,12 @@ CHAIN_SCHEMA: dict[str, pl.DataType] = {
     "corr": pl.Int64(), "td": pl.Int64(), "vcpu": pl.Int64(), "leaf": pl.String(),
     "operand": pl.String(), "flow": pl.String(), "length": pl.Int64(), "outcome": pl.String(),
     "start_ns": pl.Int64(), "lost_ns": pl.Int64(),
+}
+RESUME_SCHEMA: dict[str, pl.DataType] = {
+    "corr": pl.Int64(), "td": pl.Int64(), "vcpu": pl.Int64(), "leaf": pl.String(),
+    "target": pl.UInt64(), "flow": pl.String(), "length": pl.Int64(), "busy_calls": pl.Int64(),
+    "outcome": pl.String(), "last_status": pl.String(), "start_ns": pl.Int64(),
+    "resume_ns": pl.Int64(),
 }
 
 # --- naming (applied to small, aggregated frames: a Python map over distinct values) ---------
@@ -96,8 +139,10 @@ def calls(events: pl.LazyFrame) -> pl.DataFrame:
         pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
         pl.lit(None, pl.UInt64).alias("gpa"), pl.lit(None, pl.UInt64).alias("target"),
     ).collect()
+    cls = status_class(pl.col("status"))
     return pl.concat([seamcalls, vp_enters], rechunk=False).with_columns(
-        status_class(pl.col("status")).is_in(RETRY_CLASSES).fill_null(False).alias("retryable"))
+        cls.is_in(CONTENTION_CLASSES).fill_null(False).alias("contended"),
+        cls.is_in(RESUME_CLASSES).fill_null(False).alias("interrupted"))
 
 
 def guest_accepts(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -108,7 +153,8 @@ def guest_accepts(events: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
         (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "td", "vcpu", "corr",
         "flow", pl.lit(GUEST_ACCEPT, pl.Int64).alias("leaf_id"), "status", "gpa",
-        pl.col("gpa").alias("target"), pl.lit(False).alias("retryable"),
+        pl.col("gpa").alias("target"), pl.lit(False).alias("contended"),
+        pl.lit(False).alias("interrupted"),
     )
 
 
@@ -128,46 +174,103 @@ def by_leaf_operand(retried: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def chains(all_calls: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
-    """Every retry chain, longest first; columns CHAIN_SCHEMA plus first_seq."""
-    # Only operations with a retry status somewhere can hold a chain (usually very few). Sorted
-    # by operation, then call order, a row continues a chain when the previous row is the same
-    # operation and returned a retry status: plain shifts, no window per operation.
-    retried_ops = all_calls.filter("retryable").select(CHAIN_KEY).unique()
-    # corr alone (one column, nearly unique per operation) narrows the calls cheaply before
-    # the join on the whole key.
+def _operations(all_calls: pl.DataFrame) -> pl.DataFrame:
+    """The calls of operations with a retry status somewhere, by operation, then call order."""
+    # Usually very few. corr alone (one column, nearly unique per operation) narrows the calls
+    # cheaply before the join on the whole key.
+    retried_ops = all_calls.filter(pl.col("contended") | pl.col("interrupted")).select(
+        CHAIN_KEY).unique()
     candidates = all_calls.filter(pl.col("corr").is_in(retried_ops["corr"].implode())
                                   | pl.col("corr").is_null()).join(
         retried_ops, on=CHAIN_KEY, how="semi", nulls_equal=True)
-    ordered = candidates.sort([*CHAIN_KEY, "start_seq"], nulls_last=True)
-    same_op = pl.all_horizontal(pl.col(k).eq_missing(pl.col(k).shift(1)) for k in CHAIN_KEY)
-    cont = (same_op & pl.col("retryable").shift(1)).fill_null(False)
-    members = ordered.with_columns(cont.alias("cont")).with_columns(
+    return candidates.sort([*CHAIN_KEY, "start_seq"], nulls_last=True)
+
+
+def _members(ordered: pl.DataFrame, cont: pl.Expr) -> pl.DataFrame:
+    """The calls of the runs of 2 or more in which ``cont`` says a row continues the previous
+    one; ``chain`` numbers the runs. Plain shifts over the sorted calls, no window per run."""
+    return ordered.with_columns(cont.fill_null(False).alias("cont")).with_columns(
         (~pl.col("cont")).cum_sum().alias("chain"),
         pl.col("cont").shift(-1, fill_value=False).alias("continued"),
-    ).filter(pl.col("cont") | pl.col("continued"))  # the calls of chains of 2 or more
+    ).filter(pl.col("cont") | pl.col("continued"))
+
+
+def _summaries(members: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
+    """One row per chain of ``members``: its key, length, first and last call."""
     found = members.group_by("chain").agg(
         *(pl.col(k).first() for k in CHAIN_KEY),
         pl.len().cast(pl.Int64).alias("length"), pl.col("start_ns").first(),
-        pl.col("start_ns").last().alias("last_ns"),
+        pl.col("start_ns").last().alias("last_ns"), pl.col("end_ns").last().alias("last_end_ns"),
         pl.col("start_seq").first().alias("first_seq"),
         pl.col("status").first().alias("first_status"),
         pl.col("status").last().alias("last_status"), pl.col("flow").first(),
-        pl.col("retryable").last().alias("last_retryable"),
+        pl.col("contended").last().alias("last_contended"),
+        pl.col("interrupted").last().alias("last_interrupted"),
+        pl.col("contended").sum().cast(pl.Int64).alias("busy_calls"),
     ).join(bugs, on=["corr", "leaf_id"], how="left")
-    failed = (pl.col("last_status").fill_null(0) // (1 << 62) != 0)  # error / non-recoverable
-    bugged = (pl.col("bug_seq") > pl.col("first_seq")).fill_null(False)
-    found = found.with_columns(
-        pl.when(pl.col("last_retryable") | failed | bugged).then(pl.lit("gave_up"))
-        .otherwise(pl.lit("success")).alias("outcome"),
+    return found.with_columns(
+        # error / non-recoverable bit; BUSY and INTERRUPTED_RESUMABLE have it too
+        (pl.col("last_status").fill_null(0) // (1 << 62) != 0).alias("failed"),
+        (pl.col("bug_seq") > pl.col("first_seq")).fill_null(False).alias("bugged"),
+    )
+
+
+def _outcome(gave_up: pl.Expr) -> pl.Expr:
+    return pl.when(gave_up).then(pl.lit("gave_up")).otherwise(pl.lit("success")).alias("outcome")
+
+
+def chains(all_calls: pl.DataFrame, bugs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Retry chains (contention), longest first, columns CHAIN_SCHEMA plus first_seq; and
+    resume chains, those that gave up first, then longest, RESUME_SCHEMA plus first_seq."""
+    ordered = _operations(all_calls)
+    return _retry_chains(ordered, bugs), _resume_chains(ordered, bugs)
+
+
+_SAME_OP = pl.all_horizontal(pl.col(k).eq_missing(pl.col(k).shift(1)) for k in CHAIN_KEY)
+
+
+def _retry_chains(ordered: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
+    # A row continues a chain when the previous row is the same operation and returned BUSY
+    # or PREVIOUS_TLB_EPOCH_BUSY.
+    busy = _summaries(_members(ordered, _SAME_OP & pl.col("contended").shift(1)), bugs)
+    busy = busy.with_columns(
+        # A chain that ends at a resume got its resource; the resume chain judges the rest.
+        _outcome(pl.col("last_contended")
+                 | (~pl.col("last_interrupted") & (pl.col("failed") | pl.col("bugged")))),
         (pl.col("last_ns") - pl.col("start_ns")).alias("lost_ns"),
     ).sort(["length", "start_ns", "first_seq"], descending=[True, False, False])
-    return found.select(
-        pl.col("corr", "td", "vcpu").cast(pl.Int64), _named(found, "leaf_id", _leaf, "leaf"),
-        _named(found, "first_status", _operand_name, "operand"),
-        _named(found, "flow", _flow_name, "flow"), "length", "outcome", "start_ns", "lost_ns",
+    return busy.select(
+        pl.col("corr", "td", "vcpu").cast(pl.Int64), _named(busy, "leaf_id", _leaf, "leaf"),
+        _named(busy, "first_status", _operand_name, "operand"),
+        _named(busy, "flow", _flow_name, "flow"), "length", "outcome", "start_ns", "lost_ns",
         "first_seq",
     ).cast(CHAIN_SCHEMA)  # type: ignore[arg-type]
+
+
+def _resume_chains(ordered: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
+    # A *run* is an operation's calls while each previous one returned a retry status; its
+    # resume chain is the part from its first INTERRUPTED_RESUMABLE call on. ``before`` (the
+    # INTERRUPTED_RESUMABLE calls ahead of the run) is taken at the run's first row and carried
+    # down the run: a cumulative sum and a forward fill, no window per run.
+    in_run = (_SAME_OP & (pl.col("contended") | pl.col("interrupted")).shift(1)).fill_null(False)
+    seen = pl.col("interrupted").cast(pl.Int64).cum_sum()
+    ordered = ordered.with_columns(in_run.alias("in_run"), seen.alias("seen")).with_columns(
+        pl.when(~pl.col("in_run")).then(pl.col("seen") - pl.col("interrupted").cast(pl.Int64))
+        .forward_fill().alias("before"))
+    resumed = pl.col("seen") > pl.col("before")  # this row or one before it in the run resumed
+    resumes = _summaries(_members(ordered, pl.col("in_run") & resumed.shift(1)), bugs)
+    resumes = resumes.with_columns(
+        _outcome(pl.col("last_contended") | pl.col("last_interrupted") | pl.col("failed")
+                 | pl.col("bugged")),
+        (pl.col("last_end_ns") - pl.col("start_ns")).alias("resume_ns"),
+    ).sort(["outcome", "length", "start_ns", "first_seq"],
+           descending=[False, True, False, False])  # "gave_up" < "success"
+    return resumes.select(
+        pl.col("corr", "td", "vcpu").cast(pl.Int64), _named(resumes, "leaf_id", _leaf, "leaf"),
+        "target", _named(resumes, "flow", _flow_name, "flow"), "length", "busy_calls",
+        "outcome", _named(resumes, "last_status", status_name, "last_status"), "start_ns",
+        "resume_ns", "first_seq",
+    ).cast(RESUME_SCHEMA)  # type: ignore[arg-type]
 
 
 def holders_table(attributed: pl.DataFrame) -> pl.DataFrame:
@@ -191,13 +294,14 @@ class BusyRetry(Analyzer):
     name: ClassVar[str] = "busy_retry"
     template: ClassVar[str | None] = "templates/busy_retry.html"
     description: ClassVar[str] = (
-        "BUSY statuses by leaf and operand, retry chains, livelock candidates, inferred holders")
+        "BUSY statuses by leaf and operand, retry chains, livelock candidates, inferred holders, "
+        "resume chains")
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "dur_ns", "kind", "flow", "corr", "td", "vcpu", "lp", "leaf", "status",
         "gpa", "arg0")
     key_metrics: ClassVar[tuple[str, ...]] = ("busy_total", "chains", "max_chain")
     thresholds: ClassVar[dict[str, tuple[float, float]]] = {
-        "livelock_candidates": (1, 10), "gave_up": (1, 1)}
+        "livelock_candidates": (1, 10), "gave_up": (1, 1), "resume_gave_up": (1, 1)}
 
     def __init__(self, livelock_length: int = 16, livelock_lost_ns: int = 1_000_000) -> None:
         # A chain is a livelock candidate at this many calls, or when it lost more than this.
@@ -214,7 +318,7 @@ class BusyRetry(Analyzer):
             pl.col("seq").max().alias("bug_seq")).collect()
         accepts = guest_accepts(others).collect()
         del others
-        found = chains(all_calls, bugs)
+        found, resumes = chains(all_calls, bugs)
         livelock = found.filter((pl.col("length") >= self.livelock_length)
                                 | (pl.col("lost_ns") > self.livelock_lost_ns))
         hist = found.group_by("length").agg(pl.len().cast(pl.Int64).alias("chains")).sort(
@@ -222,7 +326,8 @@ class BusyRetry(Analyzer):
         attributed = attribute_holders(all_calls, accepts)
         considered = attributed.height
         resolved = considered - attributed["holder_leaf"].null_count()
-        retried = all_calls.filter("retryable")  # every status counted below is a retry one
+        # every status counted below is a retry one
+        retried = all_calls.filter(pl.col("contended") | pl.col("interrupted"))
         by_class = retried.group_by(status_class(pl.col("status")).alias("cls")).len()
         count = dict(zip(by_class["cls"].to_list(), by_class["len"].to_list(), strict=True))
         metrics: dict[str, int | float] = {
@@ -234,6 +339,10 @@ class BusyRetry(Analyzer):
             "gave_up": found.filter(pl.col("outcome") == "gave_up").height,
             "lost_ns": int(found["lost_ns"].sum()),
             "livelock_candidates": livelock.height,
+            "resume_chains": resumes.height,
+            "max_resume_chain": int(resumes["length"].max() or 0),  # type: ignore[arg-type]
+            "resume_gave_up": resumes.filter(pl.col("outcome") == "gave_up").height,
+            "resume_ns": int(resumes["resume_ns"].sum()),
             "holders_resolved_pct": resolved * 100 / considered if considered else 0.0,
         }
         tables = {
@@ -241,10 +350,17 @@ class BusyRetry(Analyzer):
             "chains": found.head(MAX_ROWS).drop("first_seq"),
             "chain_length_hist": hist,
             "livelock": livelock.head(MAX_ROWS).drop("first_seq"),
+            "resume_chains": resumes.head(MAX_ROWS).drop("first_seq"),
             "holders": holders_table(attributed),
         }
         notes = (
-            f"Chains and livelock list at most {MAX_ROWS} rows, longest first; livelock "
+            "Retry chains, lost_ns and livelock candidates count contention only (OPERAND_BUSY, "
+            "PREVIOUS_TLB_EPOCH_BUSY). INTERRUPTED_RESUMABLE is the designed resume protocol "
+            "(CACHE.WB flushes one sub-block per call): it is counted in by_leaf_operand and "
+            "interrupted_resumable, and its loops are resume chains (resume_ns: first call's "
+            "start to last call's end); a resume chain that gave up left its flush unfinished.",
+            f"Chains and livelock list at most {MAX_ROWS} rows, longest first; resume chains "
+            f"at most {MAX_ROWS}, those that gave up first; livelock "
             f"candidates: length >= {self.livelock_length} or more than "
             f"{self.livelock_lost_ns} ns lost.",
             "Holders are inferred from the contention matrix and call intervals; VP.ENTER "

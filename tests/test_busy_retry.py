@@ -12,7 +12,7 @@ from tdxtrace.codes import EXIT_REASON_INVALID, LEAF_NAMES, Leaf, OperandId, Sta
 from tdxtrace.events import GUEST_LEAF_BASE, Flow, Kind
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace.trace import Trace
-from tdxtrace_plugins.busy_retry import CHAIN_SCHEMA, BusyRetry
+from tdxtrace_plugins.busy_retry import CHAIN_SCHEMA, RESUME_SCHEMA, BusyRetry
 
 BUSY_SEPT = Status.OPERAND_BUSY | OperandId.SEPT_TREE
 BUSY_EPOCH = Status.OPERAND_BUSY | OperandId.TD_EPOCH
@@ -191,9 +191,11 @@ def test_epoch_busy_and_interrupted_resumable_are_counted_apart() -> None:
         "flow": ["teardown", "zap"],
         "status_class": ["TDX_INTERRUPTED_RESUMABLE", "TDX_PREVIOUS_TLB_EPOCH_BUSY"],
         "count": [3, 1]}))
-    # The resumes form one chain although RCX changes from "start" to "resume".
-    assert result.tables["chains"].select("leaf", "length", "outcome").rows() == [
+    # The resumes form one resume chain although RCX changes from "start" to "resume"; they
+    # are no contention.
+    assert result.tables["resume_chains"].select("leaf", "length", "outcome").rows() == [
         ("TDH.PHYMEM.CACHE.WB", 4, "success")]
+    assert result.tables["chains"].is_empty()
 
 
 def test_calls_on_different_pages_are_not_retries_of_each_other() -> None:
@@ -235,6 +237,7 @@ def test_empty_trace() -> None:
     assert set(result.metrics.values()) == {0}
     assert result.tables["chains"].schema == pl.Schema(CHAIN_SCHEMA)
     assert result.tables["livelock"].columns == list(CHAIN_SCHEMA)
+    assert result.tables["resume_chains"].schema == pl.Schema(RESUME_SCHEMA)
     assert result.tables["chain_length_hist"].columns == ["length", "chains"]
     assert result.tables["by_leaf_operand"].columns == [
         "leaf", "operand", "flow", "status_class", "count"]
