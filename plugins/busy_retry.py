@@ -44,28 +44,24 @@ returned INTERRUPTED_RESUMABLE took its locks, so it can be a holder; a BUSY cal
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import polars as pl
 
 from tdxtrace import hookimpl
 from tdxtrace.analysis import Analyzer, AnalyzerResult
-from tdxtrace.codes import (
-    LEAF_NAMES,
-    OPERAND_NAMES,
-    STATUS_CLASS_NAMES,
-    status_name,
-)
 from tdxtrace.codes import Leaf as L
-from tdxtrace.events import Flow, Kind
+from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
 
+from ._busy_chains import CHAIN_SCHEMA as CHAIN_SCHEMA  # the tables' shapes, for users
+from ._busy_chains import RESUME_SCHEMA as RESUME_SCHEMA
+from ._busy_chains import chains
 from ._busy_holders import GUEST_ACCEPT, HOLDER_NAMES, attribute_holders
+from ._busy_names import class_name, flow_name, leaf_name, named, operand_name
 from ._status import (
     BUSY,
     CONTENTION_CLASSES,
-    DIV,
     INTERRUPTED,
     PREV_EPOCH,
     RESUME_CLASSES,
@@ -74,44 +70,6 @@ from ._status import (
 from ._vp_enter import paired_exits
 
 MAX_ROWS = 100
-CHAIN_KEY = ["corr", "td", "vcpu", "leaf_id", "target"]
-CHAIN_SCHEMA: dict[str, pl.DataType] = {
-    "corr": pl.Int64(), "td": pl.Int64(), "vcpu": pl.Int64(), "leaf": pl.String(),
-    "operand": pl.String(), "flow": pl.String(), "length": pl.Int64(), "outcome": pl.String(),
-    "start_ns": pl.Int64(), "lost_ns": pl.Int64(),
-}
-RESUME_SCHEMA: dict[str, pl.DataType] = {
-    "corr": pl.Int64(), "td": pl.Int64(), "vcpu": pl.Int64(), "leaf": pl.String(),
-    "target": pl.UInt64(), "flow": pl.String(), "length": pl.Int64(), "busy_calls": pl.Int64(),
-    "outcome": pl.String(), "last_status": pl.String(), "start_ns": pl.Int64(),
-    "resume_ns": pl.Int64(),
-}
-
-# --- naming (applied to small, aggregated frames: a Python map over distinct values) ---------
-def _flow_name(v: int) -> str:
-    return Flow(v).name.lower() if v in Flow._value2member_map_ else str(v)
-
-
-def _operand_name(status: int) -> str:
-    low = status % DIV
-    if status // DIV != BUSY:
-        return "-" if low == 0 else f"0x{low:X}"
-    return OPERAND_NAMES.get(low, f"0x{low:X}")
-
-
-def _class_name(status: int) -> str:
-    return STATUS_CLASS_NAMES.get(status - status % DIV, f"0x{status - status % DIV:X}")
-
-
-def _named(frame: pl.DataFrame, column: str, namer: Callable[[int], str], alias: str) -> pl.Expr:
-    values = [v for v in frame[column].unique().to_list() if v is not None]
-    mapping = {v: namer(v) for v in values}
-    return pl.col(column).replace_strict(mapping, default="?", return_dtype=pl.String).alias(
-        alias)
-
-
-def _leaf(v: int) -> str:
-    return LEAF_NAMES.get(v, f"LEAF_{v}")
 
 
 # --- calls ------------------------------------------------------------------------------------
@@ -166,111 +124,12 @@ def by_leaf_operand(retried: pl.DataFrame) -> pl.DataFrame:
     counts = counts.sort(["count", "leaf_id", "status", "flow"],
                          descending=[True, False, False, False])
     return counts.select(
-        _named(counts, "leaf_id", _leaf, "leaf"),
-        _named(counts, "status", _operand_name, "operand"),
-        _named(counts, "flow", _flow_name, "flow"),
-        _named(counts, "status", _class_name, "status_class"),
+        named(counts, "leaf_id", leaf_name, "leaf"),
+        named(counts, "status", operand_name, "operand"),
+        named(counts, "flow", flow_name, "flow"),
+        named(counts, "status", class_name, "status_class"),
         "count",
     )
-
-
-def _operations(all_calls: pl.DataFrame) -> pl.DataFrame:
-    """The calls of operations with a retry status somewhere, by operation, then call order."""
-    # Usually very few. corr alone (one column, nearly unique per operation) narrows the calls
-    # cheaply before the join on the whole key.
-    retried_ops = all_calls.filter(pl.col("contended") | pl.col("interrupted")).select(
-        CHAIN_KEY).unique()
-    candidates = all_calls.filter(pl.col("corr").is_in(retried_ops["corr"].implode())
-                                  | pl.col("corr").is_null()).join(
-        retried_ops, on=CHAIN_KEY, how="semi", nulls_equal=True)
-    return candidates.sort([*CHAIN_KEY, "start_seq"], nulls_last=True)
-
-
-def _members(ordered: pl.DataFrame, cont: pl.Expr) -> pl.DataFrame:
-    """The calls of the runs of 2 or more in which ``cont`` says a row continues the previous
-    one; ``chain`` numbers the runs. Plain shifts over the sorted calls, no window per run."""
-    return ordered.with_columns(cont.fill_null(False).alias("cont")).with_columns(
-        (~pl.col("cont")).cum_sum().alias("chain"),
-        pl.col("cont").shift(-1, fill_value=False).alias("continued"),
-    ).filter(pl.col("cont") | pl.col("continued"))
-
-
-def _summaries(members: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
-    """One row per chain of ``members``: its key, length, first and last call."""
-    found = members.group_by("chain").agg(
-        *(pl.col(k).first() for k in CHAIN_KEY),
-        pl.len().cast(pl.Int64).alias("length"), pl.col("start_ns").first(),
-        pl.col("start_ns").last().alias("last_ns"), pl.col("end_ns").last().alias("last_end_ns"),
-        pl.col("start_seq").first().alias("first_seq"),
-        pl.col("status").first().alias("first_status"),
-        pl.col("status").last().alias("last_status"), pl.col("flow").first(),
-        pl.col("contended").last().alias("last_contended"),
-        pl.col("interrupted").last().alias("last_interrupted"),
-        pl.col("contended").sum().cast(pl.Int64).alias("busy_calls"),
-    ).join(bugs, on=["corr", "leaf_id"], how="left")
-    return found.with_columns(
-        # error / non-recoverable bit; BUSY and INTERRUPTED_RESUMABLE have it too
-        (pl.col("last_status").fill_null(0) // (1 << 62) != 0).alias("failed"),
-        (pl.col("bug_seq") > pl.col("first_seq")).fill_null(False).alias("bugged"),
-    )
-
-
-def _outcome(gave_up: pl.Expr) -> pl.Expr:
-    return pl.when(gave_up).then(pl.lit("gave_up")).otherwise(pl.lit("success")).alias("outcome")
-
-
-def chains(all_calls: pl.DataFrame, bugs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Retry chains (contention), longest first, columns CHAIN_SCHEMA plus first_seq; and
-    resume chains, those that gave up first, then longest, RESUME_SCHEMA plus first_seq."""
-    ordered = _operations(all_calls)
-    return _retry_chains(ordered, bugs), _resume_chains(ordered, bugs)
-
-
-_SAME_OP = pl.all_horizontal(pl.col(k).eq_missing(pl.col(k).shift(1)) for k in CHAIN_KEY)
-
-
-def _retry_chains(ordered: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
-    # A row continues a chain when the previous row is the same operation and returned BUSY
-    # or PREVIOUS_TLB_EPOCH_BUSY.
-    busy = _summaries(_members(ordered, _SAME_OP & pl.col("contended").shift(1)), bugs)
-    busy = busy.with_columns(
-        # A chain that ends at a resume got its resource; the resume chain judges the rest.
-        _outcome(pl.col("last_contended")
-                 | (~pl.col("last_interrupted") & (pl.col("failed") | pl.col("bugged")))),
-        (pl.col("last_ns") - pl.col("start_ns")).alias("lost_ns"),
-    ).sort(["length", "start_ns", "first_seq"], descending=[True, False, False])
-    return busy.select(
-        pl.col("corr", "td", "vcpu").cast(pl.Int64), _named(busy, "leaf_id", _leaf, "leaf"),
-        _named(busy, "first_status", _operand_name, "operand"),
-        _named(busy, "flow", _flow_name, "flow"), "length", "outcome", "start_ns", "lost_ns",
-        "first_seq",
-    ).cast(CHAIN_SCHEMA)  # type: ignore[arg-type]
-
-
-def _resume_chains(ordered: pl.DataFrame, bugs: pl.DataFrame) -> pl.DataFrame:
-    # A *run* is an operation's calls while each previous one returned a retry status; its
-    # resume chain is the part from its first INTERRUPTED_RESUMABLE call on. ``before`` (the
-    # INTERRUPTED_RESUMABLE calls ahead of the run) is taken at the run's first row and carried
-    # down the run: a cumulative sum and a forward fill, no window per run.
-    in_run = (_SAME_OP & (pl.col("contended") | pl.col("interrupted")).shift(1)).fill_null(False)
-    seen = pl.col("interrupted").cast(pl.Int64).cum_sum()
-    ordered = ordered.with_columns(in_run.alias("in_run"), seen.alias("seen")).with_columns(
-        pl.when(~pl.col("in_run")).then(pl.col("seen") - pl.col("interrupted").cast(pl.Int64))
-        .forward_fill().alias("before"))
-    resumed = pl.col("seen") > pl.col("before")  # this row or one before it in the run resumed
-    resumes = _summaries(_members(ordered, pl.col("in_run") & resumed.shift(1)), bugs)
-    resumes = resumes.with_columns(
-        _outcome(pl.col("last_contended") | pl.col("last_interrupted") | pl.col("failed")
-                 | pl.col("bugged")),
-        (pl.col("last_end_ns") - pl.col("start_ns")).alias("resume_ns"),
-    ).sort(["outcome", "length", "start_ns", "first_seq"],
-           descending=[False, True, False, False])  # "gave_up" < "success"
-    return resumes.select(
-        pl.col("corr", "td", "vcpu").cast(pl.Int64), _named(resumes, "leaf_id", _leaf, "leaf"),
-        "target", _named(resumes, "flow", _flow_name, "flow"), "length", "busy_calls",
-        "outcome", _named(resumes, "last_status", status_name, "last_status"), "start_ns",
-        "resume_ns", "first_seq",
-    ).cast(RESUME_SCHEMA)  # type: ignore[arg-type]
 
 
 def holders_table(attributed: pl.DataFrame) -> pl.DataFrame:
@@ -281,9 +140,9 @@ def holders_table(attributed: pl.DataFrame) -> pl.DataFrame:
     ).sort(["leaf_id", "status", "count", "holder_leaf"],
            descending=[False, False, True, False], nulls_last=True)
     return counts.select(
-        _named(counts, "leaf_id", _leaf, "leaf"),
-        _named(counts, "status", _operand_name, "operand"),
-        _named(counts, "status", _class_name, "status_class"),
+        named(counts, "leaf_id", leaf_name, "leaf"),
+        named(counts, "status", operand_name, "operand"),
+        named(counts, "status", class_name, "status_class"),
         pl.col("holder_leaf").replace_strict(HOLDER_NAMES, default="unresolved",
                                              return_dtype=pl.String).alias("holder"),
         "count", "pct",
