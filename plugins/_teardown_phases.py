@@ -13,6 +13,8 @@ import polars as pl
 from tdxtrace.codes import Leaf, Status
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 
+from ._values import count
+
 # Phases drawn in the waterfall: the ones that do work themselves. TEARDOWN and RELEASE_HKID
 # only contain other phases, so including them would count the same time twice.
 LEAF_PHASES: tuple[Phase, ...] = (
@@ -103,7 +105,7 @@ def teardown_rows(events: pl.LazyFrame) -> pl.DataFrame:
 
     seamcall = pl.col("kind") == int(Kind.SEAMCALL)
     batched = pl.col("leaf").is_in(list(BATCHED_LEAVES))
-    calls = pl.when(batched).then(pl.col("arg1").fill_null(1).cast(pl.Int64)).otherwise(1)
+    calls = pl.when(batched).then(count(pl.col("arg1").fill_null(1))).otherwise(1)
     level_pages = pl.lit(PAGES_PER_LEVEL, pl.Int64).pow(pl.col("level").fill_null(0))
     # CACHE.WB runs once per package, concurrently: a resume is on the same LP as its
     # interrupted call. Everything else retries on the same (leaf, gpa, vCPU) from any LP.
@@ -131,7 +133,8 @@ def phase_instances(rows: pl.DataFrame) -> pl.DataFrame:
     key = ["tdk", "sub"]
     nth = pl.int_range(pl.len(), dtype=pl.Int64).over(key)
     opened = rows.filter(_is_phase(Kind.PHASE, LEAF_PHASES)).select(
-        "tdk", "sub", inst=pl.col("seq"), start_ns=pl.col("ts_ns"), work=pl.col("arg0"), k=nth)
+        "tdk", "sub", inst=pl.col("seq"), start_ns=pl.col("ts_ns"),
+        work=count(pl.col("arg0")), k=nth)
     closed = rows.filter(_is_phase(Kind.PHASE_DONE, LEAF_PHASES)).select(
         "tdk", "sub", done_ts=pl.col("ts_ns"), done_dur=pl.col("dur_ns"),
         done_status=pl.col("status"), k=nth)

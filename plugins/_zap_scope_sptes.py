@@ -11,6 +11,8 @@ import polars as pl
 from tdxtrace.codes import FROZEN_SPTE, SHADOW_NONPRESENT_VALUE
 from tdxtrace.events import Kind, RootKind, ZapReason, ZapScope
 
+from ._values import count
+
 SHARED_BIT = 1 << 47  # 4-level S-EPT shared bit; stripped so a GFN names one page of the TD
 NOT_SHARED = 0xFFFF_FFFF_FFFF_FFFF ^ SHARED_BIT
 LARGE_PAGE_BIT = 1 << 7  # SPTE bit 7: a 2M/1G SPTE maps a page instead of a table
@@ -53,8 +55,8 @@ def zap_ops(observable: pl.LazyFrame) -> pl.LazyFrame:
         .sort("seq")
         .with_columns(nth)
         .select("corr", "_nth", pl.col("ts_ns").alias("_done_ns"),
-                pl.col("arg0").cast(pl.Int64).alias("reported_sptes"),
-                pl.col("arg1").cast(pl.Int64).alias("reported_private"))
+                count(pl.col("arg0")).alias("reported_sptes"),
+                count(pl.col("arg1")).alias("reported_private"))
     )
     return (
         begins.join(ends, on=["corr", "_nth"], how="left")
@@ -62,7 +64,7 @@ def zap_ops(observable: pl.LazyFrame) -> pl.LazyFrame:
             pl.col("seq").alias("zap_seq"), "corr", "td",
             name_of("sub", REASON_NAMES).alias("reason"),
             name_of("arg1", SCOPE_NAMES).alias("scope"),
-            "gpa", pl.col("arg0").alias("pages"), pl.col("ts_ns").alias("start_ns"),
+            "gpa", count(pl.col("arg0")).alias("pages"), pl.col("ts_ns").alias("start_ns"),
             (pl.col("_done_ns") - pl.col("ts_ns")).alias("dur_ns"),
             "reported_sptes", "reported_private",
         )

@@ -67,6 +67,7 @@ from ._status import (
     RESUME_CLASSES,
     status_class,
 )
+from ._values import unsigned
 from ._vp_enter import paired_exits
 
 MAX_ROWS = 100
@@ -84,7 +85,7 @@ def calls(events: pl.LazyFrame) -> pl.DataFrame:
         pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
         (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "td", "vcpu", "corr",
         "flow", pl.col("leaf").cast(pl.Int64).alias("leaf_id"), "status", "gpa",
-        pl.when(pl.col("leaf") == L.TDH_PHYMEM_CACHE_WB).then(pl.col("lp").cast(pl.UInt64))
+        pl.when(pl.col("leaf") == L.TDH_PHYMEM_CACHE_WB).then(unsigned(pl.col("lp")))
         .otherwise(pl.coalesce("gpa", "arg0")).alias("target"),
     ).collect()
     # An exit without its vCPU's entry just before it (the trace began in the guest) starts

@@ -27,6 +27,7 @@ from tdxtrace.events import Flow, GuestMapGpa, Kind
 from tdxtrace.trace import Trace
 
 from ._mapgpa_tables import CONVERSION_SCHEMA, by_outcome_table, retry_runs_table
+from ._values import signed
 
 GUEST_RETRY_BUDGET = 3  # Linux guest: max_retries_per_page consecutive no-progress RETRYs
 MAP_GPA = int(TdvmcallLeaf.MAP_GPA)
@@ -165,7 +166,7 @@ def conversions_table(rows: pl.DataFrame, guest_mode: bool) -> pl.DataFrame:
     return grouped.select(
         "corr", "td", "vcpu",
         start_gpa.alias("start_gpa"), end_gpa.alias("end_gpa"),
-        (end_gpa.cast(pl.Int64) - start_gpa.cast(pl.Int64)).alias("bytes"),
+        (signed(end_gpa) - signed(start_gpa)).alias("bytes"),
         direction.alias("direction"),
         "tdvmcalls", "chunks", "retries", "retries_progress", "retries_no_progress", "retries_bad",
         "retries_interrupt", "eagain", "longest_no_progress",

@@ -20,6 +20,7 @@ from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
 
 from ._status import is_operand_busy
+from ._values import count
 from ._vp_enter import paired_exits
 
 BY_LEAF_SCHEMA: dict[str, pl.DataType] = {
@@ -37,7 +38,7 @@ def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
     it stays one row with weight ``calls`` = N (expanding it would turn the teardown of a
     400 GB TD, a few rows in the trace, into 100 M rows here).
     """
-    calls = pl.col("arg1").cast(pl.Int64).fill_null(1).clip(lower_bound=1)
+    calls = count(pl.col("arg1")).fill_null(1).clip(lower_bound=1)
     return events.filter(pl.col("kind") == Kind.SEAMCALL).select(
         pl.col("leaf").cast(pl.Int64).alias("leaf_id"),
         (pl.col("dur_ns") // calls).alias("dur_ns"),
