@@ -2,6 +2,15 @@
 
 Each kind of fault draws from its own named random stream, so turning one on does not change
 when the others fire.
+
+A spurious BUSY can hit every call KVM makes of the chosen leaf, one draw per call in the order
+the calls are issued, and replaces the module's answer (the module is not called):
+
+* SEAMCALLs issued through :meth:`Kvm.seamcall` (fault, zap, creation, teardown rows);
+* TDH.VP.ENTER (:meth:`Kvm.vp_enter`: the run loop and the vCPU racing teardown), which KVM
+  then handles as any BUSY VP.ENTER: a TD exit with exit reason -1 and a fastpath re-entry;
+* each call a batched teardown row stands for: the batch stops at the call that got it, which
+  is written as its own row and answered by KVM as above (:mod:`.teardown_pages`).
 """
 
 from __future__ import annotations

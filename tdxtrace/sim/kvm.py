@@ -5,7 +5,8 @@ The private fault path is in :mod:`.fault`, the zap path in :mod:`.zap`; both ca
 row and counts BUSY. VP.ENTER handling follows tdx-reference.md §4(b): a BUSY VP.ENTER is
 reported by kvm_exit with exit reason -1u and the fastpath loops back without re-entering at
 once; while ``wait_for_sept_zap`` is set the loop returns before VP.ENTER (and before
-kvm_entry, so no row is written).
+kvm_entry, so no row is written). An injected spurious BUSY (:mod:`.faults`) replaces the
+module's answer in both places, so KVM handles it exactly as it would a real one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, is_busy, leaf_
 from tdxtrace.events import Flow, KickReason, Kind
 from tdxtrace.sim.guest import Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
-from tdxtrace.sim.module import SUCCESS, ModuleTd, TdxModule
+from tdxtrace.sim.module import SUCCESS, Busy, ModuleTd, TdxModule
 from tdxtrace.sim.roots_guest import SHARED_BIT
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
 TDCALL = int(ExitReason.TDCALL)
 SEAMCALL = int(Kind.SEAMCALL)
+# A call already run against the module by a batched teardown row (teardown_pages.py), handed
+# over with its outcome: (status, duration in ns, the lock holder behind a BUSY or None).
+Preset = tuple[int, int, Busy | None]
 
 
 # Enum members as module globals: a class attribute lookup on an Enum costs ~70 ns,
@@ -102,23 +106,31 @@ class Kvm:
                  call: Callable[[int, int, tuple[int, int, int]], int],
                  then: Callable[[int], None], *, vcpu: int | None = None,
                  gpa: int | None = None, level: int | None = None,
-                 arg0: int | None = None) -> None:
-        """Run one SEAMCALL now (or when the policy spinlock frees), then ``then(status)``."""
+                 arg0: int | None = None, preset: Preset | None = None) -> None:
+        """Run one SEAMCALL now (or when the policy spinlock frees), then ``then(status)``.
+
+        ``preset``: the call already ran (a batched teardown row stopped at it): write its row
+        and go on with its outcome instead of calling the module again.
+        """
         sim = self.sim
-        if self._spinlock and sim.now < td.spin_free_at:
+        if self._spinlock and sim.now < td.spin_free_at and preset is None:
             # The 2022 design: a per-TD spinlock around every TDH.MEM.* call (seed 002).
             sim.at(td.spin_free_at, lambda: self.seamcall(
                 td, leaf, lp, corr, flow, call, then, vcpu=vcpu, gpa=gpa, level=level,
                 arg0=arg0))
             return
         now = sim.now
-        dur = (self._leaf_ns.get(leaf) or self.costs.leaf_sampler(leaf))()
+        if preset is None:
+            dur = (self._leaf_ns.get(leaf) or self.costs.leaf_sampler(leaf))()
+            if self._spinlock:
+                dur += self.costs.step("spinlock")
+            self.module.last_busy = None
+            status = (self._faults.maybe_spurious_busy(leaf, now) if self._faults.injects_busy
+                      else 0) or call(now, now + dur, (lp, leaf, corr or 0))
+        else:
+            status, dur, self.module.last_busy = preset
         if self._spinlock:
-            dur += self.costs.step("spinlock")
             td.spin_free_at = now + dur
-        self.module.last_busy = None
-        status = (self._faults.maybe_spurious_busy(leaf, now) if self._faults.injects_busy
-                  else 0) or call(now, now + dur, (lp, leaf, corr or 0))
         # Positional (EventLog.row, in row order): every SEAMCALL row is written here.
         self.log.row(dur, SEAMCALL, flow, 0, corr, td.index, vcpu, lp, leaf, status, None, gpa,
                      level, None, arg0, None, None)
@@ -167,14 +179,13 @@ class Kvm:
             self.before_entry(v)
         if v.run_corr is None:
             v.run_corr = self.log.new_corr()
-        log, sim, module = self.log, self.sim, self.module
+        log, sim = self.log, self.sim
         rip = v.workload.current.rip
         # Positional (EventLog.row, in row order): one per entry, a hot path.
         self.log.row(0, _KIND_TD_ENTRY, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp,
                      VP_ENTER, None, None, None, None, rip, None, None, None)
         dur = self._vp_enter_ns()
-        status, synthesized = module.vp_enter(td.module, v.index, v.lp, rip, sim.now,
-                                              sim.now + dur, (v.lp, VP_ENTER, v.run_corr))
+        status, synthesized = self.vp_enter(v, rip, dur, v.run_corr)
         if status and is_busy(status):
             self.note_busy(td, VP_ENTER, status, v.run_corr)
             sim.after(dur, self._busy_exit, v, status)
@@ -191,6 +202,17 @@ class Kvm:
             v.in_guest = True
             v.token += 1
             sim.after(dur, self.world.guest_step, v, v.token)
+
+    def vp_enter(self, v: Vcpu, rip: int, dur: int, corr: int) -> tuple[int, int | None]:
+        """TDH.VP.ENTER in the module, or the spurious BUSY the fault plan injects instead."""
+        now = self.sim.now
+        if self._faults.injects_busy:
+            injected = self._faults.maybe_spurious_busy(VP_ENTER, now)
+            if injected:
+                self.module.last_busy = None  # no lock holder behind it
+                return injected, None
+        return self.module.vp_enter(v.td.module, v.index, v.lp, rip, now, now + dur,
+                                    (v.lp, VP_ENTER, corr))
 
     def _busy_exit(self, v: Vcpu, status: int) -> None:
         self.log.emit(_KIND_TD_EXIT, flow=_FLOW_RUN, corr=v.run_corr, td=v.td.index,

@@ -27,6 +27,11 @@ Then RECLAIM of the S-EPT pages, each vCPU's TDCX and TDVPR pages, the TDCS page
 and PAGE.WBINVD of the TDR. In every phase the first ``teardown.row_pages`` pages get one row
 per SEAMCALL; the rest are recorded as batched rows (``arg1`` = pages) whose duration is the
 sum of the per-page durations, so the cost stays per page while the trace stays small.
+
+A bugged VM is torn down the same way: kvm_destroy_vm() does not look at vm_bugged. A page
+KVM fails to remove or reclaim is leaked (truth ``pages_leaked``, ``teardown_pages_leaked``)
+and the next one follows; the TDR cannot be reclaimed while leaked pages still belong to the
+TD (TD_ASSOCIATED_PAGES_EXIST), so it is leaked too and its PAGE.WBINVD skipped.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from tdxtrace.sim.td_create import create_td
 from tdxtrace.sim.teardown_pages import Page, PageWork
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import KvmTd
+    from tdxtrace.sim.kvm import KvmTd, Preset
     from tdxtrace.sim.world import World
 
 L = Leaf
@@ -92,9 +97,11 @@ class Lifecycle:
         return lambda done: self.sim.after(ns, done, None)
 
     def call(self, job: Job, leaf: int, fn: Callable[..., int], *, lp: int | None = None,
-             vcpu: int | None = None, arg0: int | None = None) -> Op:
+             vcpu: int | None = None, arg0: int | None = None,
+             preset: Preset | None = None) -> Op:
         return lambda done: self.kvm.seamcall(job.td, leaf, job.lp if lp is None else lp,
-                                              job.corr, job.flow, fn, done, vcpu=vcpu, arg0=arg0)
+                                              job.corr, job.flow, fn, done, vcpu=vcpu, arg0=arg0,
+                                              preset=preset)
 
     def mmu_write(self, td: KvmTd) -> Op:
         return lambda done: td.mmu.acquire_write(lambda: done(None))
@@ -165,16 +172,17 @@ class Lifecycle:
         td.mmu.release_write()
         self.log.count("teardowns")
         start = self.phase(job, Phase.TEARDOWN, len(td.mirror.leaves))
-        if self.world.policy.hkid_release == "late":
+        if self.world.policy.hkid_release == "late":  # empties the mirror, bugged VM or not
             yield from self.pages.private_pages(job, zap=True)
         status = yield from self._release_hkid(job)
-        if not status and td.mirror.leaves:  # early release, or pages a bugged zap left
+        released = not status  # else the HKID leaked: nothing of the TD can be reclaimed
+        if released and td.mirror.leaves:  # early release
             status = yield from self.pages.private_pages(job, zap=False)
-        if not status:
-            status = yield from self._reclaim_control(job)
+        if released:
+            status = (yield from self._reclaim_control(job)) or status
         self.done(job, Phase.TEARDOWN, start, status)
         self.log.record_td_value("teardown_ns", td.index, self.sim.now - start)
-        if not status:
+        if released:  # ran to its end; leaked pages, if any, are in pages_leaked
             self.log.count("teardowns_finished")
         return status
 
@@ -264,19 +272,19 @@ class Lifecycle:
             vcpu += [(P.TDVPR, i, i, None)] * min(1, count)
         tdr: list[Page] = [(P.TDCS, None, None, None)] * ctl.tdcs
         tdr.append((P.TDR, None, None, None))
-        status = SUCCESS
+        failed = SUCCESS
         for phase, pages in ((Phase.RECLAIM_SEPT, sept), (Phase.RECLAIM_VCPU, vcpu),
                              (Phase.RECLAIM_TD, tdr)):
             start = self.phase(job, phase, len(pages))
-            status = yield from self.pages.reclaim(job, pages)
+            status = yield from self.pages.reclaim(job, pages)  # leaks what fails, goes on
             if phase == Phase.RECLAIM_SEPT:
                 td.mirror.nonleaf.clear()
-            if phase == Phase.RECLAIM_TD and not status:
-                status = yield self.call(job, L.TDH_PHYMEM_PAGE_WBINVD,
+            if phase == Phase.RECLAIM_TD and ctl.tdr_reclaimed:  # a leaked TDR is not flushed
+                wbinvd = yield self.call(job, L.TDH_PHYMEM_PAGE_WBINVD,
                                          partial(self.leaves.tdr_wbinvd, mtd))
-                if status:
-                    self.bug(job, L.TDH_PHYMEM_PAGE_WBINVD, status)
+                if wbinvd:
+                    self.bug(job, L.TDH_PHYMEM_PAGE_WBINVD, wbinvd)
+                status = status or wbinvd
             self.done(job, phase, start, status)
-            if status:
-                break
-        return status
+            failed = failed or status
+        return failed

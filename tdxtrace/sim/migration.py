@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, Status
+from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, Status, is_busy
 from tdxtrace.events import Flow, IpiPurpose, Kind
 from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_teardown import LifecycleLeaves
@@ -148,14 +148,22 @@ class VcpuPlacement:
         td, lp = v.td, v.lp
         self.log.emit(Kind.VCPU_LOAD, flow=Flow.RUN, td=td.index, vcpu=v.index, lp=lp)
         v.cpu = lp
-        corr = self.log.new_corr()
+        # A BUSY VP.ENTER loops back through the fastpath as in the run loop (kvm.py), until
+        # the vCPU's next timer tick, when the model lets a vCPU thread leave KVM (as
+        # Lifecycle.teardown_all assumes): an injected BUSY of probability 1 cannot stall it.
+        self._race_enter(v, self.log.new_corr(), self.sim.now + self.kvm.timer_period, then)
+
+    def _race_enter(self, v: Vcpu, corr: int, leave_at: int,
+                    then: Callable[[None], None]) -> None:
+        td, lp = v.td, v.lp
         rip = v.workload.current.rip
         self.log.emit(Kind.TD_ENTRY, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index, lp=lp,
                       leaf=VP_ENTER, rip=rip)
-        now = self.sim.now
         dur = self.costs.seamcall(VP_ENTER)
-        status, _ = self.kvm.module.vp_enter(td.module, v.index, lp, rip, now, now + dur,
-                                             (lp, VP_ENTER, corr))
+        status, _ = self.kvm.vp_enter(v, rip, dur, corr)
+        busy = is_busy(status)
+        if busy:
+            self.kvm.note_busy(td, VP_ENTER, status, corr)
 
         def exited() -> None:
             if status == SUCCESS:
@@ -165,6 +173,10 @@ class VcpuPlacement:
                 reason, rax = EXIT_REASON_INVALID, status
             self.log.emit(Kind.TD_EXIT, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index,
                           lp=lp, leaf=VP_ENTER, status=rax, exit_reason=reason, rip=rip)
+            if busy and self.sim.now < leave_at:  # tdx_exit_handlers_fastpath(): enter again
+                self.sim.after(self.costs.step("fastpath_loop"), self._race_enter, v, corr,
+                               leave_at, then)
+                return
             then(None)
 
         self.sim.after(dur, exited)

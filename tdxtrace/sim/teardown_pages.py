@@ -5,7 +5,18 @@ Helper of :mod:`.lifecycle` (same conventions). In every phase the first
 :class:`~.zap.ZapPath`, with SPTE_CHANGED rows); the rest are batched into rows of up to
 BATCH_PAGES pages with ``arg1`` = pages and a duration that is the sum of the per-page costs,
 sampled one by one. The module model still sees every page, one call at a time, so its rules
-(BLOCK before TRACK before REMOVE, RECLAIM only in TD_TEARDOWN, ...) hold for batched pages too.
+(BLOCK before TRACK before REMOVE, RECLAIM only in TD_TEARDOWN, ...) hold for batched pages too,
+and so does fault injection: each call a batched row stands for may get the spurious BUSY of
+:mod:`.faults`, drawn in call order as if it had its own row.
+
+A batched row only stands for calls that succeeded. At a call that fails (injected, or a real
+error) the batch stops: the pages before it make the batched rows, the failing call gets a row
+of its own and KVM's answer to it its own rows too (late release: :meth:`ZapPath.resume_leaf`,
+i.e. tdh_do_no_vcpus()'s kick and retry, or TDX_BUG_ON; reclaim: TDX_BUG_ON, no retry), then
+batching resumes with the next call. As in KVM, a page KVM gives up on is leaked (truth
+``pages_leaked``, ``teardown_pages_leaked``) and the teardown goes on with the next one:
+destroying a bugged VM still releases its HKID and reclaims what it can (tdx-reference.md
+§4(b) step 6, §4(c)).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from tdxtrace.sim.module_teardown import PageKey
 from tdxtrace.sim.module_teardown import PageKind as P
 
 if TYPE_CHECKING:
+    from tdxtrace.sim.kvm import Preset
     from tdxtrace.sim.lifecycle import Job, Lifecycle
     from tdxtrace.sim.process import Process
 
@@ -33,6 +45,12 @@ PREPOPULATE_LIMIT_MB = 4096
 KICK = -1  # the kick after TRACK, in the per-page order below
 ZAP_ORDER = (L.TDH_MEM_RANGE_BLOCK, L.TDH_MEM_TRACK, KICK, L.TDH_MEM_PAGE_REMOVE,
              L.TDH_PHYMEM_PAGE_WBINVD)
+ZapCall = Callable[[int, int, int, tuple[int, int, int]], int]  # (gfn, now, until, holder)
+# One step of ZAP_ORDER: (its index, leaf, cost sampler, module call, lock holder).
+Step = tuple[int, int, Callable[[], int], ZapCall, tuple[int, int, int]]
+# One pass of batched pages: the index of the page it stopped at (or the end), per step the
+# calls and their summed duration, and the call that failed there: (step, outcome), or None.
+Run = tuple[int, list[int], list[int], tuple[int, "Preset"] | None]
 
 
 class PageWork:
@@ -65,7 +83,10 @@ class PageWork:
             td.mirror.leaves.update(gfns)
 
     def private_pages(self, job: Job, zap: bool) -> Process:
-        """PRIVATE_PAGES: zap every private leaf (HKID live) or reclaim it (HKID released)."""
+        """PRIVATE_PAGES: zap every private leaf (HKID live) or reclaim it (HKID released).
+
+        A bugged VM is zapped like any other: KVM's guest_memfd release walks every leaf.
+        """
         life, td = self.life, job.td
         gfns = sorted(td.mirror.leaves)
         start = life.phase(job, Phase.PRIVATE_PAGES, len(gfns))
@@ -76,8 +97,7 @@ class PageWork:
                 yield lambda done: self.world.zap.zap(td, head, ZapReason.TEARDOWN, job.flow,
                                                       lambda: done(None), corr=job.corr)
             for i in range(0, len(rest), BATCH_PAGES):
-                if not td.bugged:  # like ZapPath: a bugged VM's zap stops
-                    yield from self._zap_batch(job, rest[i:i + BATCH_PAGES])
+                yield from self._zap_batch(job, rest[i:i + BATCH_PAGES])
         else:
             yield life.mmu_write(td)
             self._zap_row(job, Kind.ZAP, gfns[0] if gfns else 0, len(gfns))
@@ -99,10 +119,37 @@ class PageWork:
                       arg0=pages, arg1=arg1)
 
     def _zap_batch(self, job: Job, gfns: list[int]) -> Process:
-        """BLOCK, TRACK + kick, REMOVE, WBINVD for each page; one row per leaf for them all."""
-        life, td, module, costs = self.life, job.td, self.world.module, self.costs
+        """BLOCK, TRACK + kick, REMOVE, WBINVD for each page; one row per leaf for them all.
+
+        Every page's mirror SPTE goes, as in KVM (the S-EPT hooks cannot stop the TDP MMU);
+        a page whose call failed continues through ZapPath with rows of its own.
+        """
+        life, td = self.life, job.td
+        steps = self._zap_steps(job)
+        yield life.mmu_write(td)
+        self._zap_row(job, Kind.ZAP, gfns[0], len(gfns))
+        i = 0
+        while i < len(gfns):
+            first = gfns[i]
+            i, count, total, failed = self._zap_run(job, steps, gfns, i)
+            yield from self._zap_rows(job, first, count, total)
+            if failed is not None:
+                yield partial(self._resume, job, gfns[i], *failed)
+                i += 1
+        self.log.count("sptes_zapped", len(gfns))
+        self._zap_row(job, Kind.ZAP_DONE, None, len(gfns))
+        td.mmu.release_write()
+
+    def _resume(self, job: Job, gfn: int, step: int, preset: Preset,
+                done: Callable[[None], None]) -> None:
+        self.world.zap.resume_leaf(job.td, gfn, job.corr, job.flow, partial(done, None), step,
+                                   preset)
+
+    def _zap_steps(self, job: Job) -> tuple[Step, ...]:
+        """Each step of ZAP_ORDER for ``job``'s TD."""
+        td, module, costs = job.td, self.world.module, self.costs
         mtd = td.module
-        calls: tuple[Callable[[int, int, int, tuple[int, int, int]], int], ...] = (
+        calls: tuple[ZapCall, ...] = (
             partial(module.range_block, mtd),
             lambda gfn, now, until, me: module.track(mtd, now, until, me),
             lambda *_: SUCCESS,  # the kick after TRACK: no vCPU is in guest mode
@@ -115,26 +162,33 @@ class PageWork:
         samplers: list[Callable[[], int]] = [costs.leaf_sampler(leaf) for leaf in ZAP_ORDER]
         samplers[2] = lambda: kick() + kick_vcpus
         holders = [(job.lp, max(leaf, 0), job.corr) for leaf in ZAP_ORDER]
-        steps = tuple(zip(range(5), samplers, calls, holders, strict=True))
+        return tuple(zip(range(5), ZAP_ORDER, samplers, calls, holders, strict=True))
+
+    def _zap_run(self, job: Job, steps: tuple[Step, ...], gfns: list[int], first: int) -> Run:
+        """Run pages from ``first`` against the module until one of their calls fails."""
+        faults, module, leaves = self.world.faults, self.world.module, job.td.mirror.leaves
+        inject = faults.maybe_spurious_busy if faults.injects_busy else None
         total, count = [0] * 5, [0] * 5
-        failed = (-1, SUCCESS)
-        yield life.mmu_write(td)
         t = self.sim.now
-        for gfn in gfns:
-            for i, sample, call, me in steps:
+        for k in range(first, len(gfns)):
+            gfn = gfns[k]
+            leaves.discard(gfn)
+            for i, leaf, sample, call, me in steps:
                 d = sample()
-                status = call(gfn, t, t + d, me)
+                injected = inject(leaf, t) if inject is not None else 0
+                if injected:
+                    module.last_busy = None  # no lock holder behind it
+                status = injected or call(gfn, t, t + d, me)
+                if status:
+                    return k, count, total, (i, (status, d, module.last_busy))
                 t += d
                 total[i] += d
                 count[i] += 1
-                if status:
-                    failed = (i, status)
-                    break
-            if failed[1]:
-                break
-            td.mirror.leaves.discard(gfn)
-        zapped = count[4]
-        self._zap_row(job, Kind.ZAP, gfns[0], len(gfns))
+        return len(gfns), count, total, None
+
+    def _zap_rows(self, job: Job, first: int, count: list[int], total: list[int]) -> Process:
+        """The batched rows of one run (first page ``first``), each followed by its time."""
+        td = job.td
         for i, leaf in enumerate(ZAP_ORDER):
             if not count[i]:
                 continue
@@ -142,23 +196,22 @@ class PageWork:
                 self.log.emit(Kind.KICK, sub=KickReason.TRACK, flow=job.flow, corr=job.corr,
                               td=td.index, lp=job.lp, arg0=0, arg1=count[i], dur=total[i])
             else:
-                gpa = None if leaf == L.TDH_MEM_TRACK else gfns[0] << 12
+                gpa = None if leaf == L.TDH_MEM_TRACK else first << 12
                 self.log.emit(Kind.SEAMCALL, flow=job.flow, corr=job.corr, td=td.index,
                               lp=job.lp, leaf=leaf, gpa=gpa, level=None if gpa is None else 0,
-                              status=failed[1] if i == failed[0] else SUCCESS,
-                              arg1=count[i], dur=total[i])
-            yield life.sleep(total[i])
-        self.log.count("sptes_zapped", zapped)
-        self._zap_row(job, Kind.ZAP_DONE, None, zapped)
-        td.mmu.release_write()
-        if failed[1]:
-            life.bug(job, ZAP_ORDER[failed[0]], failed[1])
+                              status=SUCCESS, arg1=count[i], dur=total[i])
+            yield self.life.sleep(total[i])
 
     def reclaim(self, job: Job, pages: list[Page]) -> Process:
-        """PHYMEM.PAGE.RECLAIM of ``pages`` in order; private pages also leave the mirror."""
+        """PHYMEM.PAGE.RECLAIM of ``pages`` in order; private pages also leave the mirror.
+
+        KVM does not retry a RECLAIM (no contention is possible by then) and leaks a page it
+        fails on, then goes on with the next one. Returns the first failure, or SUCCESS.
+        """
         life, td = self.life, job.td
         mtd, reclaim = td.module, life.leaves.reclaim
         leaf = L.TDH_PHYMEM_PAGE_RECLAIM
+        failed = SUCCESS
         for kind, key, vcpu, pfn in pages[:self.row_pages]:
             if kind == P.PRIVATE:
                 gfn = int(key)  # type: ignore[arg-type]
@@ -167,30 +220,57 @@ class PageWork:
                               corr=job.corr, td=td.index, gpa=gfn << 12, level=0,
                               arg0=present_spte(gfn, 0), arg1=NONPRESENT,
                               arg2=td.mirror.root_id)
+                td.mirror.leaves.discard(gfn)
             status = yield life.call(job, leaf, partial(reclaim, mtd, kind, key), vcpu=vcpu,
                                      arg0=pfn)
             if status:
-                return life.bug(job, leaf, status)
-            if kind == P.PRIVATE:
-                td.mirror.leaves.discard(key)
+                self._leak(job, leaf, status)
+                failed = failed or status
         for i in range(self.row_pages, len(pages), BATCH_PAGES):
-            chunk = pages[i:i + BATCH_PAGES]
-            t, status, done = self.sim.now, SUCCESS, 0
-            sample = self.costs.leaf_sampler(leaf)
-            for kind, key, _, _ in chunk:
+            status = yield from self._reclaim_batch(job, pages[i:i + BATCH_PAGES])
+            failed = failed or status
+        return failed
+
+    def _reclaim_batch(self, job: Job, chunk: list[Page]) -> Process:
+        """One batched row per run of reclaims that succeed; a failed one has its own row."""
+        life, td, module, faults = self.life, job.td, self.world.module, self.world.faults
+        mtd, reclaim = td.module, life.leaves.reclaim
+        leaf = L.TDH_PHYMEM_PAGE_RECLAIM
+        sample = self.costs.leaf_sampler(leaf)
+        me = (job.lp, leaf, job.corr)
+        failed, k = SUCCESS, 0
+        while k < len(chunk):
+            t, first, preset = self.sim.now, k, None
+            for kind, key, _, _ in chunk[first:]:
                 d = sample()
-                status = reclaim(mtd, kind, key, t, t + d, (job.lp, leaf, job.corr))
-                t, done = t + d, done + 1
-                if status:
-                    break
+                injected = faults.maybe_spurious_busy(leaf, t) if faults.injects_busy else 0
+                if injected:
+                    module.last_busy = None  # no lock holder behind it
+                status = injected or reclaim(mtd, kind, key, t, t + d, me)
                 if kind == P.PRIVATE:
-                    td.mirror.leaves.discard(key)
+                    td.mirror.leaves.discard(key)  # its mirror SPTE goes whatever the S-EPT says
                     self.log.count("sptes_zapped")
-            vcpus = {page[2] for page in chunk}
-            self.log.emit(Kind.SEAMCALL, flow=job.flow, corr=job.corr, td=td.index, lp=job.lp,
-                          leaf=leaf, vcpu=vcpus.pop() if len(vcpus) == 1 else None,
-                          status=status, arg0=chunk[0][3], arg1=done, dur=t - self.sim.now)
-            yield life.sleep(t - self.sim.now)
-            if status:
-                return life.bug(job, leaf, status)
-        return SUCCESS
+                if status:
+                    preset = (status, d, module.last_busy)
+                    break
+                t, k = t + d, k + 1
+            if k > first:
+                vcpus = {page[2] for page in chunk[first:k]}
+                self.log.emit(Kind.SEAMCALL, flow=job.flow, corr=job.corr, td=td.index,
+                              lp=job.lp, leaf=leaf, vcpu=vcpus.pop() if len(vcpus) == 1 else None,
+                              status=SUCCESS, arg0=chunk[first][3], arg1=k - first,
+                              dur=t - self.sim.now)
+                yield life.sleep(t - self.sim.now)
+            if preset is not None:
+                kind, key, vcpu, pfn = chunk[k]
+                status = yield life.call(job, leaf, partial(reclaim, mtd, kind, key), vcpu=vcpu,
+                                         arg0=pfn, preset=preset)
+                self._leak(job, leaf, status)
+                failed, k = failed or status, k + 1
+        return failed
+
+    def _leak(self, job: Job, leaf: int, status: int) -> None:
+        """TDX_BUG_ON on a reclaim: the page is leaked (it stays the TD's)."""
+        self.log.count("pages_leaked")
+        self.log.count("teardown_pages_leaked")
+        self.life.bug(job, leaf, status)

@@ -12,7 +12,14 @@ TRACK and REMOVE go through ``tdh_do_no_vcpus()`` as the ``zap_busy`` policy say
 * ``seamcall_spinlock``: the 2022 design (seed 002): a per-TD spinlock around every TDH.MEM.*
   call and no retry at all; the spinlock does not cover VP.ENTER, so a BUSY from it is a bug.
 
-Any status KVM does not expect ends in KVM_BUG_ON.
+Any status KVM does not expect ends in KVM_BUG_ON (``TDX_BUG_ON``), after which KVM returns
+from the S-EPT hook; the hook returns nothing, so the TDP MMU goes on with the next leaf. A
+failed BLOCK or REMOVE leaves the page mapped in the S-EPT, the TD's for good (leaked: truth
+``pages_leaked``, and ``teardown_pages_leaked`` in a teardown); a failed TRACK does not return
+(``tdx_track()`` is void), so the kick and PAGE.REMOVE follow, and the REMOVE fails as the
+epoch never moved. A failed PAGE.WBINVD bugs the VM too, but the page has left the TD by then
+and is not counted. Every zap therefore ends, with its ZAP_DONE and its caller's continuation,
+bugged VM or not: a teardown goes on to release the HKID (§4(c)).
 """
 
 from __future__ import annotations
@@ -22,12 +29,12 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import Leaf, is_busy
-from tdxtrace.events import KickReason, Kind, RootKind, ZapReason
+from tdxtrace.events import Flow, KickReason, Kind, RootKind, ZapReason
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import Kvm, KvmTd
+    from tdxtrace.sim.kvm import Kvm, KvmTd, Preset
     from tdxtrace.sim.world import World
 
 BLOCK = int(Leaf.TDH_MEM_RANGE_BLOCK)
@@ -37,6 +44,8 @@ WBINVD = int(Leaf.TDH_PHYMEM_PAGE_WBINVD)
 RETRY_LOOP_MAX = 16  # SEAMCALL_RETRY_MAX of the dropped retry hack
 
 Done = Callable[[], None]
+# Where resume_leaf() can pick a page up: the index of each call in teardown_pages.ZAP_ORDER.
+STEP_BLOCK, STEP_TRACK, STEP_REMOVE, STEP_WBINVD = 0, 1, 3, 4
 
 
 def _no_call(now: int, until: int, me: tuple[int, int, int]) -> int:
@@ -52,6 +61,7 @@ _KIND_SPTE_CHANGED = Kind.SPTE_CHANGED
 _KIND_ZAP = Kind.ZAP
 _KIND_ZAP_DONE = Kind.ZAP_DONE
 _ROOTKIND_MIRROR = RootKind.MIRROR
+_FLOW_TEARDOWN = Flow.TEARDOWN
 
 
 class ZapPath:
@@ -87,7 +97,8 @@ class ZapPath:
         def next_page(i: int) -> None:
             while i < len(gfns) and gfns[i] not in td.mirror.leaves:
                 i += 1
-            if i >= len(gfns) or td.bugged:
+            # No td.bugged check: KVM's zap walks on after a TDX_BUG_ON (see the module doc).
+            if i >= len(gfns):
                 finish()
                 return
             gfn = gfns[i]
@@ -109,23 +120,68 @@ class ZapPath:
         # of the ~6 steps of every zapped page (a third of the rows of a 1M-event fault storm).
         module, mtd = self.module, td.module
         gpa = gfn << 12
+        leaked = partial(self._leaked, flow, then)
         after_remove = partial(self.kvm.seamcall, td, WBINVD, self.lp, corr, flow, _no_call,
-                               partial(self._check, td, WBINVD, corr, flow, then), arg0=gfn)
+                               partial(self._check, td, WBINVD, corr, flow, then, then),
+                               arg0=gfn)
         after_track = partial(self.no_vcpus, td, REMOVE, partial(module.page_remove, mtd, gfn),
-                              corr, flow, after_remove, gpa=gpa)
+                              corr, flow, after_remove, leaked, gpa=gpa)
         after_block = partial(self.track, td, corr, flow, after_track)
         self.no_vcpus(td, BLOCK, partial(module.range_block, mtd, gfn), corr, flow, after_block,
-                      gpa=gpa)
+                      leaked, gpa=gpa)
 
-    def track(self, td: KvmTd, corr: int, flow: int, then: Done) -> None:
-        """tdx_track(): TRACK, then kick so vCPUs of the old epoch leave the guest."""
+    def resume_leaf(self, td: KvmTd, gfn: int, corr: int, flow: int, then: Done, step: int,
+                    preset: Preset) -> None:
+        """remove_leaf() from ``step`` on, whose call already ran with the outcome ``preset``.
+
+        A batched teardown row hands a page over here at the call that failed, so that call,
+        KVM's answer to it (kick and retry, or TDX_BUG_ON) and the rest of the page get rows
+        of their own, with the same policy as every other zapped page.
+        """
+        module, mtd = self.module, td.module
+        gpa = gfn << 12
+        leaked = partial(self._leaked, flow, then)
+        wbinvd = partial(self._check, td, WBINVD, corr, flow, then, then)
+        if step == STEP_WBINVD:
+            self.kvm.seamcall(td, WBINVD, self.lp, corr, flow, _no_call, wbinvd, arg0=gfn,
+                              preset=preset)
+            return
+        after_remove = partial(self.kvm.seamcall, td, WBINVD, self.lp, corr, flow, _no_call,
+                               wbinvd, arg0=gfn)
+        remove = partial(module.page_remove, mtd, gfn)
+        if step == STEP_REMOVE:
+            self.no_vcpus(td, REMOVE, remove, corr, flow, after_remove, leaked, gpa=gpa,
+                          preset=preset)
+            return
+        after_track = partial(self.no_vcpus, td, REMOVE, remove, corr, flow, after_remove,
+                              leaked, gpa=gpa)
+        if step == STEP_TRACK:
+            self.track(td, corr, flow, after_track, preset=preset)
+            return
+        assert step == STEP_BLOCK, step
+        self.no_vcpus(td, BLOCK, partial(module.range_block, mtd, gfn), corr, flow,
+                      partial(self.track, td, corr, flow, after_track), leaked, gpa=gpa,
+                      preset=preset)
+
+    def track(self, td: KvmTd, corr: int, flow: int, then: Done, *,
+              preset: Preset | None = None) -> None:
+        """tdx_track(): TRACK, then kick so vCPUs of the old epoch leave the guest.
+
+        tdx_track() returns nothing: after a TDX_BUG_ON on TRACK the kick (and the caller's
+        PAGE.REMOVE) still follow, hence ``kick`` on both outcomes.
+        """
         kick = partial(self.kvm.kick_all, td, _KICKREASON_TRACK, corr, flow, self.lp, then)
-        self.no_vcpus(td, TRACK, partial(self.module.track, td.module), corr, flow, kick)
+        self.no_vcpus(td, TRACK, partial(self.module.track, td.module), corr, flow, kick, kick,
+                      preset=preset)
 
     def no_vcpus(self, td: KvmTd, leaf: int, call: Callable[[int, int, tuple[int, int, int]], int],
-                 corr: int, flow: int, then: Done, *, gpa: int | None = None,
-                 attempt: int = 0) -> None:
-        """tdh_do_no_vcpus(): issue; on OPERAND_BUSY act as the zap_busy policy says."""
+                 corr: int, flow: int, then: Done, bail: Done, *, gpa: int | None = None,
+                 attempt: int = 0, preset: Preset | None = None) -> None:
+        """tdh_do_no_vcpus(): issue; on OPERAND_BUSY act as the zap_busy policy says.
+
+        ``then`` on success; ``bail`` after a TDX_BUG_ON, where KVM's code carries on.
+        ``preset``: the outcome of the first attempt, already run (see resume_leaf()).
+        """
         level = 0 if gpa is not None else None
 
         def result(status: int) -> None:
@@ -138,34 +194,43 @@ class ZapPath:
                 then()
                 return
             if not is_busy(status) or self.policy == "seamcall_spinlock":
-                self._bug(td, leaf, status, corr, flow)
+                self._bug(td, leaf, status, corr, flow, bail)
                 return
             if self.policy == "kick_retry_once":
                 if attempt:
-                    self._bug(td, leaf, status, corr, flow)
+                    self._bug(td, leaf, status, corr, flow, bail)
                     return
                 td.wait_for_sept_zap = True
                 self.kvm.kick_all(td, _KICKREASON_NO_VCPUS_RETRY, corr, flow, self.lp,
-                                  lambda: self.no_vcpus(td, leaf, call, corr, flow, then,
+                                  lambda: self.no_vcpus(td, leaf, call, corr, flow, then, bail,
                                                         gpa=gpa, attempt=1))
                 return
             if attempt + 1 >= RETRY_LOOP_MAX:
-                self._bug(td, leaf, status, corr, flow)
+                self._bug(td, leaf, status, corr, flow, bail)
                 return
             self.sim.after(self.world.costs.step("retry_resched"), lambda: self.no_vcpus(
-                td, leaf, call, corr, flow, then, gpa=gpa, attempt=attempt + 1))
+                td, leaf, call, corr, flow, then, bail, gpa=gpa, attempt=attempt + 1))
 
-        self.kvm.seamcall(td, leaf, self.lp, corr, flow, call, result, gpa=gpa, level=level)
+        self.kvm.seamcall(td, leaf, self.lp, corr, flow, call, result, gpa=gpa, level=level,
+                          preset=preset)
 
-    def _check(self, td: KvmTd, leaf: int, corr: int, flow: int, then: Done,
+    def _check(self, td: KvmTd, leaf: int, corr: int, flow: int, then: Done, bail: Done,
                status: int) -> None:
         if status != SUCCESS:
-            self._bug(td, leaf, status, corr, flow)
+            self._bug(td, leaf, status, corr, flow, bail)
             return
         then()
 
-    def _bug(self, td: KvmTd, leaf: int, status: int, corr: int, flow: int) -> None:
+    def _bug(self, td: KvmTd, leaf: int, status: int, corr: int, flow: int, bail: Done) -> None:
+        # tdh_do_no_vcpus() clears wait_for_sept_zap whatever its retry returned. The zap keeps
+        # mmu_lock: it is released where every zap ends, in its finish.
         td.wait_for_sept_zap = False
         self.kvm.bug_on(td, leaf, status, corr, flow)
-        if td.mmu.writer:
-            td.mmu.release_write()
+        bail()
+
+    def _leaked(self, flow: int, then: Done) -> None:
+        """TDX_BUG_ON, return: the page stays the TD's, KVM goes on with the next one."""
+        self.log.count("pages_leaked")
+        if flow == _FLOW_TEARDOWN:
+            self.log.count("teardown_pages_leaked")
+        then()
