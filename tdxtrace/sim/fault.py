@@ -69,6 +69,7 @@ class FaultPath:
         self.log = world.log
         self.costs = world.costs
         self.local_retry = world.policy.frozen_spte == "local_retry"
+        self._attrs = world.attrs
         self._preempt = world.rng.stream("kvm.preempt")
         self._signal = world.rng.stream("kvm.signal")
         self.preempt_p = world.scenario.kvm.preempt_p
@@ -90,6 +91,9 @@ class FaultPath:
         # Positional (EventLog.row, in row order): the fault path writes ~8 rows per fault.
         self.log.row(0, _KIND_PAGE_FAULT, FLOW, 0, fault.corr, v.td.index, v.index, v.lp, None,
                      None, None, gpa, None, v.workload.current.rip, 0x2, None, None)
+        if self._attrs.is_shared(v.td, fault.gfn):  # kvm_mmu_faultin_pfn(): not private now
+            self._attrs.private_fault_on_shared(v, fault.gfn, fault.corr)
+            return
         self._attempt(fault)
 
     def _attempt(self, f: Fault) -> None:
