@@ -12,7 +12,8 @@ RET_PF_RETRY does next:
 * ``resume_guest`` (the earlier design): return to the guest, which faults again at the same
   RIP; if the winner of the frozen SPTE is slow, the module's zero-step mitigation arms.
 
-Any other status from SEPT.ADD / PAGE.AUG is TDX_BUG_ON: the VM is bugged.
+Any other status from SEPT.ADD / PAGE.AUG is TDX_BUG_ON: the VM is bugged; so is a BUSY under
+the ``seamcall_spinlock`` policy (the 2022 design, seed 002, had no retry at all).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class FaultPath:
         self.costs = world.costs
         self.local_retry = world.policy.frozen_spte == "local_retry"
         self._attrs = world.attrs
+        # The 2022 design (seed 002) checked AUG and SEPT.ADD with KVM_BUG_ON(err): under its
+        # per-TD spinlock no host call could make them BUSY, so any BUSY (VP.ENTER's epoch, a
+        # guest ACCEPT) bugged the VM. The thread's point is that proper retry is needed.
+        self.busy_is_bug = world.policy.zap_busy == "seamcall_spinlock"
         self._preempt = world.rng.stream("kvm.preempt")
         self._signal = world.rng.stream("kvm.signal")
         self.preempt_p = world.scenario.kvm.preempt_p
@@ -167,7 +172,7 @@ class FaultPath:
             self._done(f, _FAULTOUTCOME_MAPPED)
             return
         self._spte(f, level, FROZEN, NONPRESENT)
-        if is_busy(status):
+        if is_busy(status) and not self.busy_is_bug:
             self._retry(f, _RETRYCAUSE_SEAMCALL_BUSY, leaf, status)
             return
         td.mmu.release_read()
