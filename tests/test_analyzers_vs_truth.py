@@ -25,6 +25,7 @@ EXACT = {
     ("zero_step", "synthesized_exits"): "synthesized_exits",
     ("zap_scope", "refaults"): "refaults",
     ("busy_retry", "busy_total"): "busy_total",
+    ("busy_retry", "interrupted_resumable"): "cache_wb_resumes",
     ("zap_scope", "sptes_zapped"): "sptes_zapped",
     ("zap_scope", "private_zaps_unexpected"): "private_zaps_unexpected",
     ("zap_scope", "vms_bugged"): "vms_bugged",
