@@ -25,6 +25,9 @@ Rules (observable rows only):
   lose a page it accepted, which is a KVM bug (seed 004: "stop hitting everything with the big
   hammer"; §4(b) of the reference lists the legitimate triggers).
 * **VM bugged**: every VM_BUGGED row (KVM_BUG_ON), with the SEAMCALL leaf and status behind it.
+* A **memory-fault exit**: a USERSPACE_EXIT with reason KVM_EXIT_MEMORY_FAULT, a fault whose
+  GFN's attribute disagreed with the access (a private access to a page userspace made
+  shared): what a conversion the guest did not ask for costs it.
 
 Tables: ``by_reason_root`` (reason, root_kind, sptes_zapped, leaf_sptes, private_leaves),
 ``zaps`` (one row per ZAP: corr, td, reason, scope, gpa, pages, sptes_zapped, private_leaves,
@@ -32,7 +35,8 @@ batched = SPTEs known only from ZAP_DONE, start_ns, dur_ns = ZAP_DONE ts - ZAP t
 ``refaults`` (per reason with zapped leaves: refaults, median_delay_ns),
 ``unexpected_private_zaps`` (td, gpa, reason, ts_ns, corr), ``bugged`` (td, ts_ns, leaf,
 status, corr, flow). Metrics: ``sptes_zapped``, ``zaps``, ``refaults``,
-``private_zaps_unexpected``, ``vms_bugged`` (distinct TDs). Both bug metrics fail at 1.
+``private_zaps_unexpected``, ``vms_bugged`` (distinct TDs), ``memory_fault_exits``. Both bug
+metrics fail at 1.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import polars as pl
 
 from tdxtrace import hookimpl
 from tdxtrace.analysis import Analyzer, AnalyzerResult
-from tdxtrace.codes import LEAF_NAMES, status_name
+from tdxtrace.codes import KVM_EXIT_MEMORY_FAULT, LEAF_NAMES, status_name
 from tdxtrace.events import Flow, Kind, Phase
 from tdxtrace.trace import Trace
 
@@ -59,7 +63,8 @@ from ._zap_scope_sptes import (
 
 FLOW_NAMES = {int(m): m.name.lower() for m in Flow}
 UNEXPECTED_REASONS = ("memslot", "notifier")
-READ_KINDS = [int(k) for k in (Kind.ZAP, Kind.ZAP_DONE, Kind.PHASE, Kind.VM_BUGGED)]
+READ_KINDS = [int(k) for k in (Kind.ZAP, Kind.ZAP_DONE, Kind.PHASE, Kind.VM_BUGGED,
+                                Kind.USERSPACE_EXIT)]
 BY_REASON_ROOT = {"reason": pl.String(), "root_kind": pl.String(), "sptes_zapped": pl.Int64(),
                   "leaf_sptes": pl.Int64(), "private_leaves": pl.Int64()}
 ZAPS = {"corr": pl.Int64(), "td": pl.Int32(), "reason": pl.String(), "scope": pl.String(),
@@ -85,7 +90,7 @@ class ZapScopeAnalyzer(Analyzer):
     )
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "kind", "truth", "flow", "sub", "corr", "td", "leaf", "status", "gpa",
-        "level", "arg0", "arg1",
+        "level", "arg0", "arg1", "exit_reason",
     )
     key_metrics: ClassVar[tuple[str, ...]] = (
         "sptes_zapped", "private_zaps_unexpected", "vms_bugged",
@@ -141,6 +146,10 @@ class ZapScopeAnalyzer(Analyzer):
             "refaults": int(refault_table.get_column("refaults").sum()),
             "private_zaps_unexpected": unexpected.height,
             "vms_bugged": bugged.get_column("td").n_unique() if bugged.height else 0,
+            "memory_fault_exits": int(zap_rows.filter(
+                (pl.col("kind") == int(Kind.USERSPACE_EXIT))
+                & (pl.col("exit_reason") == KVM_EXIT_MEMORY_FAULT)
+            ).select(pl.len()).collect().item()),
         }
         tables = {
             "by_reason_root": by_reason_root,

@@ -37,8 +37,8 @@ class Kind(IntEnum):
     IPI = 9  # smp_call_function_single / on_each_cpu_mask to run a SEAMCALL elsewhere
     TDVMCALL = 10  # a TDG.VP.VMCALL exit handled by KVM (arg0 sub-function, gpa R12, arg1 R13)
     TDVMCALL_DONE = 11  # KVM's answer to the guest (status = R10, arg0 = R11)
-    USERSPACE_EXIT = 12  # kvm:kvm_userspace_exit KVM_EXIT_HYPERCALL (MapGPA chunk)
-    USERSPACE_RETURN = 13  # userspace re-entered KVM_RUN; status = run->hypercall.ret
+    USERSPACE_EXIT = 12  # kvm:kvm_userspace_exit: MapGPA chunk, or KVM_EXIT_MEMORY_FAULT
+    USERSPACE_RETURN = 13  # userspace re-entered KVM_RUN; status = run->hypercall.ret (or 0)
     MEM_ATTR = 14  # KVM_SET_MEMORY_ATTRIBUTES by the VMM (gpa, arg0 pages, arg1 attributes)
     ZAP = 15  # a KVM zap operation begins (sub = ZapReason, gpa, arg0 pages, arg1 ZapScope)
     ZAP_DONE = 16  # that zap ended (arg0 = SPTEs zapped)
@@ -95,6 +95,7 @@ class FaultOutcome(IntEnum):
     SIGNAL = 5  # local retry left because signal_pending()
     ERROR = 6  # the VM was bugged or the fault failed (-EIO)
     SHARED = 7  # a shared-GPA fault, handled in the direct root without SEAMCALLs
+    MEMORY_FAULT_EXIT = 8  # the GFN's attribute is shared: KVM_EXIT_MEMORY_FAULT to userspace
 
 
 class KickReason(IntEnum):

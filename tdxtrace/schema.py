@@ -118,8 +118,11 @@ KIND_ARGS: dict[str, str] = {
     "IPI": "sub = IpiPurpose, lp = target, arg0 = source lp",
     "TDVMCALL": "td, vcpu, arg0 = sub-function (R11), gpa = R12, arg1 = R13",
     "TDVMCALL_DONE": "status = R10, arg0 = R11 returned, arg1 = sub-function",
-    "USERSPACE_EXIT": "gpa = args[0], arg0 = pages (args[1]), arg1 = attributes (args[2])",
-    "USERSPACE_RETURN": "status = run->hypercall.ret (0 or a positive errno)",
+    "USERSPACE_EXIT": "exit_reason = run->exit_reason: 3 KVM_EXIT_HYPERCALL (MapGPA: gpa = "
+                      "args[0], arg0 = pages (args[1]), arg1 = attributes (args[2])) or 39 "
+                      "KVM_EXIT_MEMORY_FAULT (gpa, arg0 = pages, arg1 = flags, 8 = private)",
+    "USERSPACE_RETURN": "status = run->hypercall.ret (0 or a positive errno); 0 after a "
+                        "memory fault",
     "MEM_ATTR": "gpa, arg0 = pages, arg1 = attributes (KVM_MEMORY_ATTRIBUTE_PRIVATE = 8)",
     "ZAP": "sub = ZapReason, gpa, arg0 = pages, arg1 = ZapScope",
     "ZAP_DONE": "sub = ZapReason, arg0 = SPTEs zapped, arg1 = private leaves zapped",

@@ -25,9 +25,11 @@ EXACT = {
     ("zero_step", "synthesized_exits"): "synthesized_exits",
     ("zap_scope", "refaults"): "refaults",
     ("busy_retry", "busy_total"): "busy_total",
+    ("busy_retry", "interrupted_resumable"): "cache_wb_resumes",
     ("zap_scope", "sptes_zapped"): "sptes_zapped",
     ("zap_scope", "private_zaps_unexpected"): "private_zaps_unexpected",
     ("zap_scope", "vms_bugged"): "vms_bugged",
+    ("zap_scope", "memory_fault_exits"): "memory_fault_exits",
     ("teardown_latency", "teardowns"): "teardowns",
     ("teardown_latency", "hkid_leaks"): "hkid_leaks",
     ("mapgpa", "conversions"): "mapgpa_conversions",
@@ -43,7 +45,7 @@ STORY = {
     "memslot-churn": ("sptes_zapped",),
     "migration": ("migrations",),
     "teardown": ("teardowns",),
-    "zap-under-load": ("busy_total", "sptes_zapped"),
+    "zap-under-load": ("busy_total", "sptes_zapped", "memory_fault_exits"),
     "zero-step": ("zero_step_incidents", "synthesized_exits"),
 }
 

@@ -129,3 +129,15 @@ def test_every_zap_busy_policy_runs_and_bugs_only_the_way_kvm_would(policy: str)
         later = events.filter((pl.col("seq") > bugged["seq"][0])
                               & (pl.col("kind") == Kind.TD_ENTRY))
         assert later.height == 0
+
+
+def test_under_the_2022_spinlock_a_busy_on_the_fault_path_bugs_the_vm() -> None:
+    # Seed 002: AUG was checked with KVM_BUG_ON(err); nothing retried a BUSY from VP.ENTER's
+    # epoch or a guest ACCEPT: the first one ends the VM.
+    fault_leaves = (int(Leaf.TDH_MEM_PAGE_AUG), int(Leaf.TDH_MEM_SEPT_ADD))
+    events, truth = run("zero-step", "policy.zap_busy='seamcall_spinlock'", seed=3)
+    bugged = events.filter(pl.col("kind") == Kind.VM_BUGGED).row(0, named=True)
+    assert truth["vms_bugged"] == 1
+    assert bugged["leaf"] in fault_leaves and bugged["status"] >> 32 == Status.OPERAND_BUSY >> 32
+    assert events.filter((pl.col("kind") == Kind.FAULT_RETRY)
+                         & (pl.col("sub") == RetryCause.SEAMCALL_BUSY)).height == 0

@@ -7,7 +7,15 @@ from typing import Any
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from tdxtrace.codes import FROZEN_SPTE, SHADOW_NONPRESENT_VALUE, Leaf, OperandId, Status
+from tdxtrace.codes import (
+    FROZEN_SPTE,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_MEMORY_FAULT,
+    SHADOW_NONPRESENT_VALUE,
+    Leaf,
+    OperandId,
+    Status,
+)
 from tdxtrace.events import Flow, Kind, Phase, RootKind, ZapReason, ZapScope
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace_plugins.zap_scope import (
@@ -226,7 +234,8 @@ def test_vm_bugged_table() -> None:
 def test_empty_trace() -> None:
     result = run_analyzer(ZapScopeAnalyzer(), make_trace([]))
     assert result.metrics == {"sptes_zapped": 0, "zaps": 0, "refaults": 0,
-                              "private_zaps_unexpected": 0, "vms_bugged": 0}
+                              "private_zaps_unexpected": 0, "vms_bugged": 0,
+                              "memory_fault_exits": 0}
     expected = {"by_reason_root": BY_REASON_ROOT, "zaps": ZAPS, "refaults": REFAULTS,
                 "unexpected_private_zaps": UNEXPECTED, "bugged": BUGGED}
     for name, schema in expected.items():
@@ -237,3 +246,17 @@ def test_registered_through_the_hook() -> None:
     (analyzer,) = register_analyzers()
     assert analyzer.name == "zap_scope"
     assert analyzer.thresholds["private_zaps_unexpected"] == (1, 1)
+
+
+def test_memory_fault_exits_count_only_that_exit_reason() -> None:
+    # A MapGPA chunk is a USERSPACE_EXIT too (KVM_EXIT_HYPERCALL): not a memory fault.
+    rows = [
+        {"kind": Kind.USERSPACE_EXIT, "ts_ns": 10, "td": 0, "vcpu": 0, "flow": Flow.FAULT,
+         "exit_reason": KVM_EXIT_MEMORY_FAULT, "gpa": 0x1000, "arg0": 1, "arg1": 8},
+        {"kind": Kind.USERSPACE_EXIT, "ts_ns": 20, "td": 0, "vcpu": 1, "flow": Flow.MAPGPA,
+         "exit_reason": KVM_EXIT_HYPERCALL, "gpa": 0x200000, "arg0": 512, "arg1": 0},
+        {"kind": Kind.USERSPACE_EXIT, "ts_ns": 30, "td": 1, "vcpu": 0, "flow": Flow.FAULT,
+         "exit_reason": KVM_EXIT_MEMORY_FAULT, "gpa": 0x3000, "arg0": 1, "arg1": 8},
+    ]
+    result = run_analyzer(ZapScopeAnalyzer(), make_trace(rows))
+    assert result.metrics["memory_fault_exits"] == 2

@@ -12,7 +12,8 @@ RET_PF_RETRY does next:
 * ``resume_guest`` (the earlier design): return to the guest, which faults again at the same
   RIP; if the winner of the frozen SPTE is slow, the module's zero-step mitigation arms.
 
-Any other status from SEPT.ADD / PAGE.AUG is TDX_BUG_ON: the VM is bugged.
+Any other status from SEPT.ADD / PAGE.AUG is TDX_BUG_ON: the VM is bugged; so is a BUSY under
+the ``seamcall_spinlock`` policy (the 2022 design, seed 002, had no retry at all).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class FaultPath:
         self.log = world.log
         self.costs = world.costs
         self.local_retry = world.policy.frozen_spte == "local_retry"
+        self._attrs = world.attrs
+        # The 2022 design (seed 002) checked AUG and SEPT.ADD with KVM_BUG_ON(err): under its
+        # per-TD spinlock no host call could make them BUSY, so any BUSY (VP.ENTER's epoch, a
+        # guest ACCEPT) bugged the VM. The thread's point is that proper retry is needed.
+        self.busy_is_bug = world.policy.zap_busy == "seamcall_spinlock"
         self._preempt = world.rng.stream("kvm.preempt")
         self._signal = world.rng.stream("kvm.signal")
         self.preempt_p = world.scenario.kvm.preempt_p
@@ -90,6 +96,9 @@ class FaultPath:
         # Positional (EventLog.row, in row order): the fault path writes ~8 rows per fault.
         self.log.row(0, _KIND_PAGE_FAULT, FLOW, 0, fault.corr, v.td.index, v.index, v.lp, None,
                      None, None, gpa, None, v.workload.current.rip, 0x2, None, None)
+        if self._attrs.is_shared(v.td, fault.gfn):  # kvm_mmu_faultin_pfn(): not private now
+            self._attrs.private_fault_on_shared(v, fault.gfn, fault.corr)
+            return
         self._attempt(fault)
 
     def _attempt(self, f: Fault) -> None:
@@ -163,7 +172,7 @@ class FaultPath:
             self._done(f, _FAULTOUTCOME_MAPPED)
             return
         self._spte(f, level, FROZEN, NONPRESENT)
-        if is_busy(status):
+        if is_busy(status) and not self.busy_is_bug:
             self._retry(f, _RETRYCAUSE_SEAMCALL_BUSY, leaf, status)
             return
         td.mmu.release_read()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from tdxtrace.codes import (
     EAGAIN,
+    KVM_EXIT_HYPERCALL,
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     PAGE_SIZE,
@@ -99,6 +100,10 @@ class MapGpa:
         self._next_vcpu = [0] * len(world.tds)
         self._state = [[VcpuMapGpa() for _ in td.vcpus] for td in world.tds]
         self._turns = 0  # vCPUs with a request or an unread answer: the guest's cheap check
+        # The guest's own view: GFNs it has converted (or is converting) to shared. Linux
+        # reaches them through the shared alias only, never privately, until a conversion
+        # back to private succeeds; a failed one leaves them shared (leaked, as Linux does).
+        self._guest_shared: list[set[int]] = [set() for _ in world.tds]
         world.kvm.on_tdvmcall = self.on_tdvmcall
         for name in ("mapgpa_done", "mapgpa_failed", "mapgpa_bad_r11", "mapgpa_eagain",
                      "mapgpa_userspace_exits", "mapgpa_retries_interrupt"):
@@ -155,6 +160,8 @@ class MapGpa:
             conv = st.conv = Conversion(self.log.new_corr(), start, end, to_private)
             self.log.count("mapgpa_conversions")
             self._guest_row(v, conv, GuestMapGpa.START, end, int(to_private))
+            if not to_private:
+                self._guest_shared[v.td.index].update(_gfns(start, end))
             self.vmm.begin_conversion(conv)
             self._call(v, conv)
             return True
@@ -179,9 +186,16 @@ class MapGpa:
         self._call(v, conv)
         return True
 
+    def avoids(self, v: Vcpu, gfn: int) -> bool:
+        """True when the guest would not touch ``gfn`` privately: it made the page shared."""
+        shared = self._guest_shared[v.td.index]
+        return bool(shared) and gfn in shared
+
     def _end(self, v: Vcpu, st: VcpuMapGpa, step: GuestMapGpa, r11: int) -> bool:
         assert st.conv is not None
         self._guest_row(v, st.conv, step, r11, st.conv.retries)
+        if step == GuestMapGpa.DONE and st.conv.to_private:
+            self._guest_shared[v.td.index].difference_update(_gfns(st.conv.first, st.conv.end))
         self.log.count(ENDINGS[step])
         st.conv = None
         return False  # the guest carries on with its work
@@ -219,7 +233,8 @@ class MapGpa:
         attrs = (KVM_MAP_GPA_RANGE_DECRYPTED if conv.next & SHARED_BIT
                  else KVM_MAP_GPA_RANGE_ENCRYPTED)
         pages = size // PAGE_SIZE
-        self._row(v, conv, Kind.USERSPACE_EXIT, gpa=gpa, arg0=pages, arg1=attrs)
+        self._row(v, conv, Kind.USERSPACE_EXIT, gpa=gpa, arg0=pages, arg1=attrs,
+                  exit_reason=KVM_EXIT_HYPERCALL)
         self.log.count("mapgpa_userspace_exits")
         half = self.world.costs.step("userspace_exit") // 2
         back = lambda ret: self.sim.after(half, self._returned, v, conv, ret)  # noqa: E731
@@ -262,6 +277,11 @@ class MapGpa:
 
     def _row(self, v: Vcpu, conv: Conversion, kind: Kind, *, gpa: int | None = None,
              status: int | None = None, arg0: int | None = None,
-             arg1: int | None = None) -> None:
+             arg1: int | None = None, exit_reason: int | None = None) -> None:
         self.log.emit(kind, flow=FLOW, corr=conv.corr, td=v.td.index, vcpu=v.index, lp=v.lp,
-                      gpa=gpa, status=status, arg0=arg0, arg1=arg1)
+                      gpa=gpa, status=status, arg0=arg0, arg1=arg1, exit_reason=exit_reason)
+
+
+def _gfns(start: int, end: int) -> range:
+    """The GFNs of [start, end), a GPA range that may carry the shared bit."""
+    return range((start & ~SHARED_BIT) >> 12, ((end - 1) & ~SHARED_BIT) // PAGE_SIZE + 1)

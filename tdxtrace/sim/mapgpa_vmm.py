@@ -20,7 +20,7 @@ done. The ``mapgpa.vmm`` variants model the VMMs the guest's retry logic was wri
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,10 @@ class Conversion:
     eagain_left: int = 0  # VMM (no_progress): EAGAINs still to give in this conversion
     converted_in_call: int = 0  # VMM (partial): pages converted in the current TDVMCALL
     exits_in_call: int = 0  # VMM: userspace exits in the current TDVMCALL
+    first: int = field(init=False)  # guest: where the conversion began (start moves on)
+
+    def __post_init__(self) -> None:
+        self.first = self.start
 
 
 class MapGpaVmm:
@@ -111,7 +115,9 @@ class MapGpaVmm:
                       arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
         first = gpa >> 12
         if to_private:
+            self.world.attrs.set_private(td, first, pages)
             self.roots.zap(td, ZapReason.CONVERSION, first, pages, ZapScope.RANGE_LEAFS, then)
         else:
+            self.world.attrs.set_shared(td, first, pages)
             self.world.zap.zap(td, list(range(first, first + pages)), ZapReason.CONVERSION,
                                Flow.ZAP, then)

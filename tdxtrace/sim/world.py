@@ -24,6 +24,7 @@ from tdxtrace.sim.kernel import RandomStreams, Simulator
 from tdxtrace.sim.kvm import Kvm, KvmTd, Vcpu
 from tdxtrace.sim.lifecycle import Lifecycle
 from tdxtrace.sim.mapgpa import MapGpa
+from tdxtrace.sim.mem_attrs import MemoryAttributes
 from tdxtrace.sim.mmu import MirrorRoot
 from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdxModule
 from tdxtrace.sim.recorder import BatchSink, EventLog
@@ -88,6 +89,7 @@ class World:
         self.stopping = False
         self.notes: list[str] = []
         self.kvm = Kvm(self)
+        self.attrs = MemoryAttributes(self)
         self.fault_path = FaultPath(self, self.kvm)
         self.kvm.on_private_fault = self.fault_path.handle
         self.zap = ZapPath(self, self.kvm)
@@ -141,8 +143,14 @@ class World:
                 v.next_timer += self.timer_period_ns
             kvm.exit_guest(v, EXTERNAL_INTERRUPT, None)
             return
-        if self.mapgpa is not None and self.mapgpa.guest_turn(v):
-            return
+        mapgpa = self.mapgpa
+        if mapgpa is not None:
+            if mapgpa.guest_turn(v):
+                return
+            if mapgpa.avoids(v, v.workload.current.gfn):  # a page it made shared: not this
+                v.workload.advance()
+                sim.after(self._touch_ns, self.guest_step, v, token)
+                return
         entries = v.td.module.entries
         touch = v.workload.current
         entry = entries.get(touch.gfn)
@@ -188,7 +196,8 @@ class World:
         count = min(vmm.zap_pages, self.pages)
         start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
         gfns = list(range(start, start + count))
-        if vmm.zap_reason == "conversion":
+        if vmm.zap_reason == "conversion":  # a conversion the guest did not ask for
+            self.attrs.set_shared(td, start, count)
             self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=self.host_lp,
                           gpa=start << 12, arg0=count, arg1=0)
             reason = _ZAPREASON_CONVERSION

@@ -1,0 +1,102 @@
+"""KVM's memory attributes and the KVM_EXIT_MEMORY_FAULT exit (tdx-reference.md §4(e), §5.2).
+
+A TD's memory is private until userspace says otherwise with ``KVM_SET_MEMORY_ATTRIBUTES``
+(the VMM converting a range, or answering a guest's MapGPA). KVM's fault handler compares
+each fault with the attribute of its GFN before it looks at the S-EPT: a private fault on a
+GFN whose attribute is shared (or the reverse) never reaches TDH.MEM.PAGE.AUG.
+``kvm_mmu_faultin_pfn()`` fills in ``run->memory_fault`` and KVM_RUN returns to userspace
+with ``KVM_EXIT_MEMORY_FAULT``. A VMM like QEMU answers by converting the reported range to
+what the guest asked for (``kvm_convert_memory()``) and re-entering; the guest then faults
+again at the same RIP, which is why re-entering after this exit is a known zero-step
+trigger (§5.2).
+
+Only the private side is modelled: the guest's shared accesses go to a window it converted at
+boot (``roots_guest.SharedMix``), so a shared fault never meets a private attribute here.
+
+Rows (flow FAULT, the fault's corr), after the fault's PAGE_FAULT: FAULT_DONE
+(MEMORY_FAULT_EXIT), USERSPACE_EXIT (exit_reason KVM_EXIT_MEMORY_FAULT, gpa, arg0 = pages,
+arg1 = flags), MEM_ATTR (the VMM converts the page back to private) and the zap of its
+shared mapping when the scenario has direct roots, USERSPACE_RETURN (status 0), then the
+vCPU enters again.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+from tdxtrace.codes import (
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+)
+from tdxtrace.events import FaultOutcome, Flow, Kind, ZapReason, ZapScope
+
+if TYPE_CHECKING:
+    from tdxtrace.sim.kvm import KvmTd, Vcpu
+    from tdxtrace.sim.world import World
+
+FLOW = int(Flow.FAULT)
+
+
+class MemoryAttributes:
+    """Which GFNs userspace made shared, per TD, and KVM's exit when a fault disagrees."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.log = world.log
+        self.sim = world.sim
+        self._shared: dict[int, set[int]] = {}  # td index -> GFNs (no shared bit) not private
+
+    # --- KVM_SET_MEMORY_ATTRIBUTES ----------------------------------------------------------
+    def set_shared(self, td: KvmTd, first_gfn: int, pages: int) -> None:
+        self._shared.setdefault(td.index, set()).update(range(first_gfn, first_gfn + pages))
+
+    def set_private(self, td: KvmTd, first_gfn: int, pages: int) -> None:
+        shared = self._shared.get(td.index)
+        if shared:
+            shared.difference_update(range(first_gfn, first_gfn + pages))
+
+    def is_shared(self, td: KvmTd, gfn: int) -> bool:
+        shared = self._shared.get(td.index)
+        return bool(shared) and gfn in shared  # type: ignore[operator]
+
+    # --- KVM_EXIT_MEMORY_FAULT ------------------------------------------------------------
+    def private_fault_on_shared(self, v: Vcpu, gfn: int, corr: int) -> None:
+        """A private fault on a shared GFN: exit to userspace, which converts it back."""
+        td = v.td
+        gpa = gfn << 12
+        self.log.count("memory_fault_exits")
+        self.log.emit(Kind.FAULT_DONE, flow=FLOW, sub=int(FaultOutcome.MEMORY_FAULT_EXIT),
+                      corr=corr, td=td.index, vcpu=v.index, lp=v.lp, gpa=gpa, arg0=0)
+        self.log.emit(Kind.USERSPACE_EXIT, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
+                      lp=v.lp, exit_reason=KVM_EXIT_MEMORY_FAULT, gpa=gpa, arg0=1,
+                      arg1=KVM_MEMORY_EXIT_FLAG_PRIVATE)
+        half = self.world.costs.step("userspace_exit") // 2
+        self.sim.after(half, self._convert_back, v, gfn, corr, half)
+
+    def _convert_back(self, v: Vcpu, gfn: int, corr: int, half: int) -> None:
+        """The VMM's kvm_convert_memory(): KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) for the page."""
+        td = v.td
+        if v.stopped or td.bugged:
+            return
+        self.log.emit(Kind.MEM_ATTR, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
+                      lp=v.lp, gpa=gfn << 12, arg0=1, arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        self.set_private(td, gfn, 1)
+        back = partial(self.sim.after, half, self._reenter, v, corr)
+        roots = self.world.roots
+        if roots is None:  # no direct roots in this scenario: no shared mapping to zap
+            back()
+        else:  # shared -> private zaps the page's shared mapping (§4(e))
+            roots.zap(td, ZapReason.CONVERSION, gfn, 1, ZapScope.RANGE_LEAFS, back)
+
+    def _reenter(self, v: Vcpu, corr: int) -> None:
+        td = v.td
+        if v.stopped or td.bugged:
+            return
+        self.log.emit(Kind.USERSPACE_RETURN, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
+                      lp=v.lp, status=0)
+        kvm = self.world.kvm
+        if self.sim.now >= v.next_timer:  # as after any fault: the tick was handled on the way
+            v.next_timer = self.sim.now + kvm.timer_period
+        kvm.enter(v)
