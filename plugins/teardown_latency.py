@@ -46,9 +46,11 @@ UNFINISHED_NOTE = (
     "so far as a lower bound; max_teardown_ns and the fit use finished teardowns only."
 )
 LEAK_NOTE = (
-    "pages_leaked counts, for TDs whose HKID leaked, the pages of started PRIVATE_PAGES / "
-    "RECLAIM_* phases (PHASE arg0) that were not removed or reclaimed; phases skipped after "
-    "the leak announce no page count, so it is a lower bound."
+    "pages_leaked counts the pages of PRIVATE_PAGES / RECLAIM_* phases (PHASE arg0) that were "
+    "not removed or reclaimed: for a TD whose HKID leaked, in every started phase (phases "
+    "skipped after the leak announce no page count, so it is a lower bound); for the others, "
+    "in finished phases only (pages KVM gave up on after a TDX_BUG_ON), since an unfinished "
+    "phase may just be a trace cut short."
 )
 
 
@@ -103,6 +105,9 @@ def per_td_table(rows: pl.DataFrame, instances: pl.DataFrame) -> pl.DataFrame:
         packages_work=pl.col("work").filter(sub == int(Phase.CACHE_WB)).max().cast(pl.Int64),
         reclaim_td_done_ns=pl.col("done_ts").filter(sub == int(Phase.RECLAIM_TD)).max(),
         unreturned_pages=unreturned.filter(page_phase).sum(),
+        # A finished page phase that did not give every page back: KVM gave up on those
+        # (TDX_BUG_ON) and they stay the TD's. An unfinished one (trace cut short) proves nothing.
+        unreturned_finished=unreturned.filter(page_phase & pl.col("finished")).sum(),
     )
     leaked = (
         (is_error("vpflushdone_status").fill_null(False) & pl.col("vpflushdone_ended"))
@@ -142,8 +147,9 @@ def per_td_table(rows: pl.DataFrame, instances: pl.DataFrame) -> pl.DataFrame:
             pl.coalesce("packages_work", "wb_lps").cast(pl.Int64).alias("packages"),
             policy.alias("policy"),
             pl.col("hkid_leaked"),
-            pl.when(pl.col("hkid_leaked")).then(pl.col("unreturned_pages").fill_null(0))
-            .otherwise(0).cast(pl.Int64).alias("pages_leaked"),
+            pl.when(pl.col("hkid_leaked")).then(pl.col("unreturned_pages"))
+            .otherwise(pl.col("unreturned_finished")).fill_null(0).cast(pl.Int64)
+            .alias("pages_leaked"),
             (ended & ~pl.col("hkid_leaked")).alias("finished"),
             pl.col("vpflushdone_calls"),
         )
@@ -192,7 +198,7 @@ class TeardownLatency(Analyzer):
         notes = [MODEL_NOTE]
         if finished.height < per_td.height:
             notes.append(UNFINISHED_NOTE)
-        if metrics["hkid_leaks"]:
+        if metrics["hkid_leaks"] or metrics["pages_leaked"]:
             notes.append(LEAK_NOTE)
         if not per_td.height:
             notes.append("No TD teardown started in this trace.")

@@ -32,6 +32,7 @@ EXACT = {
     ("zap_scope", "memory_fault_exits"): "memory_fault_exits",
     ("teardown_latency", "teardowns"): "teardowns",
     ("teardown_latency", "hkid_leaks"): "hkid_leaks",
+    ("teardown_latency", "pages_leaked"): "teardown_pages_leaked",
     ("mapgpa", "conversions"): "mapgpa_conversions",
     ("mapgpa", "retries"): "mapgpa_retries",
     ("mapgpa", "giveups"): "mapgpa_giveups",
@@ -96,6 +97,14 @@ def test_analyzers_equal_truth(tmp_path: Path, analyzers: list, name: str,  # ty
 TEARDOWN_RACE = ["td.memory_mb=8", "teardown.vpflushdone_tries=3",
                  "faults.vcpu_load_during_teardown_p=1.0"]
 VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
+    "remove-busy-leaks-pages": ("teardown", ["td.count=1", "td.memory_mb=4",
+                                             "faults.spurious_busy_leaf=mem.page.remove",
+                                             "faults.spurious_busy_p=0.2"],
+                                ("teardown_pages_leaked", "vms_bugged")),
+    "reclaim-busy-early": ("teardown", ["td.memory_mb=8", "policy.hkid_release=early",
+                                        "faults.spurious_busy_leaf=phymem.page.reclaim",
+                                        "faults.spurious_busy_p=0.05"],
+                           ("teardown_pages_leaked",)),
     "resend-flush-recovers": ("teardown", [*TEARDOWN_RACE, "teardown.flush_loop=resend_flush"],
                               ("teardown_vcpu_reloads", "teardowns_finished")),
     "vpflushdone-only-leaks": ("teardown",

@@ -10,7 +10,8 @@ TRACK and REMOVE go through ``tdh_do_no_vcpus()`` as the ``zap_busy`` policy say
 * ``retry_loop``: the dropped "[HACK]" of the 2024 thread ([YAN-0913]): retry up to
   SEAMCALL_RETRY_MAX (16) times without kicking; vCPUs keep entering, so it can livelock;
 * ``seamcall_spinlock``: the 2022 design (seed 002): a per-TD spinlock around every TDH.MEM.*
-  call and no retry at all; the spinlock does not cover VP.ENTER, so a BUSY from it is a bug.
+  call and no retry at all; the spinlock does not cover VP.ENTER, so a BUSY from it is a bug
+  (on the fault path too: see sim/fault.py).
 
 Any status KVM does not expect ends in KVM_BUG_ON (``TDX_BUG_ON``), after which KVM returns
 from the S-EPT hook; the hook returns nothing, so the TDP MMU goes on with the next leaf. A
