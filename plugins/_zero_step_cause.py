@@ -19,7 +19,8 @@ from ._zero_step_runs import NOT_SHARED, assign_segments, u64
 # one invocation longer than this is "slow" enough for the guest to notice.
 DEFAULT_SLOW_FAULT_NS = 100_000
 
-CAUSES = ("frozen_spte_contention", "busy_on_fault_path", "slow_fault_handling", "other")
+CAUSES = ("frozen_spte_contention", "busy_on_fault_path", "memory_fault_exit",
+          "slow_fault_handling", "other")
 _BUSY_CLASSES = [int(Status.OPERAND_BUSY), int(Status.OPERAND_BUSY_HOST_PRIORITY)]
 _RESOLVED = [int(FaultOutcome.MAPPED), int(FaultOutcome.ALREADY_MAPPED)]
 
@@ -176,6 +177,8 @@ def incident_causes(
             ((pl.col("frozen") > 0) | (resume & pl.col("contended")).fill_null(False))
             .any().alias("_frozen"),
             (pl.col("busy") > 0).any().alias("_busy"),
+            (pl.col("outcome") == int(FaultOutcome.MEMORY_FAULT_EXIT)).fill_null(False)
+            .any().alias("_attr"),
             (pl.col("refault") | ((pl.col("end_ns") - pl.col("start_ns")) > slow_fault_ns))
             .any().alias("_slow"),
         )
@@ -183,7 +186,8 @@ def incident_causes(
     cause = (
         pl.when("_frozen").then(pl.lit(CAUSES[0]))
         .when("_busy").then(pl.lit(CAUSES[1]))
-        .when("_slow").then(pl.lit(CAUSES[2]))
-        .otherwise(pl.lit(CAUSES[3]))
+        .when("_attr").then(pl.lit(CAUSES[2]))
+        .when("_slow").then(pl.lit(CAUSES[3]))
+        .otherwise(pl.lit(CAUSES[4]))
     )
     return evidence.select("seg", cause.alias("cause")).collect()

@@ -307,6 +307,17 @@ def test_cause_busy_on_fault_path_and_frozen_wins_over_busy() -> None:
     assert causes == ["busy_on_fault_path", "frozen_spte_contention"]
 
 
+def test_cause_memory_fault_exit_before_slow_handling() -> None:
+    # A VMM that keeps making the page shared: each fault exits to userspace (the VMM converts
+    # it back), the guest re-enters on the unresolved fault, and the GFN keeps coming back.
+    rows = Rows()
+    for _ in range(3):
+        rows.fault_handled(0, 1, outcome=FaultOutcome.MEMORY_FAULT_EXIT)
+        rows.fault_handled(0, 1, outcome=FaultOutcome.MAPPED)
+    causes = incidents(rows.analyze()).get_column("cause").to_list()
+    assert causes == ["memory_fault_exit"]
+
+
 def test_cause_slow_fault_handling() -> None:
     rows = Rows()
     # vCPU 0: the page is mapped, yet the same RIP faults on it again and again.
