@@ -12,9 +12,10 @@ import math
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import polars as pl
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from tdxtrace.trace import RunMetadata, Trace
 
 ANALYZER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+T = TypeVar("T")
 # Columns the per-batch adapter always keeps: Trace.from_frame needs them to order rows and
 # observable() needs truth to hide the ground-truth rows.
 _ALWAYS_KEPT = ("seq", "ts_ns", "kind", "truth")
@@ -131,18 +133,14 @@ def check_result(name: str, result: object) -> AnalyzerResult:
         if not isinstance(key, str) or not isinstance(table, pl.DataFrame):
             raise TypeError(f"{name}: table {key!r} is {type(table).__name__}, "
                             "expected polars.DataFrame")
+    # A str is a sequence too: notes="caveat" would be shown one character per note.
+    if not isinstance(result.notes, tuple | list):
+        raise TypeError(f"{name}: notes must be a tuple of str, got "
+                        f"{type(result.notes).__name__}")
+    for index, note in enumerate(result.notes):
+        if not isinstance(note, str):
+            raise TypeError(f"{name}: note {index} is {type(note).__name__}, expected str")
     return result
-
-
-def check_analyzer(analyzer: object, plugin: str) -> Analyzer:
-    """``analyzer`` if it is a usable Analyzer instance, else a TypeError naming the plugin."""
-    if not isinstance(analyzer, Analyzer):
-        raise TypeError(f"register_analyzers returned {type(analyzer).__name__}, "
-                        "expected tdxtrace.analysis.Analyzer instances")
-    name = getattr(analyzer, "name", None)
-    if not isinstance(name, str) or not ANALYZER_NAME.match(name):
-        raise TypeError(f"{type(analyzer).__name__}.name {name!r} is not a snake_case name")
-    return analyzer
 
 
 def select_analyzers(analyzers: Iterable[Analyzer], only: Sequence[str] = ()) -> list[Analyzer]:
@@ -166,22 +164,43 @@ def select_analyzers(analyzers: Iterable[Analyzer], only: Sequence[str] = ()) ->
     return [by_name[n] for n in sorted(wanted)]
 
 
-def _run_guarded(analyzer: Analyzer, trace: Trace, *, in_worker: bool = False) -> AnalyzerOutcome:
-    # Any BaseException an analyzer raises (GeneratorExit, SystemExit, an exception group...)
-    # is that analyzer's failure: its bug must not take the others down or print a traceback.
-    # KeyboardInterrupt is the exception: in the main thread it may be the user's Ctrl-C (or
-    # SIGTERM, see tdxtrace.cli), which must stop the whole command, so it propagates. In a
-    # worker thread it cannot be: Python delivers signals to the main thread only, so one
-    # raised there was raised by the analyzer itself and is reported as its failure.
+class UserInterrupts:
+    """The Ctrl-C and SIGTERM the user sent, counted by the CLI's signal handlers.
+
+    ``counting`` is set while :mod:`tdxtrace.cli` runs a command with its handlers installed;
+    then a KeyboardInterrupt raised while ``received`` did not change was raised by plugin code
+    itself, not by a signal. Without the CLI (library use) nothing counts.
+    """
+
+    counting: ClassVar[bool] = False
+    received: ClassVar[int] = 0
+
+
+def guarded(call: Callable[[], T], *, in_worker: bool = False) -> tuple[T | None, str | None]:
+    """Run plugin code: ``(its result, None)``, or ``(None, the one-line error)`` it failed with.
+
+    Any BaseException plugin code raises (GeneratorExit, SystemExit, an exception group...) is
+    that plugin's failure: its bug must not take the others down or print a traceback.
+    KeyboardInterrupt is the exception when it may be the user's Ctrl-C (or SIGTERM, see
+    tdxtrace.cli), which must stop the whole command: then it propagates. It cannot be the
+    user's in a worker thread (Python delivers signals to the main thread only), nor when the
+    CLI counted no signal while the call ran (see :class:`UserInterrupts`).
+    """
+    seen = UserInterrupts.received
     try:
-        result = check_result(analyzer.name, analyzer.analyze(trace))
+        return call(), None
     except KeyboardInterrupt as err:
-        if not in_worker:
+        if not in_worker and (not UserInterrupts.counting or UserInterrupts.received != seen):
             raise
-        return AnalyzerOutcome(analyzer.name, None, error_line(err), analyzer)
+        return None, error_line(err)
     except BaseException as err:  # any other BaseException: see above
-        return AnalyzerOutcome(analyzer.name, None, error_line(err), analyzer)
-    return AnalyzerOutcome(analyzer.name, result, None, analyzer)
+        return None, error_line(err)
+
+
+def _run_guarded(analyzer: Analyzer, trace: Trace, *, in_worker: bool = False) -> AnalyzerOutcome:
+    result, error = guarded(lambda: check_result(analyzer.name, analyzer.analyze(trace)),
+                            in_worker=in_worker)
+    return AnalyzerOutcome(analyzer.name, result, error, analyzer)
 
 
 def run_one(analyzer: Analyzer, trace: Trace, timeout: float | None = None) -> AnalyzerOutcome:
@@ -222,8 +241,29 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
     is read again.
     """
     selected = select_analyzers(analyzers, only)
-    if len(selected) > 1:
-        columns = sorted({c for a in selected for c in a.columns} | set(_ALWAYS_KEPT))
-        if decoded_bytes(trace.num_events(), columns) <= decode_budget_bytes():
-            trace = trace.decoded(columns)
+    columns = _shared_columns(selected) if len(selected) > 1 else None
+    if columns is not None and \
+            decoded_bytes(trace.num_events(), columns) <= decode_budget_bytes():
+        trace = trace.decoded(columns)
     return [run_one(a, trace, timeout) for a in selected]
+
+
+def _declared_columns(analyzer: Analyzer) -> tuple[str, ...]:
+    declared: object = analyzer.columns
+    if isinstance(declared, str) or not isinstance(declared, tuple | list) or \
+            not all(isinstance(c, str) for c in declared):
+        raise TypeError(f"{analyzer.name}.columns is not a tuple of str")
+    return tuple(declared)
+
+
+def _shared_columns(analyzers: Sequence[Analyzer]) -> list[str] | None:
+    """The columns the analyzers declare, or None (no shared decode) when one's ``columns``
+    cannot be read: a plugin's loader checked it, but a library caller's analyzer may not be
+    checked, and its bad attribute must fail it alone (in its own run), not the others."""
+    wanted = set(_ALWAYS_KEPT)
+    for analyzer in analyzers:
+        declared, _ = guarded(partial(_declared_columns, analyzer))
+        if declared is None:
+            return None
+        wanted.update(declared)
+    return sorted(wanted)

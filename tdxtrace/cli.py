@@ -2,13 +2,16 @@
 
 Each command lives in its own module under :mod:`tdxtrace.commands`; this module only builds the
 group and turns :class:`~tdxtrace.errors.TdxtraceError` and click's own usage errors into one
-line on stderr.
+line on stderr, with control characters escaped (:func:`~tdxtrace.errors.one_line`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -17,7 +20,8 @@ from typing import Any
 import click
 
 from tdxtrace._version import __version__
-from tdxtrace.errors import TdxtraceError
+from tdxtrace.analysis import UserInterrupts
+from tdxtrace.errors import ESCAPE_ERRORS, TdxtraceError, one_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,15 +29,50 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated`; both it and Ctrl-C are counted in
+    :class:`~tdxtrace.analysis.UserInterrupts`, so an analyzer's own ``raise KeyboardInterrupt``
+    fails that analyzer instead of reading as the user stopping the command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        UserInterrupts.received += 1
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        UserInterrupts.received += 1
+        raise KeyboardInterrupt()
+
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
+    # Only Python's own Ctrl-C handler is replaced: an ignored SIGINT (a job started with
+    # `nohup` or `&`) stays ignored, and a caller's own handler is left alone.
+    counts_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous_int = signal.signal(signal.SIGINT, on_sigint) if counts_sigint else None
+    was_counting, UserInterrupts.counting = UserInterrupts.counting, counts_sigint
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        UserInterrupts.counting = was_counting
+        signal.signal(signal.SIGTERM, previous_term)
+        # Unless a command replaced it meanwhile: `record` leaves Ctrl-C ignored once it was
+        # pressed (a second one during the exit must not turn status 130 into death by signal).
+        if previous_int is not None and signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def escape_unencodable_output() -> None:
+    """Make stdout and stderr write what they cannot encode escaped (``\\xff``).
+
+    A file name whose bytes are not UTF-8 reaches Python as text that no encoding can write;
+    printing it (``record``'s summary line, ``info``'s header) would otherwise end the command
+    with a UnicodeEncodeError traceback after the work was done.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(ValueError, OSError):  # closed, or not reconfigurable
+                stream.reconfigure(errors=ESCAPE_ERRORS)
 
 
 def _param_hint(err: click.BadParameter) -> str | None:
@@ -61,6 +100,7 @@ def one_line_message(err: click.ClickException, help_command: str | None = None)
     message = f"{hint}: {err.message}" if hint else err.format_message()
     # One line even when a message (a plugin's, a type's) spans several.
     message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    message = one_line(message)
     ctx = err.ctx if isinstance(err, click.UsageError) else None
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
         help_name = max(ctx.command.get_help_option_names(ctx), key=len)
@@ -83,6 +123,7 @@ class _Group(click.Group):
         # gets click's exceptions unchanged.
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        escape_unencodable_output()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as err:
@@ -92,8 +133,11 @@ class _Group(click.Group):
             click.echo(f"tdxtrace: error: {one_line_message(err, self._help_for(args))}",
                        err=True)
             sys.exit(err.exit_code)
-        except click.Abort:  # Ctrl-C or EOF while click parses or prompts: as standalone does
-            click.echo("Aborted!", err=True)
+        except click.Abort as err:
+            if isinstance(err.__cause__, KeyboardInterrupt):  # Ctrl-C while click parsed
+                click.echo("tdxtrace: interrupted", err=True)
+                sys.exit(130)
+            click.echo("Aborted!", err=True)  # EOF at a prompt: as standalone does
             sys.exit(1)
         # Non-standalone click returns a click Exit's code (--help, --version, ctx.exit(n)) or
         # the command's return value; commands here return None and exit with sys.exit().
@@ -107,10 +151,10 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with sigterm_as_interrupt():
+            with signals_as_interrupts():
                 return super().invoke(ctx)
         except TdxtraceError as err:
-            click.echo(f"tdxtrace: error: {err}", err=True)
+            click.echo(f"tdxtrace: error: {one_line(str(err))}", err=True)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("tdxtrace: interrupted", err=True)

@@ -10,7 +10,9 @@ Every file tdxtrace writes (``record``'s trace, ``report``'s HTML, ``capsule``'s
   ``--force``: writing it would destroy what the command is reading.
 * Data goes to a temporary file ``.NAME.<random>.partial`` created exclusively in the output's
   folder (same filesystem, so publishing is a rename), unique per run: concurrent runs never
-  share one, and a user's own ``NAME.partial`` is never touched.
+  share one, and a user's own ``NAME.partial`` is never touched. ``NAME`` there is shortened
+  when the whole would exceed the file system's limit on a name (255 bytes), and its bytes that
+  are not UTF-8 are spelled ``\xff``: Arrow opens the temporary trace by a UTF-8 name.
 * Without ``--force`` the name is claimed atomically with a hard link, which fails if the name
   appeared since the first check; with ``--force`` the file is renamed over the old one.
 """
@@ -84,6 +86,18 @@ def check_output(path: Path, *, force: bool, inputs: Sequence[Path | None] = ())
         raise OutputError(f"{path}: {EXISTS}")
 
 
+def check_arrow_folder(path: Path) -> None:
+    """Refuse a trace output whose folder Arrow cannot name: Arrow opens files by UTF-8 name,
+    and a folder name whose bytes are not UTF-8 has none (the file's own name is fine: it is
+    written under a UTF-8 temporary name, then renamed). Checked before anything is created."""
+    try:
+        os.fsencode(path.parent).decode("utf-8")
+    except UnicodeDecodeError:
+        raise OutputError(f"{path}: cannot write a trace in folder {path.parent}: its name is "
+                          "not valid UTF-8, which Arrow cannot open (rename the folder, or "
+                          "write elsewhere)") from None
+
+
 def _same_file(source: Path, target: os.stat_result) -> bool:
     try:
         st = os.stat(source)  # follows links: an input given as a link to the output counts
@@ -92,10 +106,25 @@ def _same_file(source: Path, target: os.stat_result) -> bool:
     return (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
 
 
+# mkstemp's random part: 8 characters today; room for more, so a longer one never overflows.
+_RANDOM_ROOM = 16
+NAME_MAX = 255  # bytes in one file name, on every file system tdxtrace is used on
+
+
+def temp_stem(name: str) -> str:
+    """The ``NAME`` of ``.NAME.<random>.partial``: ``name`` spelled in UTF-8 (a byte that is not
+    shows as ``\\xff``) and cut so that the whole temporary name fits in :data:`NAME_MAX`."""
+    raw = os.fsencode(name)
+    spelled = raw.decode("utf-8", "backslashreplace").encode("utf-8")
+    room = NAME_MAX - len(b"..") - len(TEMP_SUFFIX) - _RANDOM_ROOM
+    # Cut on bytes; "ignore" drops a character the cut split in half.
+    return spelled[:room].decode("utf-8", "ignore")
+
+
 def create_temp(path: Path, *, failure: str = CANNOT_WRITE) -> tuple[int, Path]:
     """Create a new, empty, uniquely named temporary file beside ``path``; its fd and name."""
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX,
+        fd, name = tempfile.mkstemp(prefix=f".{temp_stem(path.name)}.", suffix=TEMP_SUFFIX,
                                     dir=path.parent)
     except OSError as err:
         raise OutputError(f"{path}: {failure.format(reason=os_reason(err))}") from None

@@ -174,7 +174,8 @@ def _bad_files(tmp: Path) -> list[tuple[Path, str]]:
         (fifo, "not a regular file"),
         (tmp / "empty.arrow", "empty file"),
         (tmp / "garbage.arrow", "not an Arrow IPC file (bad magic)"),
-        (tmp / "stream.arrow", "not an Arrow IPC file (bad magic)"),
+        (tmp / "stream.arrow", "not an Arrow IPC file (bad magic); it looks like an Arrow IPC "
+                               "stream, not the Arrow IPC file format tdxtrace writes"),
         (tmp / "magic-only.arrow", "damaged Arrow IPC file (cut short before the schema ended)"),
         (_arrow_file(tmp / "plain.arrow", table.schema),
          "not a tdxtrace trace (no tdxtrace.format metadata)"),

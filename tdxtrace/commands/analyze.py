@@ -6,17 +6,24 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
-from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
+from tdxtrace.analysis import Analyzer, AnalyzerOutcome, guarded, run_analyzers
+from tdxtrace.commands.messages import failed_plugins, say, warn
 from tdxtrace.commands.options import path_param, timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
+from tdxtrace.plugins import (
+    describe_analyzer,
+    load_analyzers,
+    make_plugin_manager,
+    require_analyzers,
+)
 from tdxtrace.report.formatting import is_hex_name
 from tdxtrace.trace import open_trace
 
@@ -80,11 +87,18 @@ def render_table(frame: pl.DataFrame, limit: int = TABLE_ROWS) -> list[str]:
     return lines
 
 
+def _description(analyzer: Analyzer | None) -> str:
+    # Checked when its plugin loaded; read guarded all the same (a property runs plugin code
+    # again), as a header without its description beats no results at all.
+    info, _ = guarded(partial(describe_analyzer, analyzer)) if analyzer else (None, None)
+    return info.description if info is not None else ""
+
+
 def outcomes_text(outcomes: Sequence[AnalyzerOutcome]) -> str:
     """The ``--format table`` rendering: per analyzer, metrics, then tables, then notes."""
     out: list[str] = []
     for outcome in sorted(outcomes, key=lambda o: o.name):
-        description = getattr(outcome.analyzer, "description", "")
+        description = _description(outcome.analyzer)
         out.append(f"== {outcome.name}" + (f": {description}" if description else ""))
         if outcome.result is None:
             out += [f"FAILED: {outcome.error}", ""]
@@ -141,8 +155,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
       tdxtrace analyze run.arrow --strict --format json > figures.json   (CI)
     """
     trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
-    for warning in trace.warnings:
-        click.echo(f"tdxtrace: warning: {warning}", err=True)
+    warn(trace.warnings)
     if strict and trace.warnings:
         raise TraceFormatError(f"{trace_path}: --strict: the trace has {len(trace.warnings)} "
                                "warning(s), above; nothing was analyzed")
@@ -150,9 +163,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
     loaded = load_analyzers(pm)
     require_analyzers(loaded)
     # Reported first: a failed plugin may be why an --analyzer NAME is unknown.
-    for failed in loaded.failed:
-        click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",
-                   err=True)
+    failed_plugins(loaded.failed)
     outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout)
     if fmt == "json":
         click.echo(json.dumps(outcomes_json(outcomes), indent=2, default=str))
@@ -160,6 +171,6 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
         click.echo(outcomes_text(outcomes), nl=False)
     for outcome in outcomes:
         if not outcome.ok:
-            click.echo(f"tdxtrace: analyzer {outcome.name} failed: {outcome.error}", err=True)
+            say(f"tdxtrace: analyzer {outcome.name} failed: {outcome.error}")
     if loaded.failed or not all(o.ok for o in outcomes):
         sys.exit(1)

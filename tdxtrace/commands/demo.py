@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
+from tdxtrace.commands.messages import failed_plugins, say
 from tdxtrace.commands.options import path_param
 from tdxtrace.commands.record import ProgressLine
+from tdxtrace.outputs import check_arrow_folder, check_output
 from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report import render, write_html
 from tdxtrace.sim.emulator import record
@@ -65,7 +67,12 @@ def demo_command(seed: int, out_dir: Path) -> None:
       tdxtrace demo && xdg-open reports/demo.html
     """
     scenario = load_scenario(DEMO_SCENARIO)
-    trace_path = out_dir / "demo.arrow"
+    trace_path, html_path = out_dir / "demo.arrow", out_dir / "demo.html"
+    # Both outputs before the run (they are overwritten, but never a link, folder or device):
+    # a refused report must not cost the trace that was there.
+    for output in (trace_path, html_path):
+        check_output(output, force=True)
+    check_arrow_folder(trace_path)  # before the folder is made: nothing is left behind
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = ProgressLine(sys.stderr.isatty())
     summary = record(scenario, seed, trace_path, force=True, progress=progress)
@@ -75,12 +82,13 @@ def demo_command(seed: int, out_dir: Path) -> None:
     require_analyzers(loaded)
     outcomes = run_analyzers(trace, loaded.analyzers)
     rendered = render(trace, outcomes, analyzers={a.name: a for a in loaded.analyzers})
-    written = write_html(rendered.html, out_dir / "demo.html", force=True)
+    written = write_html(rendered.html, html_path, force=True)
     click.echo(str(written))
     header = f"{scenario.name}, seed {seed}: {summary.events} events"
     for line in summary_lines(header, outcomes):
         click.echo(line)
+    failed_plugins(loaded.failed)
+    for name in rendered.failed:
+        say(f"tdxtrace: analyzer {name} failed (see its section)")
     if rendered.failed or loaded.failed:
-        for name in rendered.failed:
-            click.echo(f"tdxtrace: analyzer {name} failed (see its section)", err=True)
         sys.exit(1)

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
+# Any timeout longer than this is "no limit" in practice; a bigger number (1e300, inf) is far
+# more likely a typo than a wish, and cannot be waited for anyway (thread joins overflow).
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
+class TimeoutRange(click.FloatRange):
+    """Seconds in (0, MAX_TIMEOUT_S]. ``nan`` compares false with any bound, so click's range
+    check lets it through: it is refused here by name."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if isinstance(seconds, float) and math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
-    help="Fail an analyzer that runs longer than this; the others still run "
-         "[default: no limit].")
+    "--timeout", type=TimeoutRange(min=0, min_open=True, max=MAX_TIMEOUT_S), default=None,
+    metavar="SECONDS",
+    help="Fail an analyzer that runs longer than this (more than 0, at most "
+         f"{MAX_TIMEOUT_S} = a week); the others still run [default: no limit].")
 
 
 class PathParam(click.Path):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from tdxtrace.commands.messages import say
 from tdxtrace.commands.options import path_param
-from tdxtrace.outputs import check_output
+from tdxtrace.outputs import check_arrow_folder, check_output
 from tdxtrace.sim.emulator import RecordInterrupted, record
 from tdxtrace.sim.scenario import builtin_names, load_scenario
 from tdxtrace.trace.signals import interrupt_once
@@ -67,6 +68,7 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
     # A scenario file given as the output would be lost; the writer checks the rest again.
     scenario_file = None if scenario in builtin_names() else Path(scenario)
     check_output(path, force=force, inputs=(scenario_file,))
+    check_arrow_folder(path)
     progress = ProgressLine(sys.stderr.isatty())
     before = _identity(path)
     with interrupt_once():  # a second Ctrl-C must not cut the unfinished trace's clean-up
@@ -76,14 +78,14 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
         except RecordInterrupted as interrupt:  # Ctrl-C or SIGTERM
             progress.finish()
             if interrupt.kept:
-                click.echo(f"tdxtrace: interrupted: {path} keeps the events recorded so far "
-                           "and is marked unfinished", err=True)
+                say(f"tdxtrace: interrupted: {path} keeps the events recorded so far and is "
+                    "marked unfinished")
             elif _identity(path) not in (None, before):
-                click.echo(f"tdxtrace: interrupted: another file took the name {path} during "
-                           "the run; the events recorded so far were not kept", err=True)
+                say(f"tdxtrace: interrupted: another file took the name {path} during the "
+                    "run; the events recorded so far were not kept")
             else:
-                click.echo(f"tdxtrace: interrupted before the first batch of events was "
-                           f"written; {path} was not written", err=True)
+                say(f"tdxtrace: interrupted before the first batch of events was written; "
+                    f"{path} was not written")
             sys.exit(130)
     progress.finish()
     click.echo(f"{path}: {summary.events} events, {summary.digest}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from tdxtrace.commands.messages import failed_plugins, say, warn
 from tdxtrace.commands.options import path_param
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
@@ -84,8 +85,7 @@ def _plan(trace: Trace | None, capsule_path: Path | None, force: bool) -> Replay
         assert capsule_path is not None
         plan = plan_from_capsule(read_capsule(capsule_path), str(capsule_path), force=force)
     if plan.version_note is not None:  # said before comparing; --force was given
-        click.echo(f"tdxtrace: warning: {plan.version_note}; replaying anyway (--force)",
-                   err=True)
+        say(f"tdxtrace: warning: {plan.version_note}; replaying anyway (--force)")
     return plan
 
 
@@ -139,9 +139,10 @@ def replay_command(trace_path: Path | None, capsule_path: Path | None, force: bo
     to its last complete event.
 
     \b
-    Exit status: 0 identical (and, with --analyze, every analyzer agrees); 1 divergent, or an
-    analyzer's streamed result differs; 2 bad input (unreadable trace, no scenario, other
-    version without --force).
+    Exit status: 0 identical (and, with --analyze, every analyzer agrees); 1 divergent, or
+    (with --analyze) an analyzer's streamed result differs, an analyzer failed or a plugin
+    failed to load; 2 bad input (unreadable trace, no scenario, other version without
+    --force).
 
     \b
     Examples:
@@ -158,8 +159,7 @@ def replay_command(trace_path: Path | None, capsule_path: Path | None, force: bo
         raise click.UsageError("--analyze and --until cannot be combined")
     trace = open_trace(trace_path) if trace_path is not None else None
     if trace is not None:
-        for warning in trace.warnings:
-            click.echo(f"tdxtrace: warning: {warning}", err=True)
+        warn(trace.warnings)
     plan = _plan(trace, capsule_path, force)
     source = str(trace_path if trace_path is not None else capsule_path)
     if until is not None:
@@ -176,23 +176,18 @@ def replay_command(trace_path: Path | None, capsule_path: Path | None, force: bo
         progress.finish()
     doc, text = _result_doc(result), _result_text(result)
     checks: list[AnalysisCheck] = []
+    plugins_ok = True
     if analyze:
         assert trace is not None
-        checks = _run_analysis(trace, plugins_dirs, batch_rows)
+        loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))
+        failed_plugins(loaded.failed)
+        plugins_ok = not loaded.failed
+        checks = check_streaming(trace, loaded.analyzers, batch_rows=batch_rows)
         doc["analysis"] = [asdict(c) for c in checks]
         text += "\n" + _analysis_text(checks)
     _emit(as_json, doc, text)
-    if not result.identical or not all(c.equal for c in checks):
+    if not result.identical or not plugins_ok or not all(c.equal for c in checks):
         sys.exit(1)
-
-
-def _run_analysis(trace: Trace, plugins_dirs: Sequence[Path],
-                  batch_rows: int) -> list[AnalysisCheck]:
-    loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))
-    for failed in loaded.failed:
-        click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",
-                   err=True)
-    return check_streaming(trace, loaded.analyzers, batch_rows=batch_rows)
 
 
 @click.command("capsule")

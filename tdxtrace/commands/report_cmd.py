@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
+from tdxtrace.commands.messages import failed_plugins, say, warn
 from tdxtrace.commands.options import path_param, timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
@@ -86,13 +87,10 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     # Before the analysis, not after minutes of it; write_html checks again when publishing.
     check_output(path, force=force, inputs=(trace_path,))
     trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
-    for warning in trace.warnings:
-        click.echo(f"tdxtrace: warning: {warning}", err=True)
+    warn(trace.warnings)
     loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))
     require_analyzers(loaded)
-    for failed in loaded.failed:
-        click.echo(f"tdxtrace: plugin {failed.name} failed ({failed.where}): {failed.error}",
-                   err=True)
+    failed_plugins(loaded.failed)
     outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout)
     check_thresholds(thresholds, outcomes)
     plugin_outcomes = [failed_plugin_outcome(f) for f in loaded.failed]
@@ -102,10 +100,10 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     errors = {o.name: o.error for o in outcomes if o.error}
     for name in rendered.failed:
         if name in errors:
-            click.echo(f"tdxtrace: analyzer {name} failed: {errors[name]}", err=True)
+            say(f"tdxtrace: analyzer {name} failed: {errors[name]}")
         elif name not in {o.name for o in plugin_outcomes}:  # those were reported above
-            click.echo(f"tdxtrace: analyzer {name}: its section template failed "
-                       "(the report shows the error)", err=True)
+            say(f"tdxtrace: analyzer {name}: its section template failed (the report shows "
+                "the error)")
     click.echo(str(written))
     if rendered.failed:
         sys.exit(1)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tdxtrace.analysis import Analyzer, check_analyzer, error_line
+from tdxtrace.analysis import Analyzer, error_line
 from tdxtrace.errors import TdxtraceError
+from tdxtrace.plugins.contract import AnalyzerInfo, check_analyzer, describe_analyzer
 from tdxtrace.plugins.manager import (
     LOAD_PLUGINS_ENV,
     FailedPlugin,
@@ -23,11 +24,14 @@ from tdxtrace.plugins.manager import (
 
 __all__ = [
     "LOAD_PLUGINS_ENV",
+    "AnalyzerInfo",
     "FailedPlugin",
     "LoadedAnalyzers",
     "PluginInfo",
     "PluginOrigin",
     "TdxtracePluginManager",
+    "check_analyzer",
+    "describe_analyzer",
     "describe_plugins",
     "hook_names",
     "load_analyzers",

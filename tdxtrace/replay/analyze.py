@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 from polars.testing import assert_frame_equal
 
-from tdxtrace.analysis import Analyzer, AnalyzerResult, check_result, error_line, run_one
+from tdxtrace.analysis import Analyzer, AnalyzerResult, check_result, guarded, run_one
 from tdxtrace.trace import Trace
 
 FLOAT_REL_TOL = 1e-9  # rounding, not a different answer
@@ -74,8 +75,11 @@ def check_streaming(trace: Trace, analyzers: Sequence[Analyzer], *,
                     batch_rows: int = 65536) -> list[AnalysisCheck]:
     """Stream ``trace`` through each analyzer's per-batch form; compare with ``analyze``.
 
-    One pass over the file feeds every analyzer. An analyzer that raises (in either form)
-    is reported as not equal, with its error; the others carry on. Ordered by name.
+    One pass over the file feeds every analyzer. An analyzer that fails in either form (any
+    exception, ``sys.exit()``, a malformed result) is reported as not equal, with its error;
+    the others carry on. Its calls run as ``analyze`` and ``report`` run them
+    (:func:`tdxtrace.analysis.guarded`): only the user's Ctrl-C stops the command. Ordered by
+    name.
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
@@ -83,33 +87,28 @@ def check_streaming(trace: Trace, analyzers: Sequence[Analyzer], *,
     states: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for analyzer in ordered:
-        try:
-            states[analyzer.name] = analyzer.start(trace.metadata)
-        except Exception as err:  # an analyzer's bug must not stop the others
-            errors[analyzer.name] = f"start() failed: {error_line(err)}"
+        state, error = guarded(partial(analyzer.start, trace.metadata))
+        if error is not None:
+            errors[analyzer.name] = f"start() failed: {error}"
+        states[analyzer.name] = state
     for frame in _slices(trace.iter_batches(), batch_rows):
         for analyzer in ordered:
             if analyzer.name in errors:
                 continue
-            try:
-                analyzer.feed(states[analyzer.name], frame)
-            except Exception as err:
-                errors[analyzer.name] = f"feed() failed: {error_line(err)}"
-    checks = []
-    for analyzer in ordered:
-        checks.append(_check_one(analyzer, trace, states.get(analyzer.name),
-                                 errors.get(analyzer.name)))
-    return checks
+            _, error = guarded(partial(analyzer.feed, states[analyzer.name], frame))
+            if error is not None:
+                errors[analyzer.name] = f"feed() failed: {error}"
+    return [_check_one(analyzer, trace, states.get(analyzer.name), errors.get(analyzer.name))
+            for analyzer in ordered]
 
 
 def _check_one(analyzer: Analyzer, trace: Trace, state: Any, error: str | None
                ) -> AnalysisCheck:
     if error is not None:
         return AnalysisCheck(analyzer.name, False, error)
-    try:
-        streamed = check_result(analyzer.name, analyzer.finish(state))
-    except Exception as err:
-        return AnalysisCheck(analyzer.name, False, f"finish() failed: {error_line(err)}")
+    streamed, error = guarded(lambda: check_result(analyzer.name, analyzer.finish(state)))
+    if streamed is None:
+        return AnalysisCheck(analyzer.name, False, f"finish() failed: {error}")
     outcome = run_one(analyzer, trace)
     if outcome.result is None:
         return AnalysisCheck(analyzer.name, False, f"analyze() failed: {outcome.error}")

@@ -16,6 +16,8 @@ Layout (keys sorted, UTF-8)::
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from tdxtrace.errors import OutputError, TdxtraceError
-from tdxtrace.outputs import check_output, write_output
+from tdxtrace.outputs import check_output, os_reason, write_output
 from tdxtrace.replay.compare import Divergence
 from tdxtrace.replay.runner import (
     ReplayPlan,
@@ -32,13 +34,18 @@ from tdxtrace.replay.runner import (
     plan_from_metadata,
     summary_difference,
 )
-from tdxtrace.schema import SCHEMA_VERSION
+from tdxtrace.schema import META_SCENARIO, META_SEED, SCHEMA_VERSION
 from tdxtrace.sim.emulator import Progress, run_scenario
 from tdxtrace.trace import RunMetadata, Trace
 from tdxtrace.trace.digest import ContentDigest
+from tdxtrace.trace.metadata import JSONValueError, load_json
 
 CAPSULE_FORMAT = "tdxtrace-capsule"
 CAPSULE_VERSION = 1
+# A capsule is a few kilobytes (the resolved scenario, counters, a digest: 2.6 KB for the demo
+# run). Reading is refused far above any real one, before a byte is read: a capsule argument
+# that is some other big file (or /dev/zero) must not be read into memory whole.
+MAX_CAPSULE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class Capsule:
     digest: str
     truth: dict[str, Any]
 
-    def to_json(self) -> str:
+    def to_json(self, *, ensure_ascii: bool = False) -> str:
         doc = {
             "format": CAPSULE_FORMAT, "capsule_version": CAPSULE_VERSION,
             "scenario_name": self.scenario_name, "scenario": self.scenario, "seed": self.seed,
@@ -63,7 +70,7 @@ class Capsule:
             "schema_version": self.schema_version, "events": self.events,
             "digest": self.digest, "truth": self.truth,
         }
-        return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+        return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=ensure_ascii) + "\n"
 
     def metadata(self) -> RunMetadata:
         """The run metadata a trace of this run carries."""
@@ -79,9 +86,13 @@ def capsule_from_trace(trace: Trace) -> Capsule:
     """A capsule for a finished, replayable trace (open_trace has checked its digest)."""
     source = str(trace.path) if trace.path else "trace"
     meta = trace.metadata
-    if not meta.scenario_text or meta.seed is None:
-        raise TdxtraceError(f"{source}: cannot make a capsule: no scenario (the trace was "
-                            f"produced by {meta.producer or 'an unknown producer'!r})")
+    if not meta.scenario_text:
+        raise TdxtraceError(f"{source}: cannot make a capsule: no scenario (metadata "
+                            f"{META_SCENARIO} is empty; the trace was produced by "
+                            f"{meta.producer or 'an unknown producer'!r})")
+    if meta.seed is None:
+        raise TdxtraceError(f"{source}: cannot make a capsule: no seed (metadata {META_SEED} "
+                            "is empty), so the run cannot be repeated")
     if trace.summary is None:
         raise TdxtraceError(f"{source}: cannot make a capsule: the trace is unfinished (no "
                             "summary, so no digest of the whole run)")
@@ -100,7 +111,12 @@ def write_capsule(capsule: Capsule, path: Path, *, force: bool = False,
     check_output(path, force=force, inputs=inputs)  # before the folder: its words are clearer
     if not path.parent.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist")
-    write_output(path, capsule.to_json().encode("utf-8"), force=force, inputs=inputs)
+    text = capsule.to_json()
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, read from a "\udcff" escape in the trace
+        data = capsule.to_json(ensure_ascii=True).encode("ascii")  # the same JSON value
+    write_output(path, data, force=force, inputs=inputs)
 
 
 def _field(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
@@ -113,17 +129,50 @@ def _field(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], source:
     return value
 
 
+def _read_text(path: Path, source: str) -> str:
+    """The file's text, if it is a regular file of at most MAX_CAPSULE_BYTES of UTF-8.
+
+    Opened without blocking and checked on the open file: a FIFO would block the open (and
+    the read) forever, a device (/dev/zero) never ends; traces get the same check.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise TdxtraceError(f"{source}: does not exist") from None
+    except OSError as err:
+        raise TdxtraceError(f"{source}: cannot read: {os_reason(err)}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise TdxtraceError(f"{source}: is a directory, not a capsule file")
+        raise TdxtraceError(f"{source}: not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        too_big = (f"{source}: not a tdxtrace capsule (larger than {MAX_CAPSULE_BYTES >> 20} "
+                   "MiB; a capsule is a few kilobytes)")
+        if info.st_size > MAX_CAPSULE_BYTES:
+            raise TdxtraceError(too_big)
+        try:
+            data = handle.read(MAX_CAPSULE_BYTES + 1)  # bounded, should it grow meanwhile
+        except OSError as err:
+            raise TdxtraceError(f"{source}: cannot read: {os_reason(err)}") from None
+    if len(data) > MAX_CAPSULE_BYTES:
+        raise TdxtraceError(too_big)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TdxtraceError(f"{source}: not a tdxtrace capsule (not UTF-8 text: byte "
+                            f"{err.start})") from None
+
+
 def read_capsule(path: Path) -> Capsule:
     """Read and check a capsule; errors name the file and the key."""
     source = str(path)
+    text = _read_text(path, source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TdxtraceError(f"{source}: does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise TdxtraceError(f"{source}: cannot read: {err}") from None
-    try:
-        doc = json.loads(text)
+        doc = load_json(text)
+    except JSONValueError as err:
+        raise TdxtraceError(f"{source}: capsule: {err}") from None
     except ValueError:
         raise TdxtraceError(f"{source}: not a tdxtrace capsule (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("format") != CAPSULE_FORMAT:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tdxtrace.errors import OutputError
+from tdxtrace.errors import ESCAPE_ERRORS, OutputError
 from tdxtrace.outputs import check_output, os_reason, write_output
 from tdxtrace.report import model as _model
 from tdxtrace.report.render import RenderedReport, render_model
@@ -104,7 +104,9 @@ def write_html(html: str, path: Path, *, force: bool = False,
         os.makedirs(path.parent, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{path}: {_CANNOT_WRITE.format(reason=os_reason(err))}") from None
-    return write_output(path, html.encode("utf-8"), force=force, inputs=inputs,
+    # A trace name's bytes that are not UTF-8 reach the page as text UTF-8 cannot encode (in
+    # warnings and plugins' errors too): they are written escaped (\xff), as on the terminal.
+    return write_output(path, html.encode("utf-8", ESCAPE_ERRORS), force=force, inputs=inputs,
                         failure=_CANNOT_WRITE)
 
 

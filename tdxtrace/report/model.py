@@ -13,12 +13,16 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from tdxtrace._version import __version__
+from tdxtrace.analysis import guarded
+from tdxtrace.errors import shown
+from tdxtrace.plugins.contract import AnalyzerInfo, describe_analyzer
 from tdxtrace.report import thresholds as th
 from tdxtrace.report.charts import Chart, charts_for
 from tdxtrace.report.formatting import (
@@ -138,10 +142,10 @@ class ReportModel:
 
 def _scenario_display(text: str) -> str:
     try:
-        shown = json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
-    except ValueError:
-        shown = text
-    return truncate_text(shown, MAX_SCENARIO_CHARS)
+        pretty = json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
+    except (ValueError, RecursionError):  # open_trace bounds the nesting; a library's may not
+        pretty = text
+    return truncate_text(pretty, MAX_SCENARIO_CHARS)
 
 
 def run_info(trace: Trace) -> RunInfo:
@@ -151,7 +155,8 @@ def run_info(trace: Trace) -> RunInfo:
     events, truth = int(counts[0]), int(counts[1] or 0)
     summary = trace.summary
     return RunInfo(
-        trace_name=trace.path.name if trace.path is not None else "(in memory)",
+        # shown: a name's bytes that are not UTF-8 could not be written into the page at all.
+        trace_name=shown(trace.path.name) if trace.path is not None else "(in memory)",
         producer=meta.producer,
         scenario_name=meta.scenario_name,
         scenario_text=_scenario_display(meta.scenario_text) if meta.scenario_text else "",
@@ -187,38 +192,31 @@ def table_view(name: str, frame: pl.DataFrame, anchor: str) -> TableView:
                      len(frame.columns) - len(columns))
 
 
-def _template_path(analyzer: Analyzer | None) -> Path | None:
+def _template_path(analyzer: Analyzer | None, info: AnalyzerInfo | None) -> Path | None:
     """The analyzer's template, relative to the folder of the module that defines its class."""
-    if analyzer is None or not analyzer.template:
+    if analyzer is None or info is None or not info.template:
         return None
     module = sys.modules.get(type(analyzer).__module__)
     module_file = getattr(module, "__file__", None)
     if module_file is None:
         return None
-    return Path(module_file).resolve().parent / analyzer.template
+    return Path(module_file).resolve().parent / info.template
 
 
-def _failed_section(name: str, anchor: str, analyzer: Analyzer | None, error: str) -> Section:
+def _failed_section(name: str, anchor: str, info: AnalyzerInfo | None, error: str) -> Section:
     return Section(
-        name=name, anchor=anchor, description=_description(analyzer),
-        version=_version(analyzer), mark=th.FAIL, figures=(), key_figures=(),
+        name=name, anchor=anchor, description=info.description if info else "",
+        version=info.version if info else "", mark=th.FAIL, figures=(), key_figures=(),
         error=truncate_text(error, MAX_ERROR_CHARS))
 
 
-def _description(analyzer: Analyzer | None) -> str:
-    return str(getattr(analyzer, "description", "")) if analyzer is not None else ""
-
-
-def _version(analyzer: Analyzer | None) -> str:
-    return str(getattr(analyzer, "version", "")) if analyzer is not None else ""
-
-
-def _result_section(name: str, anchor: str, analyzer: Analyzer | None, result: Any,
+def _result_section(name: str, anchor: str, analyzer: Analyzer | None,
+                    info: AnalyzerInfo | None, result: Any,
                     overrides: th.ThresholdTable | None) -> Section:
-    limits = th.effective_limits(analyzer, name, overrides)
+    limits = th.effective_limits(info.thresholds if info else {}, name, overrides)
     metrics = dict(sorted(result.metrics.items()))
     figures = {k: figure(k, v, limits.get(k)) for k, v in metrics.items()}
-    key_names = list(analyzer.key_metrics if analyzer is not None else ())
+    key_names = list(info.key_metrics if info is not None else ())
     key_names += [m for m in limits if m not in key_names]
     key_figures = tuple(figures.get(k) or Figure(k, "—", "not reported", th.NONE,
                                                  th.limits_text(limits.get(k)))
@@ -228,12 +226,12 @@ def _result_section(name: str, anchor: str, analyzer: Analyzer | None, result: A
              for t, f in list(tables.items())[:MAX_TABLES]}
     notes = tuple(truncate_text(str(n), MAX_NOTE_CHARS) for n in result.notes[:MAX_NOTES])
     return Section(
-        name=name, anchor=anchor, description=_description(analyzer),
-        version=_version(analyzer), mark=th.worst(f.mark for f in figures.values()),
+        name=name, anchor=anchor, description=info.description if info else "",
+        version=info.version if info else "", mark=th.worst(f.mark for f in figures.values()),
         figures=tuple(figures.values())[:MAX_METRICS], key_figures=key_figures,
         tables=views, charts=charts_for(name, anchor, tables), notes=notes,
-        template=_template_path(analyzer),
-        template_name=analyzer.template if analyzer is not None else None,
+        template=_template_path(analyzer, info),
+        template_name=info.template if info is not None else None,
         hidden_metrics=max(0, len(figures) - MAX_METRICS),
         hidden_tables=max(0, len(tables) - MAX_TABLES))
 
@@ -256,16 +254,21 @@ def build_report(trace: Trace, outcomes: Sequence[AnalyzerOutcome], *,
             anchor += "-x"
         used.add(anchor)
         analyzer = analyzers.get(outcome.name)
-        if outcome.error is not None or outcome.result is None:
-            sections.append(_failed_section(outcome.name, anchor, analyzer,
-                                            outcome.error or "the analyzer returned no result"))
+        # Its attributes are plugin code too (properties): one that raises fails its section.
+        info, attribute_error = (None, None) if analyzer is None else \
+            guarded(partial(describe_analyzer, analyzer))
+        if outcome.error is not None or outcome.result is None or attribute_error:
+            error = outcome.error or (f"the report cannot read this analyzer's attributes: "
+                                      f"{attribute_error}" if attribute_error else
+                                      "the analyzer returned no result")
+            sections.append(_failed_section(outcome.name, anchor, info, error))
             continue
         try:
-            sections.append(_result_section(outcome.name, anchor, analyzer, outcome.result,
-                                            thresholds))
+            sections.append(_result_section(outcome.name, anchor, analyzer, info,
+                                            outcome.result, thresholds))
         except (TypeError, ValueError, pl.exceptions.PolarsError) as err:
             sections.append(_failed_section(
-                outcome.name, anchor, analyzer,
+                outcome.name, anchor, info,
                 f"the report cannot read this analyzer's result: {type(err).__name__}: {err}"))
     return ReportModel(run=run_info(trace), sections=tuple(sections))
 

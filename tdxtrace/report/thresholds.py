@@ -13,13 +13,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.report.formatting import format_float, format_int
-
-if TYPE_CHECKING:
-    from tdxtrace.analysis import Analyzer
 
 Limits = tuple[float, float]
 ThresholdTable = Mapping[str, Mapping[str, Limits]]  # analyzer -> metric -> (warn_at, fail_at)
@@ -71,12 +67,10 @@ def parse_thresholds(specs: Iterable[str]) -> dict[str, dict[str, Limits]]:
     return table
 
 
-def effective_limits(analyzer: Analyzer | None, name: str,
+def effective_limits(own: Mapping[str, Limits], name: str,
                      overrides: ThresholdTable | None) -> dict[str, Limits]:
-    """An analyzer's thresholds with the overrides for ``name`` applied, sorted by metric."""
-    limits: dict[str, Limits] = {}
-    if analyzer is not None:
-        limits.update({k: (float(w), float(f)) for k, (w, f) in analyzer.thresholds.items()})
+    """An analyzer's own thresholds with the overrides for ``name`` applied, sorted by metric."""
+    limits: dict[str, Limits] = {k: (float(w), float(f)) for k, (w, f) in own.items()}
     if overrides:
         limits.update({k: (float(w), float(f)) for k, (w, f) in overrides.get(name, {}).items()})
     return dict(sorted(limits.items()))

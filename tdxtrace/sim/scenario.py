@@ -22,6 +22,13 @@ from typing import Any
 from tdxtrace.errors import ScenarioError
 from tdxtrace.sim.costs import DEFAULT_STEP_COSTS, LEAF_BY_KEY
 from tdxtrace.sim.scenario_spec import COST_FIELDS, MAX_TOTAL_VCPUS, SPEC, TOP_LEVEL, Key
+from tdxtrace.trace.metadata import (
+    MAX_NESTING,
+    JSONValueError,
+    deepest_key,
+    load_json,
+    toml_too_deep,
+)
 
 
 def _bound(key: Key, bound: float) -> str:
@@ -154,10 +161,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         field = parts[-1] if parts[-1] in COST_FIELDS else None
         name = ".".join(parts[1:-1] if field else parts[1:])
         parts = ["costs", name] + ([field] if field else [])
+    too_deep = ScenarioError(f"--set {'.'.join(parts)}: the value is nested more than "
+                             f"{MAX_NESTING} levels deep")
+    if toml_too_deep(value_text) is not None:
+        raise too_deep
     try:
         value = tomllib.loads(f"v = {value_text}")["v"]
     except tomllib.TOMLDecodeError:
         value = value_text
+    if deepest_key(value) is not None:
+        raise too_deep
     return parts, value
 
 
@@ -197,20 +210,11 @@ def load_scenario(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()
         res = resources.files("tdxtrace") / "scenarios" / f"{name_or_path}.toml"
         text, source = res.read_text(encoding="utf-8"), f"{name_or_path} (built-in)"
     elif path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ScenarioError(f"{name_or_path}: no such scenario file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ScenarioError(f"{name_or_path}: cannot read: {err}") from None
-        source = str(path)
+        text, source = _read_file(path, name_or_path), str(path)
     else:
         raise ScenarioError(f"unknown scenario {name_or_path!r} (built-in: "
                             f"{', '.join(builtin_names())}; or give a .toml file)")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ScenarioError(f"{source}: not valid TOML: {err}") from None
+    raw = _parse_toml(text, source)
     for item in overrides:
         parts, value = parse_override(item)
         if parts[0] == "costs" and len(parts) > 1:
@@ -223,6 +227,39 @@ def load_scenario(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()
                 raise ScenarioError(f"--set {item}: {part!r} is not a table")
         node[parts[-1]] = value
     return Scenario(resolve(raw, source))
+
+
+def _read_file(path: Path, name: str) -> str:
+    if path.is_dir():
+        raise ScenarioError(f"{name}: is a directory, not a scenario file")
+    if not path.exists():
+        raise ScenarioError(f"{name}: no such scenario file")
+    if not path.is_file():  # a FIFO would block the read, a device never end
+        raise ScenarioError(f"{name}: not a regular file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScenarioError(f"{name}: cannot read: {err}") from None
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    # A UTF-8 byte-order mark (Windows editors add one) is not TOML, but means nothing: skip it.
+    text = text.removeprefix("\ufeff")
+    deep = toml_too_deep(text)
+    if deep is not None:
+        raise ScenarioError(f"{source}: line {deep[0]}: {deep[1]}: arrays or inline tables "
+                            f"nested more than {MAX_NESTING} levels deep")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{source}: not valid TOML: {err}") from None
+    except RecursionError:  # the scan above should make this unreachable
+        raise ScenarioError(f"{source}: not valid TOML: values nested too deeply") from None
+    key = deepest_key(raw)
+    if key is not None:
+        raise ScenarioError(f"{source}: {key}: tables nested more than {MAX_NESTING} levels "
+                            "deep")
+    return raw
 
 
 def _override_cost(raw: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
@@ -241,7 +278,9 @@ def _override_cost(raw: dict[str, Any], parts: list[str], value: Any, item: str)
 def from_canonical(text: str, source: str) -> Scenario:
     """Rebuild a scenario from the canonical JSON stored in a trace."""
     try:
-        raw = json.loads(text)
+        raw = load_json(text)
+    except JSONValueError as err:
+        raise ScenarioError(f"{source}: stored scenario: {err}") from None
     except json.JSONDecodeError as err:
         raise ScenarioError(f"{source}: stored scenario is not valid JSON: {err}") from None
     if not isinstance(raw, dict):

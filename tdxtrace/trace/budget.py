@@ -21,13 +21,19 @@ _FIELD_BYTES: dict[str, int] = {f.name: max(1, int(f.type.bit_width) // 8) for f
 
 
 def decode_budget_bytes() -> int:
-    """The budget in bytes; a value that is not a whole number of megabytes is an error."""
+    """The budget in bytes; a value that is not a whole number of megabytes (0 or more) is an
+    error: 0 is how to ask for no shared decode, and a negative number is a typo, not that."""
     text = os.environ.get(DECODE_BUDGET_ENV, "")
+    if not text:
+        return _DEFAULT_DECODE_BUDGET_MB << 20
     try:
-        return max(0, int(text)) * 1024 * 1024 if text else _DEFAULT_DECODE_BUDGET_MB << 20
+        megabytes = int(text)
     except ValueError:
+        megabytes = -1
+    if megabytes < 0:
         raise TdxtraceError(f"{DECODE_BUDGET_ENV}={text!r}: expected a whole number of "
-                            "megabytes") from None
+                            "megabytes, 0 or more")
+    return megabytes << 20
 
 
 def decoded_bytes(events: int, columns: Iterable[str]) -> int:

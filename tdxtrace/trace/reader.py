@@ -19,6 +19,7 @@ whatever a damaged header claims; polars never parses the file (see :mod:`.scan`
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from tdxtrace.trace.scan import STREAM_START, stream_schema
 from tdxtrace.trace.trace import Layout, Trace, frame_of
 
 ARROW_MAGIC = b"ARROW1"
+_STREAM_CONTINUATION = b"\xff\xff\xff\xff"  # how every message of an IPC stream starts
 _STREAM_START = STREAM_START
 
 
@@ -94,12 +96,20 @@ def open_trace(path: str | Path, *, keep_decoded: bool = False) -> Trace:
     try:
         with open(file, "rb") as handle:
             magic = handle.read(len(ARROW_MAGIC))
-        mapped = pa.memory_map(str(file))
+        # As bytes: Arrow encodes a str path as UTF-8, which a name whose bytes are not UTF-8
+        # (os.fsdecode made them surrogates) cannot be; the bytes are the name on disk.
+        mapped = pa.memory_map(os.fsencode(file))
     except OSError as err:
         raise TraceFormatError(f"{source}: cannot read: {err.strerror or err}") from None
     if magic != ARROW_MAGIC:
         mapped.close()
-        raise TraceFormatError(f"{source}: not an Arrow IPC file (bad magic)")
+        hint = ""
+        if magic.startswith(_STREAM_CONTINUATION):
+            # What pyarrow.ipc.new_stream (or polars' write_ipc_stream) writes: the same data,
+            # without the file format's magic, footer and random access.
+            hint = ("; it looks like an Arrow IPC stream, not the Arrow IPC file format "
+                    "tdxtrace writes")
+        raise TraceFormatError(f"{source}: not an Arrow IPC file (bad magic){hint}")
     with mapped:
         try:
             reader = ipc.open_file(mapped)

@@ -11,6 +11,7 @@ the columns a query uses (``included_fields``), and turns any damage found since
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from polars.io.plugins import register_io_source
 
-from tdxtrace.errors import TraceFormatError
+from tdxtrace.errors import TraceFormatError, shown
 from tdxtrace.schema import COLUMN_NAMES, arrow_schema
 from tdxtrace.trace.checks import first_line
 
@@ -47,7 +48,7 @@ def read_batches(path: Path, footerless: bool, count: int,
     non-empty batches of its stream), non-empty ones only, with ``columns`` in that order."""
     index = 0
     try:
-        with pa.memory_map(str(path)) as source:
+        with pa.memory_map(os.fsencode(path)) as source:  # bytes: see reader.open_trace
             if footerless:
                 source.seek(STREAM_START)
                 stream = ipc.open_stream(source, options=_options(stream_schema(source),
@@ -120,5 +121,6 @@ def scan_batches(path: Path, footerless: bool, count: int) -> pl.LazyFrame:
             if left is not None and left <= 0:
                 return
 
+    # shown(): polars keeps the detail as Rust text, which cannot hold a non-UTF-8 name.
     return register_io_source(source, schema=polars_schema(), is_pure=True,
-                              explain_name="tdxtrace", explain_detail=str(path))
+                              explain_name="tdxtrace", explain_detail=shown(path))

@@ -1,0 +1,322 @@
+"""Misbehaving plugins and odd option values: each fails alone, in one line, never a traceback.
+
+* ``replay --analyze`` runs analyzers as ``analyze`` and ``report`` do: an analyzer calling
+  ``sys.exit(0)`` or raising KeyboardInterrupt itself fails alone (the verdict is still
+  printed, exit status 1), and a plugin that fails to load makes the exit status 1.
+* A malformed ``notes`` fails that analyzer alone; a plugin attribute (``description``,
+  ``thresholds``...) that raises or has the wrong type fails that plugin alone.
+* ``--timeout nan``/``inf``/``1e300`` is a usage error naming the option.
+* An error or warning quoting a newline (a file name, metadata) stays one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from tdxtrace.analysis import Analyzer, AnalyzerResult, run_analyzers
+from tdxtrace.cli import main
+from tdxtrace.report import render
+from tdxtrace.testing import make_trace
+from tdxtrace.trace import Trace
+
+HEADER = '''
+import sys
+
+from tdxtrace import hookimpl
+from tdxtrace.analysis import Analyzer, AnalyzerResult
+'''
+
+
+def _plugin(cls_body: str, name: str) -> str:
+    return HEADER + f'''
+class Odd(Analyzer):
+    name = "{name}"
+{cls_body}
+
+@hookimpl
+def register_analyzers():
+    return [Odd()]
+'''
+
+
+PLUGINS = {
+    "exits": _plugin('''    description = "calls sys.exit(0)"
+
+    def analyze(self, trace):
+        sys.exit(0)
+''', "exits"),
+    "interrupts": _plugin('''    description = "raises KeyboardInterrupt itself"
+
+    def analyze(self, trace):
+        raise KeyboardInterrupt("not the user")
+''', "interrupts"),
+    "int_notes": _plugin('''    description = "notes is an int"
+
+    def analyze(self, trace):
+        return AnalyzerResult(metrics={"m": 1}, notes=5)
+''', "int_notes"),
+    "str_notes": _plugin('''    description = "notes is one str"
+
+    def analyze(self, trace):
+        return AnalyzerResult(metrics={"m": 1}, notes="one caveat")
+''', "str_notes"),
+    "bad_description": _plugin('''    @property
+    def description(self):
+        raise RuntimeError("no description\\ntoday")
+
+    def analyze(self, trace):
+        return AnalyzerResult(metrics={"m": 1})
+''', "bad_description"),
+    "bad_thresholds": _plugin('''    description = "thresholds of the wrong shape"
+    thresholds = {"m": 5}
+
+    def analyze(self, trace):
+        return AnalyzerResult(metrics={"m": 1})
+''', "bad_thresholds"),
+    "bad_key_metrics": _plugin('''    description = "key_metrics as one str"
+    key_metrics = "m"
+
+    def analyze(self, trace):
+        return AnalyzerResult(metrics={"m": 1})
+''', "bad_key_metrics"),
+    "import_fails": "import tdxtrace_no_such_module  # noqa\n",
+}
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("trace") / "run.arrow"
+    result = CliRunner().invoke(main, ["record", "zero-step", "--set", "run.duration_us=1500",
+                                       "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("plugins")
+    for name, text in PLUGINS.items():
+        (folder / f"{name}.py").write_text(text)
+    return folder
+
+
+def tdxtrace(*args: str | Path, load: str) -> subprocess.CompletedProcess[str]:
+    """The real command (its own signal handlers, its own process), only plugins ``load``."""
+    env = {**os.environ, "TDXTRACE_LOAD_PLUGINS": load}
+    return subprocess.run([sys.executable, "-m", "tdxtrace", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def invoke(*args: str | Path, load: str | None = None) -> Result:
+    env = {"TDXTRACE_LOAD_PLUGINS": load} if load is not None else None
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="tdxtrace", env=env)
+
+
+def assert_no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+# -- replay --analyze ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("plugin", "error"), [
+    ("exits", "SystemExit: 0"),
+    ("interrupts", "KeyboardInterrupt: not the user"),
+])
+def test_replay_analyze_reports_an_analyzer_that_exits_or_interrupts_itself(
+        trace: Path, plugins: Path, plugin: str, error: str) -> None:
+    done = tdxtrace("replay", trace, "--analyze", "--plugins-dir", plugins,
+                    load=f"{plugin},zero_step")
+    assert done.returncode == 1, done.stderr
+    assert_no_traceback(done.stderr)
+    assert done.stdout.startswith("identical: "), done.stdout  # the verdict is still there
+    assert f"streamed != batch analysis: {plugin}: " in done.stdout
+    assert error in done.stdout
+    assert "streamed == batch analysis: zero_step" in done.stdout  # the others still ran
+
+
+def test_replay_analyze_json_still_prints_the_document(trace: Path, plugins: Path) -> None:
+    done = tdxtrace("replay", trace, "--analyze", "--json", "--plugins-dir", plugins,
+                    load="exits,zero_step")
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["identical"] is True
+    checks = {c["name"]: c for c in doc["analysis"]}
+    assert checks["exits"]["equal"] is False and "SystemExit: 0" in checks["exits"]["detail"]
+    assert checks["zero_step"]["equal"] is True
+
+
+def test_replay_analyze_exits_1_when_a_plugin_fails_to_load(trace: Path,
+                                                             plugins: Path) -> None:
+    done = tdxtrace("replay", trace, "--analyze", "--plugins-dir", plugins,
+                    load="import_fails,zero_step")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith("tdxtrace: plugin import_fails failed ("), done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "streamed == batch analysis: zero_step" in done.stdout
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_an_analyzer_raising_keyboard_interrupt_itself_fails_alone(
+        trace: Path, plugins: Path, tmp_path: Path, command: str) -> None:
+    # Not a Ctrl-C (no signal came): the analyzer's failure, not "tdxtrace: interrupted", 130.
+    extra = ["-o", tmp_path / "r.html"] if command == "report" else []
+    done = tdxtrace(command, trace, "--plugins-dir", plugins, *extra,
+                    load="interrupts,zero_step")
+    assert done.returncode == 1, done.stderr
+    assert "tdxtrace: analyzer interrupts failed: KeyboardInterrupt: not the user" \
+        in done.stderr
+    assert "interrupted" not in done.stderr.replace("KeyboardInterrupt", "")
+
+
+# -- malformed results and attributes ------------------------------------------------------------
+
+@pytest.mark.parametrize(("plugin", "error"), [
+    ("int_notes", "TypeError: int_notes: notes must be a tuple of str, got int"),
+    ("str_notes", "TypeError: str_notes: notes must be a tuple of str, got str"),
+])
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_malformed_notes_fail_that_analyzer_alone(trace: Path, plugins: Path, plugin: str,
+                                                  error: str, fmt: str) -> None:
+    result = invoke("analyze", trace, "--plugins-dir", plugins, "--format", fmt,
+                    load=f"{plugin},zero_step")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"tdxtrace: analyzer {plugin} failed: {error}\n"
+    if fmt == "json":
+        doc = json.loads(result.stdout)
+        assert doc[plugin] == {"error": error}
+        assert "metrics" in doc["zero_step"]
+    else:
+        assert f"FAILED: {error}" in result.stdout
+        assert "== zero_step" in result.stdout
+
+
+@pytest.mark.parametrize(("plugin", "error"), [
+    ("bad_description", "TypeError: Odd.description cannot be read: RuntimeError: no "
+                        "description today"),
+    ("bad_thresholds", "TypeError: Odd.thresholds['m'] must be (warn_at, fail_at), two finite "
+                       "numbers; got 5"),
+    ("bad_key_metrics", "TypeError: Odd.key_metrics must be a tuple of str, got str"),
+])
+@pytest.mark.parametrize("command", ["analyze", "analyze-json", "report"])
+def test_a_bad_plugin_attribute_fails_that_plugin_alone(
+        trace: Path, plugins: Path, tmp_path: Path, plugin: str, error: str,
+        command: str) -> None:
+    args = {"analyze": ["analyze", trace], "analyze-json": ["analyze", trace, "--format", "json"],
+            "report": ["report", trace, "-o", tmp_path / "r.html"]}[command]
+    result = invoke(*args, "--plugins-dir", plugins, load=f"{plugin},zero_step")
+    assert result.exit_code == 1, result.output
+    assert_no_traceback(result.output)
+    where = plugins / f"{plugin}.py"
+    assert result.stderr == f"tdxtrace: plugin {plugin} failed ({where}): {error}\n"
+    if command == "report":
+        page = (tmp_path / "r.html").read_text()
+        assert "zero_step" in page and f"plugin {plugin}" in page
+    elif command == "analyze-json":
+        assert "metrics" in json.loads(result.stdout)["zero_step"]
+    else:
+        assert "== zero_step" in result.stdout
+
+
+class Described(Analyzer):
+    name = "described"
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        raise RuntimeError("boom")
+
+    def analyze(self, trace: Trace) -> AnalyzerResult:
+        return AnalyzerResult(metrics={"m": 1})
+
+
+class Plain(Analyzer):
+    name = "plain"
+    description = "works"
+
+    def analyze(self, trace: Trace) -> AnalyzerResult:
+        return AnalyzerResult(metrics={"m": 2})
+
+
+def test_the_report_api_contains_an_attribute_that_raises() -> None:
+    # Analyzers handed to the library directly were never checked by a plugin loader.
+    trace = make_trace([])
+    outcomes = run_analyzers(trace, [Described(), Plain()])
+    assert [o.error for o in outcomes] == [None, None]
+    rendered = render(trace, outcomes)
+    assert rendered.failed == ("described",)
+    assert "RuntimeError: boom" in rendered.html and "works" in rendered.html
+
+
+def test_run_analyzers_survives_unreadable_columns() -> None:
+    class NoColumns(Plain):
+        name = "no_columns"
+
+        @property
+        def columns(self) -> tuple[str, ...]:  # type: ignore[override]
+            raise RuntimeError("no columns")
+
+    outcomes = run_analyzers(make_trace([]), [NoColumns(), Plain()])
+    assert [(o.name, o.ok) for o in outcomes] == [("no_columns", True), ("plain", True)]
+
+
+# -- --timeout ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "1e300", "604801"])
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_timeout_refuses_nan_infinity_and_absurd_values(trace: Path, value: str,
+                                                        command: str) -> None:
+    result = invoke(command, trace, "--timeout", value)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("tdxtrace: error: --timeout: "), result.stderr
+    assert f"(see tdxtrace {command} --help)" in result.stderr
+
+
+def test_timeout_help_states_the_limit() -> None:
+    result = invoke("analyze", "--help")
+    assert "604800 = a week" in " ".join(result.stdout.split())
+
+
+def test_a_large_but_sane_timeout_still_runs(trace: Path) -> None:
+    result = invoke("analyze", trace, "-a", "zero_step", "--timeout", "604800")
+    assert result.exit_code == 0, result.output
+
+
+# -- one line, whatever the message quotes -------------------------------------------------------
+
+def test_a_newline_in_a_file_name_stays_on_one_error_line(tmp_path: Path) -> None:
+    path = tmp_path / "nl\nname.arrow"
+    result = invoke("info", path)
+    assert result.exit_code == 2
+    assert result.stderr == f"tdxtrace: error: {tmp_path}/nl\\nname.arrow: does not exist\n"
+
+
+def test_a_newline_in_capsule_metadata_stays_on_one_error_line(trace: Path,
+                                                                tmp_path: Path) -> None:
+    capsule = tmp_path / "run.capsule.json"
+    assert invoke("capsule", trace, "-o", capsule).exit_code == 0
+    doc = json.loads(capsule.read_text())
+    doc["tdxtrace_version"] = "0.0.1\nsecond\x1b[31m line"
+    capsule.write_text(json.dumps(doc))
+    result = invoke("replay", "--capsule", capsule)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "written by tdxtrace 0.0.1\\nsecond\\x1b[31m line" in result.stderr
+
+
+def test_warnings_quoting_a_newline_stay_one_line_each(trace: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut\nshort.arrow"
+    data = trace.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])  # no footer: unfinished, with warnings
+    result = invoke("analyze", cut, "-a", "zero_step")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("tdxtrace: warning: ") for line in lines), lines
+    assert all("cut\\nshort.arrow" in line for line in lines)
