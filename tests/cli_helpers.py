@@ -20,3 +20,19 @@ def assert_one_line_error(result: Result, path: Path, problem: str) -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"tdxtrace: error: {path}: "), result.stderr
     assert problem in result.stderr, result.stderr
+
+
+def record_zero_step(folder: Path, duration_us: int = 1500) -> Path:
+    """A short zero-step trace, ``folder/run.arrow``, recorded through the CLI."""
+    path = folder / "run.arrow"
+    result = run_cli("record", "zero-step", "--set", f"run.duration_us={duration_us}",
+                     "-o", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def write_plugins(folder: Path, texts: dict[str, str]) -> Path:
+    """``folder`` holding one ``NAME.py`` per entry of ``texts``: a --plugins-dir."""
+    for name, text in texts.items():
+        (folder / f"{name}.py").write_text(text)
+    return folder

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import record_zero_step, write_plugins
 from click.testing import CliRunner, Result
 
 from tdxtrace.analysis import Analyzer, AnalyzerResult, run_analyzers
@@ -92,19 +93,12 @@ PLUGINS = {
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("trace") / "run.arrow"
-    result = CliRunner().invoke(main, ["record", "zero-step", "--set", "run.duration_us=1500",
-                                       "-o", str(path)])
-    assert result.exit_code == 0, result.output
-    return path
+    return record_zero_step(tmp_path_factory.mktemp("trace"))
 
 
 @pytest.fixture(scope="module")
 def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("plugins")
-    for name, text in PLUGINS.items():
-        (folder / f"{name}.py").write_text(text)
-    return folder
+    return write_plugins(tmp_path_factory.mktemp("plugins"), PLUGINS)
 
 
 def tdxtrace(*args: str | Path, load: str) -> subprocess.CompletedProcess[str]:

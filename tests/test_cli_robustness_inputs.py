@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from cli_helpers import record_zero_step
 from click.testing import CliRunner, Result
 from replay_helpers import rewrite
 
@@ -27,11 +28,7 @@ DEEP = "[" * 20000 + "]" * 20000
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("trace") / "run.arrow"
-    result = CliRunner().invoke(main, ["record", "zero-step", "--set", "run.duration_us=1500",
-                                       "-o", str(path)])
-    assert result.exit_code == 0, result.output
-    return path
+    return record_zero_step(tmp_path_factory.mktemp("trace"))
 
 
 @pytest.fixture(scope="module")

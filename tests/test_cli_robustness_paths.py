@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import record_zero_step
 from click.testing import CliRunner, Result
 
 from tdxtrace.cli import main
@@ -24,11 +25,7 @@ BAD = b"bad\xff.arrow"
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("trace") / "run.arrow"
-    result = CliRunner().invoke(main, ["record", "zero-step", "--set", "run.duration_us=1500",
-                                       "-o", str(path)])
-    assert result.exit_code == 0, result.output
-    return path
+    return record_zero_step(tmp_path_factory.mktemp("trace"))
 
 
 def tdxtrace(*args: str | bytes | Path, cwd: Path) -> subprocess.CompletedProcess[bytes]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import record_zero_step, write_plugins
 from click.testing import CliRunner, Result
 
 from tdxtrace.cli import main
@@ -89,19 +90,12 @@ PLUGIN_ERRORS = {
 
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("trace") / "run.arrow"
-    result = CliRunner().invoke(main, ["record", "zero-step", "--set", "run.duration_us=3000",
-                                       "-o", str(path)])
-    assert result.exit_code == 0, result.output
-    return path
+    return record_zero_step(tmp_path_factory.mktemp("trace"), 3000)
 
 
 @pytest.fixture(scope="module")
 def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("plugins")
-    for name, text in PLUGINS.items():
-        (folder / f"{name}.py").write_text(text)
-    return folder
+    return write_plugins(tmp_path_factory.mktemp("plugins"), PLUGINS)
 
 
 def _stderr_lines(result: Result) -> list[str]:
