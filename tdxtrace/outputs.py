@@ -12,7 +12,7 @@ Every file tdxtrace writes (``record``'s trace, ``report``'s HTML, ``capsule``'s
   folder (same filesystem, so publishing is a rename), unique per run: concurrent runs never
   share one, and a user's own ``NAME.partial`` is never touched. ``NAME`` there is shortened
   when the whole would exceed the file system's limit on a name (255 bytes), and its bytes that
-  are not UTF-8 are spelled ``\xff``: Arrow opens the temporary trace by a UTF-8 name.
+  are not UTF-8 are spelled ``\xff``, so any tool can show the temporary name.
 * Without ``--force`` the name is claimed atomically with a hard link, which fails if the name
   appeared since the first check; with ``--force`` the file is renamed over the old one.
 """
@@ -84,18 +84,6 @@ def check_output(path: Path, *, force: bool, inputs: Sequence[Path | None] = ())
             raise OutputError(f"{path}: is {which}; refusing to overwrite it (even with --force)")
     if not force:
         raise OutputError(f"{path}: {EXISTS}")
-
-
-def check_arrow_folder(path: Path) -> None:
-    """Refuse a trace output whose folder Arrow cannot name: Arrow opens files by UTF-8 name,
-    and a folder name whose bytes are not UTF-8 has none (the file's own name is fine: it is
-    written under a UTF-8 temporary name, then renamed). Checked before anything is created."""
-    try:
-        os.fsencode(path.parent).decode("utf-8")
-    except UnicodeDecodeError:
-        raise OutputError(f"{path}: cannot write a trace in folder {path.parent}: its name is "
-                          "not valid UTF-8, which Arrow cannot open (rename the folder, or "
-                          "write elsewhere)") from None
 
 
 def _same_file(source: Path, target: os.stat_result) -> bool:

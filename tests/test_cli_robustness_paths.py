@@ -1,10 +1,9 @@
 """File names tdxtrace did not expect: bytes that are not UTF-8, and names near the length limit.
 
 A trace named ``bad\\xff.arrow`` (legal on Linux, whose names are bytes) is read by every
-command, printed as ``bad\\xff.arrow``; ``record`` writes one; a folder Arrow cannot open by
-name is refused in one line before anything is created. A 251-byte output name (legal: the
-limit is 255) is written by ``record``, ``report`` and ``capsule``, whose hidden temporary
-name is shortened to fit. ``demo`` checks both of its outputs before recording.
+command, printed as ``bad\\xff.arrow``; ``record`` writes one, and writes into a folder with
+such a name. A 251-byte output name (legal: the limit is 255) is written by ``record``,
+``report`` and ``capsule``, whose hidden temporary name is shortened to fit. ``demo`` checks both of its outputs before recording.
 """
 
 from __future__ import annotations
@@ -91,22 +90,21 @@ def test_record_writes_a_trace_whose_name_is_not_utf8_and_leaves_nothing_else(
 
 
 @pytest.mark.parametrize("args", [
-    [b"record", b"zero-step", b"-o", b"d\xff/run.arrow"],
+    [b"record", b"zero-step", b"--set", b"run.duration_us=1500", b"-o", b"d\xff/run.arrow"],
     [b"demo", b"--out-dir", b"d\xff"],
 ])
-def test_a_folder_arrow_cannot_open_is_refused_before_anything_is_created(
+def test_a_trace_is_written_in_a_folder_whose_name_is_not_utf8(
         tmp_path: Path, args: list[bytes]) -> None:
-    made = b"d\xff" in args[-1] and args[0] == b"record"
-    if made:
+    # Arrow is given the temporary file's name as bytes: a str with a surrogate escape made it
+    # raise UnicodeEncodeError and leave the temporary file behind.
+    if args[0] == b"record":
         os.mkdir(os.path.join(os.fsencode(tmp_path), b"d\xff"))
     done = tdxtrace(*args, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr
-    assert done.stderr.startswith(b"tdxtrace: error: d\\xff/"), done.stderr
-    assert b"not valid UTF-8" in done.stderr
-    assert names(tmp_path) == ([b"d\xff"] if made else [])
-    if made:
-        assert names(tmp_path / os.fsdecode(b"d\xff")) == []
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / os.fsdecode(b"d\xff")
+    written = names(folder)
+    assert b"run.arrow" in written or b"demo.arrow" in written, written
+    assert not [n for n in written if n.endswith(b".partial")]
 
 
 LONG = "n" * 245  # + ".arrow" = 251 bytes: legal, and the old temporary name was 269

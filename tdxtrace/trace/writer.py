@@ -72,7 +72,9 @@ class TraceWriter:
         fd, self.partial_path = create_temp(self.path)
         os.close(fd)  # Arrow opens the file by name
         try:
-            self._sink = pa.OSFile(str(self.partial_path), "wb")
+            # By its bytes: a folder name that is not UTF-8 (a surrogate escape in the str)
+            # would make Arrow's str path raise UnicodeEncodeError and leave the file behind.
+            self._sink = pa.OSFile(os.fsencode(self.partial_path), "wb")
         except OSError as err:
             self.partial_path.unlink(missing_ok=True)
             raise OutputError(f"{self.path}: cannot write: {os_reason(err)}") from err
