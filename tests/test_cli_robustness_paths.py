@@ -3,7 +3,8 @@
 A trace named ``bad\\xff.arrow`` (legal on Linux, whose names are bytes) is read by every
 command, printed as ``bad\\xff.arrow``; ``record`` writes one, and writes into a folder with
 such a name. A 251-byte output name (legal: the limit is 255) is written by ``record``,
-``report`` and ``capsule``, whose hidden temporary name is shortened to fit. ``demo`` checks both of its outputs before recording.
+``report`` and ``capsule``, whose hidden temporary name is shortened to fit. ``demo`` checks
+both of its outputs before recording.
 """
 
 from __future__ import annotations
