@@ -18,15 +18,16 @@ from tdxtrace.codes import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    Leaf,
 )
-from tdxtrace.events import FaultOutcome, Flow, Kind
+from tdxtrace.events import FaultOutcome, Flow, Kind, ZapReason
 
 SHORT = "run.duration_us=20000"
 # (scenario, overrides): VMM conversions the guest did not ask for, and the guest's own.
 RUNS = {
     "zap-under-load": ("zap-under-load", (SHORT,)),
     "mapgpa-convert": ("mapgpa-convert", ("mapgpa.vmm=complete",)),
-    "mapgpa-alternate": ("mapgpa-convert", ("mapgpa.vmm=complete", "mapgpa.direction=alternate")),
+    "mapgpa-to-shared": ("mapgpa-convert", ("mapgpa.vmm=complete", "mapgpa.direction=to_shared")),
     "demo": ("demo", ()),
 }
 
@@ -70,14 +71,66 @@ def test_a_fault_exits_to_userspace_exactly_when_its_gfn_is_shared(
     assert truth["memory_fault_exits"] == len(exited)
 
 
-def test_the_guest_never_touches_privately_what_it_made_shared(
+def test_the_vmm_converting_behind_the_guests_back_causes_memory_fault_exits(
         recorded: tuple[str, pl.DataFrame, dict[str, Any]]) -> None:
     name, _, truth = recorded
-    if name == "zap-under-load":  # the VMM converts behind the guest's back
+    if name == "zap-under-load":
         assert truth["memory_fault_exits"] > 0
-    else:
-        assert truth["mapgpa_conversions"] > 0
-        assert truth["memory_fault_exits"] == 0
+
+
+@pytest.mark.parametrize("seed", [1, 7, 19, 26])
+@pytest.mark.parametrize("overrides", [
+    (), ("mapgpa.vmm=complete",), ("mapgpa.vmm=complete", "mapgpa.direction=to_shared")],
+    ids=["default", "complete", "to-shared"])
+def test_the_guest_never_touches_privately_what_it_made_shared(
+        overrides: tuple[str, ...], seed: int) -> None:
+    # Several vCPUs convert at once: each owns its range (a new one never overlaps pages the
+    # guest made shared), so one's conversion back to private cannot unmark another's pages.
+    _, truth = run("mapgpa-convert", *overrides, seed=seed)
+    assert truth["mapgpa_conversions"] > 0
+    assert truth["memory_fault_exits"] == 0
+
+
+def _adds_on_shared_gfns(events: pl.DataFrame) -> list[int]:
+    """The seq of every successful AUG on a GFN that a conversion to shared had finished with
+    (its zap's ZAP_DONE came first) and that no MEM_ATTR made private again since the
+    conversion's own MEM_ATTR (a memory-fault exit converts single pages back meanwhile)."""
+    rows = events.filter(
+        pl.col("kind").is_in([Kind.MEM_ATTR, Kind.ZAP, Kind.ZAP_DONE])
+        | ((pl.col("kind") == Kind.SEAMCALL) & (pl.col("leaf") == Leaf.TDH_MEM_PAGE_AUG)
+           & (pl.col("status") == 0))
+    ).sort("seq").select("seq", "kind", "td", "gpa", "arg0", "arg1", "corr", "sub").rows()
+    asked: dict[tuple[int, int, int], int] = {}  # (td, gpa, pages) -> MEM_ATTR seq
+    zaps: dict[int, tuple[int, int, int, int]] = {}  # zap corr -> (td, gpa, pages, attr seq)
+    done: dict[tuple[int, int], int] = {}  # (td, gfn) -> MEM_ATTR seq of a finished conversion
+    private_at: dict[tuple[int, int], int] = {}  # (td, gfn) -> last MEM_ATTR(private) seq
+    wrong = []
+    for seq, kind, td, gpa, pages, attrs, corr, sub in rows:
+        if kind == Kind.MEM_ATTR and attrs == KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            for gfn in range((gpa >> 12), (gpa >> 12) + pages):
+                private_at[(td, gfn)] = seq
+        elif kind == Kind.MEM_ATTR:
+            asked[(td, gpa, pages)] = seq
+        elif kind == Kind.ZAP and sub == ZapReason.CONVERSION and (td, gpa, pages) in asked:
+            zaps[corr] = (td, gpa, pages, asked.pop((td, gpa, pages)))
+        elif kind == Kind.ZAP_DONE and corr in zaps:
+            td, gpa, pages, attr_seq = zaps.pop(corr)
+            for gfn in range(gpa >> 12, (gpa >> 12) + pages):
+                done[(td, gfn)] = attr_seq
+        elif kind == Kind.SEAMCALL:
+            key = (td, gpa >> 12)
+            if key in done and private_at.get(key, -1) < done[key]:
+                wrong.append(seq)
+    return wrong
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_no_page_is_added_while_its_gfn_is_shared(seed: int) -> None:
+    # A fault that waited for mmu_lock (or retried locally) while a conversion changed the
+    # attribute must not AUG the page afterwards: it takes the memory-fault exit instead.
+    events, truth = run("zap-under-load", SHORT, seed=seed)
+    assert truth["memory_fault_exits"] > 0
+    assert _adds_on_shared_gfns(events) == []
 
 
 def test_the_vmm_converts_the_page_back_and_the_guest_faults_again_at_the_same_rip() -> None:

@@ -87,6 +87,8 @@ def test_scenarios_lists_every_builtin_with_a_description() -> None:
     ("td.memory_mb=999999999", "limit"),
     ("td.colour=3", "unknown key td.colour"),
     ("nonsense=1", "unknown section or key 'nonsense'"),
+    # The guest's time is counted in touches: 0 ns divided by zero (a traceback before).
+    ("costs.guest_touch=0", "costs.guest_touch.base_ns: 0 is outside [1, 1e+12]"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_the_key(override: str, needle: str) -> None:
     result = CliRunner().invoke(main, ["record", "zero-step", "--set", override, "-o",

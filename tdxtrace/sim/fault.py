@@ -110,6 +110,14 @@ class FaultPath:
 
     def _walk(self, f: Fault, level_index: int) -> None:
         td = f.vcpu.td
+        if not level_index and self._attrs.is_shared(td, f.gfn):
+            # mmu_lock is held now: a conversion that changed the attribute since the fault
+            # began (while it waited for the lock, or between local retries) makes it stale
+            # (is_page_fault_stale); KVM retries it, and the retry takes the exit. Modelled as
+            # that exit at once.
+            td.mmu.release_read()
+            self._attrs.private_fault_on_shared(f.vcpu, f.gfn, f.corr)
+            return
         mirror = td.mirror
         keys = nonleaf_keys(f.gfn)
         while level_index < len(keys) and keys[level_index] in mirror.nonleaf:

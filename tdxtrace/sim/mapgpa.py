@@ -36,7 +36,7 @@ from tdxtrace.codes import (
 )
 from tdxtrace.events import Flow, GuestMapGpa, Kind
 from tdxtrace.sim.mapgpa_vmm import Conversion, MapGpaVmm
-from tdxtrace.sim.roots_guest import GPA_LIMIT, SHARED_BIT
+from tdxtrace.sim.roots_guest import GPA_LIMIT, SHARED_BIT, gfn_range
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm import Vcpu
@@ -66,6 +66,9 @@ def validate(gpa: int, size: int) -> int | None:
     if gpa % PAGE_SIZE or size % PAGE_SIZE:
         return ALIGN_ERROR
     return None
+
+
+PICK_TRIES = 8  # draws for a range that overlaps no page another conversion owns
 
 
 @dataclass
@@ -121,17 +124,31 @@ class MapGpa:
         self._next_vcpu[td_index] = (index + 1) % len(td.vcpus)
         st = self._state[td_index][index]
         if st.conv is None and st.request is None:
-            self.request(td.vcpus[index], *self._pick(td_index, st))
+            picked = self._pick(td_index, st)
+            if picked is not None:
+                self.request(td.vcpus[index], *picked)
         self.sim.after(self.interval_ns, self._due, td_index)
 
-    def _pick(self, td_index: int, st: VcpuMapGpa) -> tuple[int, int, bool]:
+    def _pick(self, td_index: int, st: VcpuMapGpa) -> tuple[int, int, bool] | None:
+        """The next conversion of this vCPU, or None to skip its turn.
+
+        A guest converts pages it owns (set_memory_decrypted() on its own buffer), so a new
+        range never overlaps pages the guest has made shared, which another conversion owns:
+        up to PICK_TRIES draws, then the turn is skipped.
+        """
         if self.direction == "alternate" and st.back is not None:
             (start, end), st.back = st.back, None
             return start, end, True
         span = -(-self.size // PAGE_SIZE)
         slots = max(1, self.world.pages - span + 1)
-        start = (self.base_gfn + self._range_rng[td_index].randrange(slots)) * PAGE_SIZE
-        end = start + self.size
+        shared = self._guest_shared[td_index]
+        for _ in range(PICK_TRIES):
+            start = (self.base_gfn + self._range_rng[td_index].randrange(slots)) * PAGE_SIZE
+            end = start + self.size
+            if not shared or shared.isdisjoint(gfn_range(start, end)):
+                break
+        else:
+            return None
         if self.direction == "to_private":
             return start, end, True
         if self.direction == "alternate":
@@ -143,6 +160,8 @@ class MapGpa:
         st = self._state[v.td.index][v.index]
         st.request = (start, end, to_private)
         self._turns += 1
+        if not to_private:  # from now on the guest reaches these pages through the shared alias
+            self._guest_shared[v.td.index].update(gfn_range(start, end))
 
     # --- the guest ------------------------------------------------------------------------
     def guest_turn(self, v: Vcpu) -> bool:
@@ -160,8 +179,6 @@ class MapGpa:
             conv = st.conv = Conversion(self.log.new_corr(), start, end, to_private)
             self.log.count("mapgpa_conversions")
             self._guest_row(v, conv, GuestMapGpa.START, end, int(to_private))
-            if not to_private:
-                self._guest_shared[v.td.index].update(_gfns(start, end))
             self.vmm.begin_conversion(conv)
             self._call(v, conv)
             return True
@@ -195,7 +212,7 @@ class MapGpa:
         assert st.conv is not None
         self._guest_row(v, st.conv, step, r11, st.conv.retries)
         if step == GuestMapGpa.DONE and st.conv.to_private:
-            self._guest_shared[v.td.index].difference_update(_gfns(st.conv.first, st.conv.end))
+            self._guest_shared[v.td.index].difference_update(gfn_range(st.conv.first, st.conv.end))
         self.log.count(ENDINGS[step])
         st.conv = None
         return False  # the guest carries on with its work
@@ -281,7 +298,3 @@ class MapGpa:
         self.log.emit(kind, flow=FLOW, corr=conv.corr, td=v.td.index, vcpu=v.index, lp=v.lp,
                       gpa=gpa, status=status, arg0=arg0, arg1=arg1, exit_reason=exit_reason)
 
-
-def _gfns(start: int, end: int) -> range:
-    """The GFNs of [start, end), a GPA range that may carry the shared bit."""
-    return range((start & ~SHARED_BIT) >> 12, ((end - 1) & ~SHARED_BIT) // PAGE_SIZE + 1)

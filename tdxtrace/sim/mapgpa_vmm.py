@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -117,7 +118,7 @@ class MapGpaVmm:
         if to_private:
             self.world.attrs.set_private(td, first, pages)
             self.roots.zap(td, ZapReason.CONVERSION, first, pages, ZapScope.RANGE_LEAFS, then)
-        else:
-            self.world.attrs.set_shared(td, first, pages)
+        else:  # the attribute changes once the zap holds mmu_lock (see ZapPath.zap)
             self.world.zap.zap(td, list(range(first, first + pages)), ZapReason.CONVERSION,
-                               Flow.ZAP, then)
+                               Flow.ZAP, then,
+                               locked=partial(self.world.attrs.set_shared, td, first, pages))

@@ -18,6 +18,11 @@ SHARED_GFN = SHARED_BIT >> 12
 GPA_LIMIT = 1 << 48  # GPAW 48: legal GPAs are below this
 
 
+def gfn_range(start: int, end: int) -> range:
+    """The GFNs of the GPA range [start, end), which may carry the shared bit."""
+    return range((start & ~SHARED_BIT) >> 12, (((end - 1) & ~SHARED_BIT) >> 12) + 1)
+
+
 class SharedMix(Workload):
     """Wraps a vCPU's workload: each touch goes to the shared window with probability ``p``.
 

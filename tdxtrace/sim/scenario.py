@@ -72,6 +72,11 @@ def _check_value(where: str, key: Key, value: Any) -> Any:
     return value
 
 
+# The guest's time is counted in touches of guest_touch ns each (world.guest_step divides by
+# it): below 1 ns it would divide by zero, or let a vCPU run without simulated time passing.
+_AT_LEAST_1_NS = {("guest_touch", "base_ns")}
+
+
 def _check_costs(source: str, table: Any) -> dict[str, dict[str, float]]:
     if not isinstance(table, dict):
         raise ScenarioError(f"{source}: costs: expected a table")
@@ -90,9 +95,10 @@ def _check_costs(source: str, table: Any) -> dict[str, dict[str, float]]:
             if not isinstance(field_value, int | float) or isinstance(field_value, bool):
                 raise ScenarioError(f"{where}.{field_name}: expected a number, "
                                     f"got {field_value!r}")
-            if not 0 <= field_value <= limit:
+            low = 1 if (name, field_name) in _AT_LEAST_1_NS else 0
+            if not low <= field_value <= limit:
                 raise ScenarioError(f"{where}.{field_name}: {field_value!r} is outside "
-                                    f"[0, {limit:g}]")
+                                    f"[{low}, {limit:g}]")
         out[name] = {k: float(v) for k, v in sorted(spec.items())}
     return dict(sorted(out.items()))
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 from tdxtrace.codes import PAGE_SIZE, ExitReason, Status, TdcallLeaf
@@ -147,9 +148,16 @@ class World:
         if mapgpa is not None:
             if mapgpa.guest_turn(v):
                 return
-            if mapgpa.avoids(v, v.workload.current.gfn):  # a page it made shared: not this
-                v.workload.advance()
-                sim.after(self._touch_ns, self.guest_step, v, token)
+            if mapgpa.avoids(v, v.workload.current.gfn):
+                # Pages it made shared are not touched privately: the workload moves past
+                # them, as many as the mapped-page batch below allows in one step.
+                left = (v.next_timer - now) // self._touch_ns
+                limit = min(self._max_touches, max(left, 1))
+                skipped = 0
+                while skipped < limit and mapgpa.avoids(v, v.workload.current.gfn):
+                    v.workload.advance()
+                    skipped += 1
+                sim.after(skipped * self._touch_ns, self.guest_step, v, token)
                 return
         entries = v.td.module.entries
         touch = v.workload.current
@@ -196,14 +204,16 @@ class World:
         count = min(vmm.zap_pages, self.pages)
         start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
         gfns = list(range(start, start + count))
+        locked = None
         if vmm.zap_reason == "conversion":  # a conversion the guest did not ask for
-            self.attrs.set_shared(td, start, count)
+            # The attribute changes once the zap holds mmu_lock (see ZapPath.zap).
+            locked = partial(self.attrs.set_shared, td, start, count)
             self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=self.host_lp,
                           gpa=start << 12, arg0=count, arg1=0)
             reason = _ZAPREASON_CONVERSION
         else:
             reason = _ZAPREASON_TRUNCATION
-        self.zap.zap(td, gfns, reason, _FLOW_ZAP)
+        self.zap.zap(td, gfns, reason, _FLOW_ZAP, locked=locked)
         self.sim.after(vmm.zap_interval_us * 1000, self._vmm_zap, td)
 
     # --- running --------------------------------------------------------------------------

@@ -76,10 +76,15 @@ class ZapPath:
         self.lp = world.host_lp
 
     def zap(self, td: KvmTd, gfns: list[int], reason: ZapReason, flow: int,
-            then: Done | None = None, corr: int | None = None) -> None:
+            then: Done | None = None, corr: int | None = None,
+            locked: Done | None = None) -> None:
         """Zap the private leaves of ``gfns`` (kvm_unmap_gfn_range on the mirror root).
 
         ``corr``: the operation this zap is part of (a teardown); by default a new one.
+        ``locked``: run once mmu_lock is held for write, before the first page: where a
+        conversion's new attribute takes effect (KVM changes it inside the invalidation, so
+        a fault that already holds the lock for read finishes first, and one that takes it
+        later sees the new attribute).
         """
         corr = self.log.new_corr() if corr is None else corr
         self.log.count("zaps")
@@ -113,7 +118,12 @@ class ZapPath:
                          NONPRESENT, td.mirror.root_id)
             self.remove_leaf(td, gfn, corr, flow, partial(next_page, i + 1))
 
-        td.mmu.acquire_write(lambda: next_page(0))
+        def begin() -> None:
+            if locked is not None:
+                locked()
+            next_page(0)
+
+        td.mmu.acquire_write(begin)
 
     def remove_leaf(self, td: KvmTd, gfn: int, corr: int, flow: int, then: Done) -> None:
         """tdx_sept_remove_leaf_spte(): BLOCK -> TRACK + kick -> REMOVE -> PAGE.WBINVD."""
