@@ -16,7 +16,8 @@ bounds every read by the file's size and reports damage as an exception) and han
 * feeds the content digest, so a finished trace's events can be compared with its summary,
   which is the only way to catch a flipped bit that still decodes.
 
-Only batches that passed are ever given to polars. Memory stays at about one batch, unless the
+:func:`validate_schema` checks the schema first: the run metadata, then every column's name
+and type. Only batches that passed are ever given to polars. Memory stays at about one batch, unless the
 caller asks to keep them (within a byte budget) to save decoding the file again.
 """
 
@@ -29,9 +30,11 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
+from tdxtrace.errors import TraceFormatError
 from tdxtrace.events import TRUTH_KIND_BASE, Flow, Kind
 from tdxtrace.schema import COLUMN_NAMES, FIELDS, arrow_schema
 from tdxtrace.trace.digest import ContentDigest
+from tdxtrace.trace.metadata import RunMetadata
 
 _V1 = arrow_schema()
 _NOT_NULL = tuple(f.name for f in FIELDS if not f.nullable)
@@ -193,3 +196,20 @@ class BatchChecker:
                 first = frame.filter(rules[name]).row(0, named=True)
                 suspect = self._suspects[name] = _Suspect(0, first["seq"], first[name])
             suspect.rows += rows
+
+
+def validate_schema(schema: pa.Schema, source: str) -> RunMetadata:
+    """Run metadata first (so an unknown version is reported as such), then the columns."""
+    metadata = RunMetadata.from_arrow(schema.metadata, source=source)
+    try:
+        names = schema.names
+    except UnicodeDecodeError:
+        raise TraceFormatError(f"{source}: damaged schema: a column name is not UTF-8") from None
+    for f in FIELDS:
+        if f.name not in names:
+            raise TraceFormatError(f"{source}: missing column {f.name}")
+        actual = schema.field(f.name).type
+        if actual != f.type:
+            raise TraceFormatError(
+                f"{source}: column {f.name} has type {actual}, expected {f.type}")
+    return metadata

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from tdxtrace.errors import TraceFormatError
-from tdxtrace.schema import COLUMN_NAMES, FIELDS, SUMMARY_EVENTS, arrow_schema
+from tdxtrace.schema import COLUMN_NAMES, SUMMARY_EVENTS, arrow_schema
 from tdxtrace.trace.budget import decode_budget_bytes, decoded_bytes
-from tdxtrace.trace.checks import BatchChecker, first_line
+from tdxtrace.trace.checks import BatchChecker, first_line, validate_schema
 from tdxtrace.trace.metadata import RunMetadata, Summary
 from tdxtrace.trace.scan import STREAM_START, stream_schema
 from tdxtrace.trace.trace import Layout, Trace, frame_of
@@ -37,23 +37,6 @@ from tdxtrace.trace.trace import Layout, Trace, frame_of
 ARROW_MAGIC = b"ARROW1"
 _STREAM_CONTINUATION = b"\xff\xff\xff\xff"  # how every message of an IPC stream starts
 _STREAM_START = STREAM_START
-
-
-def _validate_schema(schema: pa.Schema, source: str) -> RunMetadata:
-    """Run metadata first (so an unknown version is reported as such), then the columns."""
-    metadata = RunMetadata.from_arrow(schema.metadata, source=source)
-    try:
-        names = schema.names
-    except UnicodeDecodeError:
-        raise TraceFormatError(f"{source}: damaged schema: a column name is not UTF-8") from None
-    for f in FIELDS:
-        if f.name not in names:
-            raise TraceFormatError(f"{source}: missing column {f.name}")
-        actual = schema.field(f.name).type
-        if actual != f.type:
-            raise TraceFormatError(
-                f"{source}: column {f.name} has type {actual}, expected {f.type}")
-    return metadata
 
 
 def _unfinished(source: str, batches: int, events: int) -> str:
@@ -139,7 +122,7 @@ def _check_schema_copies(source: str, footer_schema: pa.Schema,
 
 def _open_intact(file: Path, source: str, reader: ipc.RecordBatchFileReader,
                  mapped: pa.MemoryMappedFile, keep_bytes: int) -> Trace:
-    metadata = _validate_schema(reader.schema, source)
+    metadata = validate_schema(reader.schema, source)
     _check_schema_copies(source, reader.schema, mapped)
     expected = _expected_events(reader)
     if expected is not None and decoded_bytes(expected, COLUMN_NAMES) > keep_bytes:
@@ -233,7 +216,7 @@ def _open_footerless(file: Path, source: str, mapped: pa.MemoryMappedFile, size:
         stream = ipc.open_stream(mapped)
     except (pa.ArrowException, OSError, ValueError):
         raise TraceFormatError(damaged) from None
-    metadata = _validate_schema(stream.schema, source)
+    metadata = validate_schema(stream.schema, source)
     with BatchChecker(keep_bytes) as checker:
         return _with_kept(_check_stream(file, source, mapped, size, stream, metadata, checker),
                           checker)
