@@ -17,8 +17,8 @@ bounds every read by the file's size and reports damage as an exception) and han
   which is the only way to catch a flipped bit that still decodes.
 
 :func:`validate_schema` checks the schema first: the run metadata, then every column's name
-and type. Only batches that passed are ever given to polars. Memory stays at about one batch, unless the
-caller asks to keep them (within a byte budget) to save decoding the file again.
+and type. Only batches that passed are ever given to polars. Memory stays at about one batch,
+unless the caller asks to keep them (within a byte budget) to save decoding the file again.
 """
 
 from __future__ import annotations
