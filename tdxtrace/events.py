@@ -104,6 +104,7 @@ class KickReason(IntEnum):
     TRACK = 1  # tdx_track(): after TDH.MEM.TRACK, so vCPUs in the old epoch exit
     NO_VCPUS_RETRY = 2  # tdh_do_no_vcpus(): a BUSY zap SEAMCALL, before its one retry
     ROOT_RELOAD = 3  # root invalidation: vCPUs must load a new root
+    VM_DEAD = 4  # kvm_vm_dead() after KVM_BUG_ON: vCPUs in the guest leave, never re-enter
 
 
 class IpiPurpose(IntEnum):

@@ -141,3 +141,18 @@ def test_under_the_2022_spinlock_a_busy_on_the_fault_path_bugs_the_vm() -> None:
     assert bugged["leaf"] in fault_leaves and bugged["status"] >> 32 == Status.OPERAND_BUSY >> 32
     assert events.filter((pl.col("kind") == Kind.FAULT_RETRY)
                          & (pl.col("sub") == RetryCause.SEAMCALL_BUSY)).height == 0
+
+
+def test_vcpus_in_the_guest_when_the_vm_is_bugged_are_kicked_out_and_stay_out() -> None:
+    # kvm_vm_dead(): KVM_REQ_VM_DEAD kicks every vCPU out of guest mode; none enters again.
+    events, _ = run("zap-under-load", "policy.zap_busy='seamcall_spinlock'",
+                    "run.duration_us=8000", seed=1)
+    bug_seq = events.filter(pl.col("kind") == Kind.VM_BUGGED)["seq"][0]
+    after = events.filter(pl.col("seq") > bug_seq)
+    kick = after.filter((pl.col("kind") == Kind.KICK) & (pl.col("sub") == KickReason.VM_DEAD))
+    exits = after.filter((pl.col("kind") == Kind.TD_EXIT) & (pl.col("exit_reason") == 1))
+    assert kick.height == 1 and kick["arg0"][0] == exits.height >= 1
+    assert after.filter(pl.col("kind") == Kind.TD_ENTRY).height == 0
+    last = events.filter(pl.col("kind").is_in([Kind.TD_ENTRY, Kind.TD_EXIT])).sort("seq") \
+        .group_by("vcpu").agg(pl.col("kind").last())
+    assert set(last["kind"].to_list()) == {Kind.TD_EXIT}  # nobody is left in the guest

@@ -39,6 +39,7 @@ Preset = tuple[int, int, Busy | None]
 # which the hot paths below pay many times per event.
 _FLOW_RUN = Flow.RUN
 _KIND_KICK = Kind.KICK
+_KICKREASON_VM_DEAD = KickReason.VM_DEAD
 _KIND_TD_ENTRY = Kind.TD_ENTRY
 _KIND_TD_EXIT = Kind.TD_EXIT
 _KIND_T_LOCK_HOLDER = Kind.T_LOCK_HOLDER
@@ -156,9 +157,18 @@ class Kvm:
         self.log.emit(_KIND_VM_BUGGED, flow=flow, corr=corr, td=td.index, leaf=leaf,
                       status=status)
         self.world.note(f"KVM_BUG_ON: TD {td.index}: {leaf_name(leaf)} returned {status:#x}")
+        in_guest = [v for v in td.vcpus if v.in_guest]
         for v in td.vcpus:
             v.stopped = True
             v.token += 1
+        if in_guest:
+            # kvm_vm_dead(): KVM_REQ_VM_DEAD to every vCPU. Those in guest mode are kicked out
+            # (an IPI, a TD exit); stopped, they return -EIO instead of entering again.
+            self.log.emit(_KIND_KICK, flow=flow, sub=_KICKREASON_VM_DEAD, corr=corr,
+                          td=td.index, arg0=len(in_guest))
+            ipi = self._faults.ipi_delay(self._ipi_ns() // 4)
+            for v in in_guest:
+                self.sim.after(ipi, self._kicked, v, v.token)
 
     # --- the run loop ---------------------------------------------------------------------
     def start(self, v: Vcpu, when: int) -> None:
