@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tdxtrace.errors import OutputError
-from tdxtrace.trace.signals import signals_held
+from tdxtrace.signals import signals_held
 
 EXISTS = "already exists (use --force to overwrite it)"
 CANNOT_WRITE = "cannot write: {reason}"  # callers may word it their own way, with {reason}

@@ -11,9 +11,9 @@ import click
 from tdxtrace.commands.messages import say
 from tdxtrace.commands.options import path_param
 from tdxtrace.outputs import check_output
+from tdxtrace.signals import interrupt_once
 from tdxtrace.sim.emulator import RecordInterrupted, record
 from tdxtrace.sim.scenario import builtin_names, load_scenario
-from tdxtrace.trace.signals import interrupt_once
 
 
 class ProgressLine:

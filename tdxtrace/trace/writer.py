@@ -35,9 +35,9 @@ import pyarrow.ipc as ipc
 from tdxtrace.errors import OutputError, TdxtraceError, TraceFormatError
 from tdxtrace.outputs import check_output, create_temp, os_reason, publish
 from tdxtrace.schema import COLUMN_NAMES, FIELDS, SCHEMA_VERSION, arrow_schema
+from tdxtrace.signals import signals_held
 from tdxtrace.trace.digest import ContentDigest
 from tdxtrace.trace.metadata import RunMetadata, Summary
-from tdxtrace.trace.signals import signals_held
 
 DEFAULT_BATCH_ROWS = 65536
 COMPRESSIONS: dict[str, str | None] = {"zstd": "zstd", "lz4": "lz4", "none": None}
