@@ -11,6 +11,7 @@ from __future__ import annotations
 import polars as pl
 
 from tdxtrace.events import Kind
+from tdxtrace.trace import Trace
 
 
 def vcpu_key() -> pl.Expr:
@@ -51,3 +52,18 @@ def paired_exits(events: pl.LazyFrame, columns: tuple[str, ...],
     # The same rows (every exit) in the same (seq) order: side by side, no join needed.
     assert exits.height == entries.height
     return pl.concat([exits, entries.drop("seq")], how="horizontal")
+
+
+# What the built-in analyzers take from each pair: busy_retry all of it, seamcall_latency the
+# times and status. One shape for both, so the pairing (a stable sort of every entry and exit)
+# runs once per trace in memory (Trace.shared) instead of once per analyzer.
+PAIR_COLUMNS = ("seq", "ts_ns", "td", "vcpu", "corr", "flow", "status")
+ENTRY_COLUMNS = ("ts_ns", "seq")
+PAIR_READS = ("kind", *PAIR_COLUMNS)  # the trace columns vp_enter_pairs reads
+
+
+def vp_enter_pairs(trace: Trace) -> pl.DataFrame:
+    """:func:`paired_exits` of every observable TD_EXIT with PAIR_COLUMNS and
+    ``entry_ts_ns``/``entry_seq``; built once per trace held in memory, then shared."""
+    return trace.shared("tdxtrace_plugins.vp_enter_pairs", lambda t: paired_exits(
+        t.observable().select(PAIR_READS), PAIR_COLUMNS, ENTRY_COLUMNS))

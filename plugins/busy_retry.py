@@ -68,18 +68,20 @@ from ._status import (
     status_class,
 )
 from ._values import unsigned
-from ._vp_enter import paired_exits
+from ._vp_enter import vp_enter_pairs
 
 MAX_ROWS = 100
 
 
 # --- calls ------------------------------------------------------------------------------------
-def calls(events: pl.LazyFrame) -> pl.DataFrame:
+def calls(trace: Trace, events: pl.LazyFrame) -> pl.DataFrame:
     """SEAMCALLs and VP.ENTER attempts with one shape: start/end, ids, status, target.
 
     ``start_seq`` (the seq of the row the call starts at) identifies a call. The two kinds
     are collected one after the other, so a trace streamed from its file never holds the
-    SEAMCALL rows and the entry/exit rows in memory at the same time.
+    SEAMCALL rows and the entry/exit rows in memory at the same time. ``events`` is the
+    analyzer's observable rows; the VP.ENTER pairs come from ``vp_enter_pairs(trace)``, built
+    once per trace in memory and shared with seamcall_latency.
     """
     seamcalls = events.filter(pl.col("kind") == Kind.SEAMCALL).select(
         pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
@@ -90,8 +92,7 @@ def calls(events: pl.LazyFrame) -> pl.DataFrame:
     ).collect()
     # An exit without its vCPU's entry just before it (the trace began in the guest) starts
     # where it ends.
-    vp_enters = paired_exits(events, ("seq", "ts_ns", "td", "vcpu", "corr", "flow", "status"),
-                             ("ts_ns", "seq")).lazy().select(
+    vp_enters = vp_enter_pairs(trace).lazy().select(
         pl.coalesce("entry_ts_ns", "ts_ns").alias("start_ns"),
         pl.coalesce("entry_seq", "seq").alias("start_seq"), pl.col("ts_ns").alias("end_ns"),
         "td", "vcpu", "corr", "flow",
@@ -170,7 +171,7 @@ class BusyRetry(Analyzer):
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
         observable = trace.observable().select(self.columns)
-        all_calls = calls(observable)
+        all_calls = calls(trace, observable)
         others = observable.filter(
             pl.col("kind").is_in([Kind.VM_BUGGED, Kind.GUEST_ACCEPT])).collect().lazy()
         bugs = others.filter(pl.col("kind") == Kind.VM_BUGGED).group_by(

@@ -21,7 +21,7 @@ from tdxtrace.trace import Trace
 
 from ._status import is_operand_busy
 from ._values import count
-from ._vp_enter import paired_exits
+from ._vp_enter import vp_enter_pairs
 
 BY_LEAF_SCHEMA: dict[str, pl.DataType] = {
     "leaf": pl.String(), "leaf_id": pl.Int64(), "count": pl.Int64(), "pct": pl.Float64(),
@@ -47,12 +47,10 @@ def seamcall_calls(events: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def vp_enter_calls(events: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU: leaf_id 0, dur_ns, busy,
-    calls (always 1)."""
-    pairs = paired_exits(events, ("ts_ns", "status"), ("ts_ns",)).lazy().filter(
-        pl.col("entry_ts_ns").is_not_null())
-    return pairs.select(
+def vp_enter_calls(pairs: pl.DataFrame) -> pl.LazyFrame:
+    """One row per TD_ENTRY followed by a TD_EXIT of the same vCPU (``pairs``, see
+    _vp_enter.vp_enter_pairs): leaf_id 0, dur_ns, busy, calls (always 1)."""
+    return pairs.lazy().filter(pl.col("entry_ts_ns").is_not_null()).select(
         pl.lit(int(Leaf.TDH_VP_ENTER), pl.Int64).alias("leaf_id"),
         (pl.col("ts_ns") - pl.col("entry_ts_ns")).alias("dur_ns"),
         is_operand_busy(pl.col("status")).alias("busy"),
@@ -123,12 +121,13 @@ class SeamcallLatency(Analyzer):
     description: ClassVar[str] = (
         "SEAMCALL count, share, latency (min/mean/p50/p99/max) and BUSY share per leaf")
     columns: ClassVar[tuple[str, ...]] = (
-        "seq", "ts_ns", "dur_ns", "kind", "td", "vcpu", "leaf", "status", "arg1")
+        "seq", "ts_ns", "dur_ns", "kind", "td", "vcpu", "corr", "flow", "leaf", "status",
+        "arg1")
     key_metrics: ClassVar[tuple[str, ...]] = ("seamcalls", "busy")
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
         events = trace.observable().select(self.columns)
-        calls = pl.concat([seamcall_calls(events), vp_enter_calls(events)]).collect()
+        calls = pl.concat([seamcall_calls(events), vp_enter_calls(vp_enter_pairs(trace))]).collect()
         table = by_leaf(calls)
         metrics: dict[str, int | float] = {
             "seamcalls": int(calls["calls"].sum()),

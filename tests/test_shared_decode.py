@@ -115,3 +115,19 @@ def test_a_trace_whose_summary_says_it_is_too_big_is_not_kept_even_for_a_while(
     monkeypatch.setattr(reader.BatchChecker, "__init__", spy)
     open_trace(trace_file, keep_decoded=True)
     assert kept_sizes == [0]  # 1000 events announced: no batch is held while checking
+
+
+def test_trace_shared_builds_once_in_memory_and_every_time_from_the_file(
+        trace_file: Path) -> None:
+    built: list[int] = []
+
+    def build(trace: object) -> int:
+        built.append(1)
+        return len(built)
+
+    in_memory = open_trace(trace_file, keep_decoded=True)
+    assert [in_memory.shared("k", build) for _ in range(3)] == [1, 1, 1]
+    assert in_memory.shared("other", build) == 2  # one value per key
+    built.clear()
+    from_file = open_trace(trace_file)  # streams: keeping values could hold gigabytes
+    assert [from_file.shared("k", build) for _ in range(2)] == [1, 2]

@@ -7,9 +7,11 @@ queries share (``Trace.decoded``, or ``open_trace(..., keep_decoded=True)``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -19,6 +21,8 @@ from tdxtrace.trace.digest import digest_batches
 from tdxtrace.trace.metadata import RunMetadata, Summary
 from tdxtrace.trace.scan import read_batches, scan_batches
 from tdxtrace.trace.writer import DEFAULT_BATCH_ROWS, conform_events
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Trace:
         self.warnings = warnings
         self._num_events = num_events
         self._layout = layout
+        self._shared: dict[str, Any] = {}
+        self._shared_lock = threading.Lock()
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path else "in memory"
@@ -71,6 +77,23 @@ class Trace:
     def observable(self) -> pl.LazyFrame:
         """The rows a real host could have recorded (``truth`` is false)."""
         return self.events().filter(~pl.col("truth"))
+
+    def shared(self, key: str, build: Callable[[Trace], T]) -> T:
+        """``build(self)``, computed once and then shared by every caller that asks for ``key``.
+
+        For what several analyzers derive alike (the built-in ones pair each TD_EXIT with its
+        TD_ENTRY this way). Only a trace held in memory (``decoded``, ``from_frame``) keeps the
+        value; a trace read from its file builds it on every call, since keeping it could hold
+        gigabytes across analyzers that stream the file to save memory. ``key`` names the
+        value and how it was built (say ``"my_plugin.thing"``): one key, one ``build``.
+        """
+        if self._layout.kind not in ("decoded", "memory"):
+            return build(self)
+        with self._shared_lock:  # analyzers under --timeout run in threads
+            if key not in self._shared:
+                self._shared[key] = build(self)
+            value: T = self._shared[key]
+            return value
 
     def iter_batches(self) -> Iterator[pa.RecordBatch]:
         """The non-empty record batches in order, v1 columns (the summary batch is skipped)."""
