@@ -143,10 +143,14 @@ def test_under_the_2022_spinlock_a_busy_on_the_fault_path_bugs_the_vm() -> None:
                          & (pl.col("sub") == RetryCause.SEAMCALL_BUSY)).height == 0
 
 
-def test_vcpus_in_the_guest_when_the_vm_is_bugged_are_kicked_out_and_stay_out() -> None:
-    # kvm_vm_dead(): KVM_REQ_VM_DEAD kicks every vCPU out of guest mode; none enters again.
+@pytest.mark.parametrize("race", [0.0, 1.0])
+def test_vcpus_in_the_guest_when_the_vm_is_bugged_are_kicked_out_and_stay_out(
+        race: float) -> None:
+    # kvm_vm_dead(): KVM_REQ_VM_DEAD kicks every vCPU out of guest mode; none enters again,
+    # not even the vCPU the teardown-race injection reloads (its ioctls get -EIO).
     events, _ = run("zap-under-load", "policy.zap_busy='seamcall_spinlock'",
-                    "run.duration_us=8000", seed=1)
+                    "run.duration_us=8000", f"faults.vcpu_load_during_teardown_p={race}",
+                    seed=1)
     bug_seq = events.filter(pl.col("kind") == Kind.VM_BUGGED)["seq"][0]
     after = events.filter(pl.col("seq") > bug_seq)
     kick = after.filter((pl.col("kind") == Kind.KICK) & (pl.col("sub") == KickReason.VM_DEAD))

@@ -116,7 +116,7 @@ class FaultPath:
             # (is_page_fault_stale); KVM retries it, and the retry takes the exit. Modelled as
             # that exit at once.
             td.mmu.release_read()
-            self._attrs.private_fault_on_shared(f.vcpu, f.gfn, f.corr)
+            self._attrs.private_fault_on_shared(f.vcpu, f.gfn, f.corr, f.retries)
             return
         mirror = td.mirror
         keys = nonleaf_keys(f.gfn)

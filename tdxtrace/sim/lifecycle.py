@@ -196,7 +196,9 @@ class Lifecycle:
         for attempt in range(tries):
             if attempt == 0 or resend:
                 yield from self._flush_vcpus(job)
-                if attempt == 0 and self._race_p and self._race_rng.random() < self._race_p:
+                # A bugged VM is dead: its vCPU ioctls return -EIO, so none can race in.
+                if attempt == 0 and self._race_p and not td.bugged \
+                        and self._race_rng.random() < self._race_p:
                     v = td.vcpus[self._race_rng.randrange(len(td.vcpus))]
                     self.log.count("teardown_vcpu_reloads")
                     yield partial(self.placement.reload_and_enter, v)

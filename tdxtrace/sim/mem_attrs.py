@@ -62,13 +62,15 @@ class MemoryAttributes:
         return bool(shared) and gfn in shared  # type: ignore[operator]
 
     # --- KVM_EXIT_MEMORY_FAULT ------------------------------------------------------------
-    def private_fault_on_shared(self, v: Vcpu, gfn: int, corr: int) -> None:
-        """A private fault on a shared GFN: exit to userspace, which converts it back."""
+    def private_fault_on_shared(self, v: Vcpu, gfn: int, corr: int, retries: int = 0) -> None:
+        """A private fault on a shared GFN: exit to userspace, which converts it back.
+
+        ``retries``: the local retries the fault made before (FAULT_DONE's arg0)."""
         td = v.td
         gpa = gfn << 12
         self.log.count("memory_fault_exits")
         self.log.emit(Kind.FAULT_DONE, flow=FLOW, sub=int(FaultOutcome.MEMORY_FAULT_EXIT),
-                      corr=corr, td=td.index, vcpu=v.index, lp=v.lp, gpa=gpa, arg0=0)
+                      corr=corr, td=td.index, vcpu=v.index, lp=v.lp, gpa=gpa, arg0=retries)
         self.log.emit(Kind.USERSPACE_EXIT, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
                       lp=v.lp, exit_reason=KVM_EXIT_MEMORY_FAULT, gpa=gpa, arg0=1,
                       arg1=KVM_MEMORY_EXIT_FLAG_PRIVATE)
@@ -82,7 +84,15 @@ class MemoryAttributes:
             return
         self.log.emit(Kind.MEM_ATTR, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
                       lp=v.lp, gpa=gfn << 12, arg0=1, arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        # Attribute changes take effect in the order userspace asked for them, as KVM's
+        # serialized ioctl does: a conversion to shared asked for earlier (its zap waiting for
+        # mmu_lock) applies first, this one after it, through the lock's FIFO queue.
+        td.mmu.acquire_write(partial(self._private_now, v, gfn, corr, half))
+
+    def _private_now(self, v: Vcpu, gfn: int, corr: int, half: int) -> None:
+        td = v.td
         self.set_private(td, gfn, 1)
+        td.mmu.release_write()
         back = partial(self.sim.after, half, self._reenter, v, corr)
         roots = self.world.roots
         if roots is None:  # no direct roots in this scenario: no shared mapping to zap
