@@ -41,6 +41,16 @@ def test_info_describes_a_finished_trace(trace_file: Path, events_frame: pl.Data
         assert expected in out
 
 
+def test_info_text_keeps_a_newline_in_the_path_on_its_line(tmp_path: Path,
+                                                           trace_file: Path) -> None:
+    odd = tmp_path / "nl\nname.arrow"
+    odd.write_bytes(trace_file.read_bytes())
+    code, out, _ = _run("info", str(odd))
+    assert code == 0
+    assert out.splitlines()[0] == f"trace           {tmp_path}/nl\\nname.arrow"
+    assert out.splitlines()[1].startswith("status ")
+
+
 def test_info_json_has_the_documented_keys_and_counts(trace_file: Path,
                                                        events_frame: pl.DataFrame) -> None:
     code, out, _ = _run("info", str(trace_file), "--json")

@@ -10,6 +10,7 @@ import click
 import polars as pl
 
 from tdxtrace.commands.options import path_param
+from tdxtrace.errors import one_line
 from tdxtrace.events import kind_name
 from tdxtrace.trace import Trace, open_trace
 
@@ -91,7 +92,8 @@ def render_text(facts: dict[str, Any]) -> str:
         ("digest", facts["digest"] or "(none: unfinished trace)"),
         ("truth counters", _pairs(dict(sorted(facts["truth"].items())))),
     ]
-    lines = [f"{label:<16}{value}" for label, value in rows]
+    # The path and metadata are free text: a newline in one must not fake a line of its own.
+    lines = [f"{label:<16}{one_line(value)}" for label, value in rows]
     for title, counts in (("observable events by kind", facts["observable_by_kind"]),
                           ("truth events by kind", facts["truth_by_kind"])):
         if counts:
