@@ -157,18 +157,14 @@ class Kvm:
         self.log.emit(_KIND_VM_BUGGED, flow=flow, corr=corr, td=td.index, leaf=leaf,
                       status=status)
         self.world.note(f"KVM_BUG_ON: TD {td.index}: {leaf_name(leaf)} returned {status:#x}")
-        in_guest = [v for v in td.vcpus if v.in_guest]
         for v in td.vcpus:
             v.stopped = True
             v.token += 1
-        if in_guest:
+        if any(v.in_guest for v in td.vcpus):
             # kvm_vm_dead(): KVM_REQ_VM_DEAD to every vCPU. Those in guest mode are kicked out
-            # (an IPI, a TD exit); stopped, they return -EIO instead of entering again.
-            self.log.emit(_KIND_KICK, flow=flow, sub=_KICKREASON_VM_DEAD, corr=corr,
-                          td=td.index, arg0=len(in_guest))
-            ipi = self._faults.ipi_delay(self._ipi_ns() // 4)
-            for v in in_guest:
-                self.sim.after(ipi, self._kicked, v, v.token)
+            # (an IPI, a TD exit); stopped, they return -EIO instead of entering again. Nobody
+            # waits for them, so no kick cost is drawn.
+            self._kick_out(td, _KICKREASON_VM_DEAD, corr, flow, None)
 
     # --- the run loop ---------------------------------------------------------------------
     def start(self, v: Vcpu, when: int) -> None:
@@ -271,6 +267,14 @@ class Kvm:
     def kick_all(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
                  lp: int, then: Callable[[], None]) -> None:
         """kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE): IPI and wait for acks."""
+        ipi = self._kick_out(td, reason, corr, flow, lp)
+        wait = self._kick_ns() + self._kick_per_vcpu_ns * len(td.vcpus)
+        self.sim.after(max(wait, ipi + 1), then)
+
+    def _kick_out(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
+                  lp: int | None) -> int:
+        """The KICK row and an IPI to every vCPU in guest mode, which exits when it lands
+        (unless it already left); the IPI's delay."""
         in_guest = [v for v in td.vcpus if v.in_guest]
         self.log.row(0, _KIND_KICK, flow, reason, corr, td.index, None, lp, None, None, None,
                      None, None, None, len(in_guest), None, None)  # row order: one per zap page
@@ -278,5 +282,4 @@ class Kvm:
         for v in in_guest:
             v.token += 1
             self.sim.after(ipi, self._kicked, v, v.token)
-        wait = self._kick_ns() + self._kick_per_vcpu_ns * len(td.vcpus)
-        self.sim.after(max(wait, ipi + 1), then)
+        return ipi
