@@ -127,28 +127,18 @@ class ZapPath:
 
     def remove_leaf(self, td: KvmTd, gfn: int, corr: int, flow: int, then: Done) -> None:
         """tdx_sept_remove_leaf_spte(): BLOCK -> TRACK + kick -> REMOVE -> PAGE.WBINVD."""
-        # Steps chained with partial, not closures and lambdas: one Python frame less at each
-        # of the ~6 steps of every zapped page (a third of the rows of a 1M-event fault storm).
-        module, mtd = self.module, td.module
-        gpa = gfn << 12
-        leaked = partial(self._leaked, flow, then)
-        after_remove = partial(self.kvm.seamcall, td, WBINVD, self.lp, corr, flow, _no_call,
-                               partial(self._check, td, WBINVD, corr, flow, then, then),
-                               arg0=gfn)
-        after_track = partial(self.no_vcpus, td, REMOVE, partial(module.page_remove, mtd, gfn),
-                              corr, flow, after_remove, leaked, gpa=gpa)
-        after_block = partial(self.track, td, corr, flow, after_track)
-        self.no_vcpus(td, BLOCK, partial(module.range_block, mtd, gfn), corr, flow, after_block,
-                      leaked, gpa=gpa)
+        self.resume_leaf(td, gfn, corr, flow, then, STEP_BLOCK, None)
 
     def resume_leaf(self, td: KvmTd, gfn: int, corr: int, flow: int, then: Done, step: int,
-                    preset: Preset) -> None:
-        """remove_leaf() from ``step`` on, whose call already ran with the outcome ``preset``.
+                    preset: Preset | None) -> None:
+        """remove_leaf() from ``step`` on; ``preset``: that call already ran, with this outcome.
 
         A batched teardown row hands a page over here at the call that failed, so that call,
         KVM's answer to it (kick and retry, or TDX_BUG_ON) and the rest of the page get rows
         of their own, with the same policy as every other zapped page.
         """
+        # Steps chained with partial, not closures and lambdas: one Python frame less at each
+        # of the ~6 steps of every zapped page (a third of the rows of a 1M-event fault storm).
         module, mtd = self.module, td.module
         gpa = gfn << 12
         leaked = partial(self._leaked, flow, then)
