@@ -126,7 +126,8 @@ class Kvm:
             if self._spinlock:
                 dur += self.costs.step("spinlock")
             self.module.last_busy = None
-            status = (self._faults.maybe_spurious_busy(leaf, now) if self._faults.injects_busy
+            # The guard inline: one method call less per SEAMCALL when nothing is injected.
+            status = (self.spurious_busy(leaf, now) if self._faults.injects_busy
                       else 0) or call(now, now + dur, (lp, leaf, corr or 0))
         else:
             status, dur, self.module.last_busy = preset
@@ -209,14 +210,23 @@ class Kvm:
             v.token += 1
             sim.after(dur, self.world.guest_step, v, v.token)
 
+    def spurious_busy(self, leaf: int, now: int) -> int:
+        """0, or the BUSY the fault plan answers this call of ``leaf`` with instead of the
+        module (no lock holder behind it). Every path that issues a call of the leaf draws
+        here, once per call, in call order (see :mod:`.faults`)."""
+        if not self._faults.injects_busy:
+            return 0
+        injected = self._faults.maybe_spurious_busy(leaf, now)
+        if injected:
+            self.module.last_busy = None
+        return injected
+
     def vp_enter(self, v: Vcpu, rip: int, dur: int, corr: int) -> tuple[int, int | None]:
         """TDH.VP.ENTER in the module, or the spurious BUSY the fault plan injects instead."""
         now = self.sim.now
-        if self._faults.injects_busy:
-            injected = self._faults.maybe_spurious_busy(VP_ENTER, now)
-            if injected:
-                self.module.last_busy = None  # no lock holder behind it
-                return injected, None
+        injected = self.spurious_busy(VP_ENTER, now)
+        if injected:
+            return injected, None
         return self.module.vp_enter(v.td.module, v.index, v.lp, rip, now, now + dur,
                                     (v.lp, VP_ENTER, corr))
 

@@ -166,8 +166,8 @@ class PageWork:
 
     def _zap_run(self, job: Job, steps: tuple[Step, ...], gfns: list[int], first: int) -> Run:
         """Run pages from ``first`` against the module until one of their calls fails."""
-        faults, module, leaves = self.world.faults, self.world.module, job.td.mirror.leaves
-        inject = faults.maybe_spurious_busy if faults.injects_busy else None
+        kvm, module, leaves = self.world.kvm, self.world.module, job.td.mirror.leaves
+        spurious = kvm.spurious_busy if self.world.faults.injects_busy else None
         total, count = [0] * 5, [0] * 5
         t = self.sim.now
         for k in range(first, len(gfns)):
@@ -175,10 +175,8 @@ class PageWork:
             leaves.discard(gfn)
             for i, leaf, sample, call, me in steps:
                 d = sample()
-                injected = inject(leaf, t) if inject is not None else 0
-                if injected:
-                    module.last_busy = None  # no lock holder behind it
-                status = injected or call(gfn, t, t + d, me)
+                status = (spurious(leaf, t) if spurious is not None else 0) or call(
+                    gfn, t, t + d, me)
                 if status:
                     return k, count, total, (i, (status, d, module.last_busy))
                 t += d
@@ -233,7 +231,8 @@ class PageWork:
 
     def _reclaim_batch(self, job: Job, chunk: list[Page]) -> Process:
         """One batched row per run of reclaims that succeed; a failed one has its own row."""
-        life, td, module, faults = self.life, job.td, self.world.module, self.world.faults
+        life, td, module = self.life, job.td, self.world.module
+        spurious = self.world.kvm.spurious_busy if self.world.faults.injects_busy else None
         mtd, reclaim = td.module, life.leaves.reclaim
         leaf = L.TDH_PHYMEM_PAGE_RECLAIM
         sample = self.costs.leaf_sampler(leaf)
@@ -243,10 +242,8 @@ class PageWork:
             t, first, preset = self.sim.now, k, None
             for kind, key, _, _ in chunk[first:]:
                 d = sample()
-                injected = faults.maybe_spurious_busy(leaf, t) if faults.injects_busy else 0
-                if injected:
-                    module.last_busy = None  # no lock holder behind it
-                status = injected or reclaim(mtd, kind, key, t, t + d, me)
+                status = (spurious(leaf, t) if spurious is not None else 0) or reclaim(
+                    mtd, kind, key, t, t + d, me)
                 if kind == P.PRIVATE:
                     td.mirror.leaves.discard(key)  # its mirror SPTE goes whatever the S-EPT says
                     self.log.count("sptes_zapped")
