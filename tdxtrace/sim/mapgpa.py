@@ -96,7 +96,7 @@ class MapGpa:
         self.max_retries = int(cfg.max_retries)
         self.base_gfn = PRIVATE_BASE_GFN
         assert world.roots is not None, "MapGPA needs the TDP MMU roots"
-        self.vmm = MapGpaVmm(world, world.roots, cfg)
+        self.vmm = MapGpaVmm(world, cfg)
         self.interrupt_p = float(world.scenario.faults.mapgpa_interrupt_p)
         self._interrupt_rng = world.rng.stream("faults.mapgpa_interrupt")
         self._range_rng = [world.rng.stream(f"mapgpa.td{td.index}") for td in world.tds]

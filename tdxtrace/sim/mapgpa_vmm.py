@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -31,11 +30,10 @@ from tdxtrace.codes import (
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
 )
-from tdxtrace.events import Flow, Kind, ZapReason, ZapScope
+from tdxtrace.events import Flow, Kind
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm import Vcpu
-    from tdxtrace.sim.roots import Roots
     from tdxtrace.sim.world import World
 
 VMM_VARIANTS = ("complete", "partial", "no_progress", "bad_r11", "reject")
@@ -64,9 +62,8 @@ class Conversion:
 
 
 class MapGpaVmm:
-    def __init__(self, world: World, roots: Roots, cfg: SimpleNamespace) -> None:
+    def __init__(self, world: World, cfg: SimpleNamespace) -> None:
         self.world = world
-        self.roots = roots
         self.log = world.log
         self.mode = str(cfg.vmm)
         self.partial_pages = int(cfg.partial_pages)
@@ -114,11 +111,7 @@ class MapGpaVmm:
         self.log.emit(Kind.MEM_ATTR, flow=Flow.MAPGPA, corr=conv.corr, td=td.index,
                       vcpu=v.index, lp=v.lp, gpa=gpa, arg0=pages,
                       arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
-        first = gpa >> 12
         if to_private:
-            self.world.attrs.set_private(td, first, pages)
-            self.roots.zap(td, ZapReason.CONVERSION, first, pages, ZapScope.RANGE_LEAFS, then)
-        else:  # the attribute changes once the zap holds mmu_lock (see ZapPath.zap)
-            self.world.zap.zap(td, list(range(first, first + pages)), ZapReason.CONVERSION,
-                               Flow.ZAP, then,
-                               locked=partial(self.world.attrs.set_shared, td, first, pages))
+            self.world.attrs.make_private(td, gpa >> 12, pages, then)
+        else:
+            self.world.attrs.make_shared(td, gpa >> 12, pages, then)

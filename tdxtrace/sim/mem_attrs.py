@@ -22,6 +22,7 @@ vCPU enters again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from tdxtrace.sim.world import World
 
 FLOW = int(Flow.FAULT)
+ZAP_FLOW = int(Flow.ZAP)
 
 
 class MemoryAttributes:
@@ -49,10 +51,35 @@ class MemoryAttributes:
         self._shared: dict[int, set[int]] = {}  # td index -> GFNs (no shared bit) not private
 
     # --- KVM_SET_MEMORY_ATTRIBUTES ----------------------------------------------------------
-    def set_shared(self, td: KvmTd, first_gfn: int, pages: int) -> None:
+    # Changes take effect in the order userspace asked for them, as KVM's serialized ioctl
+    # does: each is applied under mmu_lock for write, whose queue is first in, first out.
+    def make_shared(self, td: KvmTd, first_gfn: int, pages: int,
+                    then: Callable[[], None] | None = None) -> None:
+        """To shared: KVM zaps the range's private leaves, and the new attribute takes effect
+        once that zap holds mmu_lock (ZapPath.zap's ``locked``)."""
+        self.world.zap.zap(td, list(range(first_gfn, first_gfn + pages)), ZapReason.CONVERSION,
+                           ZAP_FLOW, then, locked=partial(self._set_shared, td, first_gfn, pages))
+
+    def make_private(self, td: KvmTd, first_gfn: int, pages: int,
+                     then: Callable[[], None]) -> None:
+        """To private: the attribute changes under mmu_lock, then KVM zaps the range's shared
+        mappings when the scenario has direct roots (§4(e))."""
+        td.mmu.acquire_write(partial(self._private_now, td, first_gfn, pages, then))
+
+    def _private_now(self, td: KvmTd, first_gfn: int, pages: int,
+                     then: Callable[[], None]) -> None:
+        self._set_private(td, first_gfn, pages)
+        td.mmu.release_write()
+        roots = self.world.roots
+        if roots is None:  # no direct roots in this scenario: no shared mapping to zap
+            then()
+        else:
+            roots.zap(td, ZapReason.CONVERSION, first_gfn, pages, ZapScope.RANGE_LEAFS, then)
+
+    def _set_shared(self, td: KvmTd, first_gfn: int, pages: int) -> None:
         self._shared.setdefault(td.index, set()).update(range(first_gfn, first_gfn + pages))
 
-    def set_private(self, td: KvmTd, first_gfn: int, pages: int) -> None:
+    def _set_private(self, td: KvmTd, first_gfn: int, pages: int) -> None:
         shared = self._shared.get(td.index)
         if shared:
             shared.difference_update(range(first_gfn, first_gfn + pages))
@@ -84,21 +111,7 @@ class MemoryAttributes:
             return
         self.log.emit(Kind.MEM_ATTR, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
                       lp=v.lp, gpa=gfn << 12, arg0=1, arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        # Attribute changes take effect in the order userspace asked for them, as KVM's
-        # serialized ioctl does: a conversion to shared asked for earlier (its zap waiting for
-        # mmu_lock) applies first, this one after it, through the lock's FIFO queue.
-        td.mmu.acquire_write(partial(self._private_now, v, gfn, corr, half))
-
-    def _private_now(self, v: Vcpu, gfn: int, corr: int, half: int) -> None:
-        td = v.td
-        self.set_private(td, gfn, 1)
-        td.mmu.release_write()
-        back = partial(self.sim.after, half, self._reenter, v, corr)
-        roots = self.world.roots
-        if roots is None:  # no direct roots in this scenario: no shared mapping to zap
-            back()
-        else:  # shared -> private zaps the page's shared mapping (§4(e))
-            roots.zap(td, ZapReason.CONVERSION, gfn, 1, ZapScope.RANGE_LEAFS, back)
+        self.make_private(td, gfn, 1, partial(self.sim.after, half, self._reenter, v, corr))
 
     def _reenter(self, v: Vcpu, corr: int) -> None:
         td = v.td

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from types import SimpleNamespace
 
 from tdxtrace.codes import PAGE_SIZE, ExitReason, Status, TdcallLeaf
@@ -51,7 +50,6 @@ _KIND_MEM_ATTR = Kind.MEM_ATTR
 _SEPTSTATE_FREE = SeptState.FREE
 _SEPTSTATE_MAPPED = SeptState.MAPPED
 _SEPTSTATE_PENDING = SeptState.PENDING
-_ZAPREASON_CONVERSION = ZapReason.CONVERSION
 _ZAPREASON_TRUNCATION = ZapReason.TRUNCATION
 
 
@@ -203,17 +201,12 @@ class World:
         vmm = self.scenario.vmm
         count = min(vmm.zap_pages, self.pages)
         start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
-        gfns = list(range(start, start + count))
-        locked = None
         if vmm.zap_reason == "conversion":  # a conversion the guest did not ask for
-            # The attribute changes once the zap holds mmu_lock (see ZapPath.zap).
-            locked = partial(self.attrs.set_shared, td, start, count)
             self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=self.host_lp,
                           gpa=start << 12, arg0=count, arg1=0)
-            reason = _ZAPREASON_CONVERSION
+            self.attrs.make_shared(td, start, count)
         else:
-            reason = _ZAPREASON_TRUNCATION
-        self.zap.zap(td, gfns, reason, _FLOW_ZAP, locked=locked)
+            self.zap.zap(td, list(range(start, start + count)), _ZAPREASON_TRUNCATION, _FLOW_ZAP)
         self.sim.after(vmm.zap_interval_us * 1000, self._vmm_zap, td)
 
     # --- running --------------------------------------------------------------------------
