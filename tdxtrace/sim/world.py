@@ -149,8 +149,7 @@ class World:
             if mapgpa.avoids(v, v.workload.current.gfn):
                 # Pages it made shared are not touched privately: the workload moves past
                 # them, as many as the mapped-page batch below allows in one step.
-                left = (v.next_timer - now) // self._touch_ns
-                limit = min(self._max_touches, max(left, 1))
+                limit = self._touches_until_tick(v, now)
                 skipped = 0
                 while skipped < limit and mapgpa.avoids(v, v.workload.current.gfn):
                     v.workload.advance()
@@ -177,8 +176,7 @@ class World:
             state = _SEPTSTATE_MAPPED
         if state == _SEPTSTATE_MAPPED:
             touch_ns = self._touch_ns
-            left = (v.next_timer - now - spent) // touch_ns
-            limit = self._max_touches if left > self._max_touches else (left if left > 1 else 1)
+            limit = self._touches_until_tick(v, now + spent)
             done = 0
             advance = v.workload.advance
             while state == _SEPTSTATE_MAPPED and done < limit:
@@ -193,6 +191,12 @@ class World:
             return
         else:
             kvm.exit_guest(v, EPT_VIOLATION, touch.gfn << 12)
+
+    def _touches_until_tick(self, v: Vcpu, at: int) -> int:
+        """How many touches one guest step may make from ``at``: those that fit before the
+        vCPU's next timer tick, at least one, at most ``guest.max_touches``."""
+        left = (v.next_timer - at) // self._touch_ns
+        return self._max_touches if left > self._max_touches else (left if left > 1 else 1)
 
     # --- the VMM --------------------------------------------------------------------------
     def _vmm_zap(self, td: KvmTd) -> None:
