@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from tdxtrace.commands.messages import failed_plugins, say, warn
+from tdxtrace.commands.messages import failed_plugins, warn
 from tdxtrace.commands.options import path_param
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
@@ -85,7 +85,7 @@ def _plan(trace: Trace | None, capsule_path: Path | None, force: bool) -> Replay
         assert capsule_path is not None
         plan = plan_from_capsule(read_capsule(capsule_path), str(capsule_path), force=force)
     if plan.version_note is not None:  # said before comparing; --force was given
-        say(f"tdxtrace: warning: {plan.version_note}; replaying anyway (--force)")
+        warn([f"{plan.version_note}; replaying anyway (--force)"])
     return plan
 
 

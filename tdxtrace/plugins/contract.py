@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tdxtrace.analysis import ANALYZER_NAME, Analyzer, error_line
+from tdxtrace.analysis import ANALYZER_NAME, Analyzer, guarded
 from tdxtrace.schema import COLUMN_NAMES
 
 
@@ -34,15 +34,13 @@ class AnalyzerInfo:
 
 
 def _attribute(analyzer: Analyzer, attr: str, default: Any) -> Any:
-    # A plugin's attribute may be a property: reading it runs plugin code, which may raise
-    # anything. Missing (AttributeError) means the default, as the base class would give.
-    try:
-        return getattr(analyzer, attr, default)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as err:
-        raise TypeError(f"{type(analyzer).__name__}.{attr} cannot be read: "
-                        f"{error_line(err)}") from None
+    # A plugin's attribute may be a property: reading it runs plugin code, guarded as an
+    # analysis is (analysis.guarded: the user's Ctrl-C still stops the command). Missing
+    # (AttributeError) means the default, as the base class would give.
+    value, error = guarded(lambda: getattr(analyzer, attr, default))
+    if error is not None:
+        raise TypeError(f"{type(analyzer).__name__}.{attr} cannot be read: {error}")
+    return value
 
 
 def _strings(analyzer: Analyzer, attr: str, value: Any) -> tuple[str, ...]:
