@@ -36,9 +36,9 @@ from tdxtrace.replay.runner import (
 )
 from tdxtrace.schema import META_SCENARIO, META_SEED, SCHEMA_VERSION
 from tdxtrace.sim.emulator import Progress, run_scenario
+from tdxtrace.strict_text import JSONValueError, load_json
 from tdxtrace.trace import RunMetadata, Trace
 from tdxtrace.trace.digest import ContentDigest
-from tdxtrace.trace.metadata import JSONValueError, load_json
 
 CAPSULE_FORMAT = "tdxtrace-capsule"
 CAPSULE_VERSION = 1

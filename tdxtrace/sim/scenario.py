@@ -22,7 +22,7 @@ from typing import Any
 from tdxtrace.errors import ScenarioError
 from tdxtrace.sim.costs import DEFAULT_STEP_COSTS, LEAF_BY_KEY
 from tdxtrace.sim.scenario_spec import COST_FIELDS, MAX_TOTAL_VCPUS, SPEC, TOP_LEVEL, Key
-from tdxtrace.trace.metadata import (
+from tdxtrace.strict_text import (
     MAX_NESTING,
     JSONValueError,
     deepest_key,
