@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from tdxtrace.codes import Leaf, OperandId, Status
 from tdxtrace.events import Kind
 from tdxtrace.testing import make_trace, run_analyzer
-from tdxtrace_plugins.seamcall_latency import BY_LEAF_SCHEMA, SeamcallLatency
+from tdxtrace_plugins.seamcall_latency import BY_LEAF_SCHEMA, SeamcallLatency, value_at_rank
 
 BUSY_SEPT = Status.OPERAND_BUSY | OperandId.SEPT_TREE
 
@@ -107,3 +109,16 @@ def test_unit_and_batched_leaves_side_by_side_rank_alike_a_null_leaf_too() -> No
     ranks = {row["leaf_id"]: (row["p50_ns"], row["p99_ns"], row["count"])
              for row in table_of(calls).iter_rows(named=True)}
     assert ranks == {3: (2, 4, 4), 4: (20, 20, 4), None: (1, 5, 2)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(-(1 << 63), (1 << 63) - 1),
+                          st.integers(-1000, 1000)), min_size=1, max_size=60),
+       st.integers(1, 100))
+def test_the_value_at_a_rank_is_the_sorted_value_there_nulls_first_huge_values_too(
+        values: list[int | None], percent: int) -> None:
+    # Percentiles are picked by selection, not by sorting: they must be the sorted value,
+    # including ranks that fall on nulls and values no float holds exactly.
+    series = pl.Series(values, dtype=pl.Int64)
+    rank = max((len(values) * percent + 99) // 100, 1)
+    assert value_at_rank(series, rank) == series.sort()[rank - 1]
