@@ -42,20 +42,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tdxtrace._entry import tune_allocators
+import polars as pl
+import pyarrow as pa
 
-# Before polars and pyarrow load, as the console script does: the figures are what
-# `tdxtrace analyze` costs, and the limit is measured under the same settings.
-tune_allocators()
-
-import polars as pl  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from tdxtrace.analysis import Analyzer, AnalyzerOutcome, run_analyzers  # noqa: E402
-from tdxtrace.errors import TdxtraceError  # noqa: E402
-from tdxtrace.plugins import load_analyzers, make_plugin_manager  # noqa: E402
-from tdxtrace.schema import FIELDS  # noqa: E402
-from tdxtrace.trace import open_trace  # noqa: E402
+from tdxtrace.analysis import Analyzer, AnalyzerOutcome, run_analyzers
+from tdxtrace.errors import TdxtraceError
+from tdxtrace.plugins import load_analyzers, make_plugin_manager
+from tdxtrace.schema import FIELDS
+from tdxtrace.trace import open_trace
 
 TARGET_EVENTS_PER_S = 10e6
 TARGET_RATIO = 4.0
