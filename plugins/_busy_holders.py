@@ -91,7 +91,8 @@ def _covering_some(calls: pl.DataFrame, times: pl.Series) -> pl.DataFrame:
     """The ``calls`` whose [start_ns, end_ns] contains one of ``times``: the others cannot
     cover a BUSY call's start. Two binary searches per call, eagerly (three times faster
     than the same search in a lazy filter), so the joins below see only the calls that may
-    matter. Inclusive at the end: the sweep settles ties exactly."""
+    matter. Inclusive at the end: the sweep settles ties exactly. Only the kept rows are
+    copied: on a trace streamed from its file, copying every call first was a peak of its own."""
     points = times.unique().sort()
     return calls.filter(points.search_sorted(calls.get_column("start_ns"))
                         < points.search_sorted(calls.get_column("end_ns"), side="right"))
@@ -121,12 +122,11 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
     queries = queries.join(groups.select("gid", *HOLDER_KEY), on=HOLDER_KEY, nulls_equal=True)
     holder_leaves = groups["holder_leaf"].unique().implode()
     calls_of_holders = pl.concat([
-        _covering_some(frame.lazy().select(
+        _covering_some(frame, queries.get_column("start_ns")).lazy().select(
             "start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
             pl.col("leaf_id").alias("holder_leaf"), "contended",
         ).filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("contended")
-                 & (pl.col("end_ns") > pl.col("start_ns"))).collect(),
-            queries.get_column("start_ns")).lazy()
+                 & (pl.col("end_ns") > pl.col("start_ns")))
         for frame in (all_calls, accepts)
     ])
     covering = (pl.col("end_ns") > pl.col("first_q")) & (pl.col("start_ns") <= pl.col("last_q"))
