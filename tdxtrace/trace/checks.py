@@ -42,6 +42,7 @@ _KINDS = sorted(int(k) for k in Kind)
 _FLOWS = sorted(int(f) for f in Flow)
 _MAX_LEVEL = 4  # SEPT.ADD names non-leaf levels: 3 (512G) and, with 5-level EPT, 4
 _IN_FLIGHT = 2  # batches decoded but not yet hashed
+_HASH_THREADS = 2  # hashing threads, each with its share of the columns
 _HASH_IN_WORKER_ROWS = 8192  # smaller batches are hashed at once: handing over costs more
 
 
@@ -109,11 +110,14 @@ class BatchChecker:
         self._last_ts = 0
         self._digest = ContentDigest()
         self._suspects: dict[str, _Suspect] = {}
-        # Hashing costs about as much as decoding and checking; hashlib releases the GIL, so
-        # one worker hashes batch i while this thread decodes batch i + 1. Batches stay in
-        # order (one worker), and at most _IN_FLIGHT wait, which bounds the memory.
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tdxtrace-digest")
-        self._pending: deque[Future[None]] = deque()
+        # Hashing costs twice as much as decoding and checking; hashlib releases the GIL, so
+        # workers hash batch i while this thread decodes batch i + 1. Each worker owns a
+        # group of columns and takes the batches in order (one thread each); at most
+        # _IN_FLIGHT batches wait, which bounds the memory.
+        self._groups = self._digest.column_groups(_HASH_THREADS)
+        self._hashers = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="tdxtrace-digest")
+                         for _ in self._groups]
+        self._pending: deque[list[Future[None]]] = deque()
 
     def hexdigest(self) -> str:
         """The content digest of the batches that passed (waits for the hashing to finish)."""
@@ -122,7 +126,8 @@ class BatchChecker:
 
     def close(self) -> None:
         """Stop the hashing thread (the digest is not needed, or was read)."""
-        self._hasher.shutdown(wait=True, cancel_futures=True)
+        for hasher in self._hashers:
+            hasher.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> BatchChecker:
         return self
@@ -132,7 +137,8 @@ class BatchChecker:
 
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep:
-            self._pending.popleft().result()
+            for future in self._pending.popleft():
+                future.result()
 
     def suspect_rows(self) -> list[str]:
         """One line per soft rule that rows broke, e.g. ``3 events have a negative dur_ns``."""
@@ -170,7 +176,9 @@ class BatchChecker:
         self._note_suspects(frame, rules, broken)
         if batch.num_rows >= _HASH_IN_WORKER_ROWS:
             self._drain(_IN_FLIGHT - 1)
-            self._pending.append(self._hasher.submit(self._digest.update, batch))
+            self._pending.append([hasher.submit(self._digest.update, batch, group)
+                                  for hasher, group in zip(self._hashers, self._groups,
+                                                           strict=True)])
         else:
             self._drain(0)  # the digest takes batches in order
             self._digest.update(batch)

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tdxtrace.schema import COLUMN_NAMES
+from tdxtrace.schema import COLUMN_NAMES, FIELDS
 
 # array.array type codes for byte swapping on big-endian hosts, by value width.
 _SWAP_CODES = {2: "H", 4: "I", 8: "Q"}
@@ -73,8 +73,25 @@ class ContentDigest:
         self._values = [hashlib.sha256() for _ in self._names]
         self._validity = [hashlib.sha256() for _ in self._names]
 
-    def update(self, batch: pa.RecordBatch) -> None:
-        """Add one batch's rows; its columns must be the digest's columns, in order."""
+    def column_groups(self, count: int) -> list[tuple[int, ...]]:
+        """The digest's column indexes split into ``count`` groups of about equal bytes per
+        row, for :meth:`update` in parallel: one thread per group, each feeding its columns'
+        streams in batch order (hashlib releases the GIL on large buffers)."""
+        widths = {f.name: f.type.bit_width for f in FIELDS}
+        groups: list[list[int]] = [[] for _ in range(count)]
+        load = [0] * count
+        by_width = sorted(range(len(self._names)), key=lambda i: -widths[self._names[i]])
+        for index in by_width:  # widest first, each to the lightest group: near-even
+            lightest = load.index(min(load))
+            groups[lightest].append(index)
+            load[lightest] += widths[self._names[index]] + 8  # + the validity byte
+        return [tuple(sorted(group)) for group in groups if group]
+
+    def update(self, batch: pa.RecordBatch, columns: Sequence[int] | None = None) -> None:
+        """Add one batch's rows; its columns must be the digest's columns, in order.
+
+        ``columns``: only these column indexes (default: all). Each column's streams must
+        see every batch, in order; different columns may be fed from different threads."""
         if tuple(batch.schema.names) != self._names:
             raise ValueError(
                 f"ContentDigest.update: batch columns {batch.schema.names} are not "
@@ -82,7 +99,8 @@ class ContentDigest:
         if batch.num_rows == 0:
             return
         all_valid = b"\x01" * batch.num_rows
-        for i, column in enumerate(batch.columns):
+        for i in range(len(self._names)) if columns is None else columns:
+            column = batch.column(i)
             self._values[i].update(_fixed_width_values(column))
             self._validity[i].update(_validity(column, all_valid))
 
