@@ -13,6 +13,12 @@ def run_cli(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def invoke(*args: str | Path, load: str | None = None) -> Result:
+    """``tdxtrace ARGS`` in-process under its own name; given ``load``, only those plugins."""
+    env = {"TDXTRACE_LOAD_PLUGINS": load} if load is not None else None
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="tdxtrace", env=env)
+
+
 def assert_one_line_error(result: Result, path: Path, problem: str) -> None:
     """Exit 2, no traceback, exactly one stderr line naming ``path`` and saying ``problem``."""
     assert result.exit_code == 2, result.output

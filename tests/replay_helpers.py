@@ -1,4 +1,4 @@
-"""Shared helpers for the replay and capsule tests: record short runs, tamper with traces."""
+"""Shared helpers for the replay and capsule tests: record and replay short runs, alter traces."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
+from click.testing import CliRunner, Result
 
 from tdxtrace.cli import main
+from tdxtrace.codes import Leaf
 from tdxtrace.commands.replay_cmd import capsule_command, replay_command
+from tdxtrace.events import Kind
 from tdxtrace.schema import SUMMARY_DIGEST, SUMMARY_EVENTS
 from tdxtrace.sim.emulator import record
 from tdxtrace.sim.scenario import load_scenario
+from tdxtrace.trace import open_trace
 from tdxtrace.trace.digest import digest_batches
 
 SHORT = "run.duration_us=1500"
@@ -31,6 +36,28 @@ def record_short(folder: Path, name: str, seed: int = 1, *overrides: str) -> Pat
     path = folder / f"{name}-{seed}.arrow"
     record(load_scenario(name, [SHORT, *overrides]), seed, path)
     return path
+
+
+def record_storm(folder: Path) -> Path:
+    """The fault-storm run the replay tests tamper with (seed 3, 1.5 ms, 8 vCPUs)."""
+    return record_short(folder, "fault-storm", 3)
+
+
+def invoke_replay(path: Path, *args: str) -> Result:
+    """``tdxtrace replay PATH ARGS`` in-process."""
+    return CliRunner().invoke(cli(), ["replay", str(path), *args])
+
+
+def trace_rows(path: Path) -> pl.DataFrame:
+    """Every event row of the trace at ``path``."""
+    return open_trace(path).events().collect()
+
+
+def page_aug_seq(rows: pl.DataFrame, nth: int = 40) -> int:
+    """The seq of the ``nth`` TDH.MEM.PAGE.AUG SEAMCALL in ``rows``."""
+    augs = rows.filter((pl.col("kind") == int(Kind.SEAMCALL))
+                       & (pl.col("leaf") == int(Leaf.TDH_MEM_PAGE_AUG)))
+    return int(augs["seq"][nth])
 
 
 def rewrite(src: Path, dst: Path, *,

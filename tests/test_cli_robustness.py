@@ -1,12 +1,12 @@
-"""Misbehaving plugins and odd option values: each fails alone, in one line, never a traceback.
+"""Misbehaving plugins: each fails alone, in one line, never a traceback.
 
 * ``replay --analyze`` runs analyzers as ``analyze`` and ``report`` do: an analyzer calling
   ``sys.exit(0)`` or raising KeyboardInterrupt itself fails alone (the verdict is still
   printed, exit status 1), and a plugin that fails to load makes the exit status 1.
 * A malformed ``notes`` fails that analyzer alone; a plugin attribute (``description``,
   ``thresholds``...) that raises or has the wrong type fails that plugin alone.
-* ``--timeout nan``/``inf``/``1e300`` is a usage error naming the option.
-* An error or warning quoting a newline (a file name, metadata) stays one line.
+
+Odd option values and messages quoting a newline are in test_cli_robustness_values.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import record_zero_step, write_plugins
-from click.testing import CliRunner, Result
+from cli_helpers import invoke, record_zero_step, write_plugins
 
 from tdxtrace.analysis import Analyzer, AnalyzerResult, run_analyzers
-from tdxtrace.cli import main
 from tdxtrace.report import render
 from tdxtrace.testing import make_trace
 from tdxtrace.trace import Trace
@@ -106,11 +104,6 @@ def tdxtrace(*args: str | Path, load: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TDXTRACE_LOAD_PLUGINS": load}
     return subprocess.run([sys.executable, "-m", "tdxtrace", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def invoke(*args: str | Path, load: str | None = None) -> Result:
-    env = {"TDXTRACE_LOAD_PLUGINS": load} if load is not None else None
-    return CliRunner().invoke(main, [str(a) for a in args], prog_name="tdxtrace", env=env)
 
 
 def assert_no_traceback(text: str) -> None:
@@ -257,60 +250,3 @@ def test_run_analyzers_survives_unreadable_columns() -> None:
 
     outcomes = run_analyzers(make_trace([]), [NoColumns(), Plain()])
     assert [(o.name, o.ok) for o in outcomes] == [("no_columns", True), ("plain", True)]
-
-
-# -- --timeout ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "1e300", "604801"])
-@pytest.mark.parametrize("command", ["analyze", "report"])
-def test_timeout_refuses_nan_infinity_and_absurd_values(trace: Path, value: str,
-                                                        command: str) -> None:
-    result = invoke(command, trace, "--timeout", value)
-    assert result.exit_code == 2, result.output
-    assert result.stdout == ""
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("tdxtrace: error: --timeout: "), result.stderr
-    assert f"(see tdxtrace {command} --help)" in result.stderr
-
-
-def test_timeout_help_states_the_limit() -> None:
-    result = invoke("analyze", "--help")
-    assert "604800 = a week" in " ".join(result.stdout.split())
-
-
-def test_a_large_but_sane_timeout_still_runs(trace: Path) -> None:
-    result = invoke("analyze", trace, "-a", "zero_step", "--timeout", "604800")
-    assert result.exit_code == 0, result.output
-
-
-# -- one line, whatever the message quotes -------------------------------------------------------
-
-def test_a_newline_in_a_file_name_stays_on_one_error_line(tmp_path: Path) -> None:
-    path = tmp_path / "nl\nname.arrow"
-    result = invoke("info", path)
-    assert result.exit_code == 2
-    assert result.stderr == f"tdxtrace: error: {tmp_path}/nl\\nname.arrow: does not exist\n"
-
-
-def test_a_newline_in_capsule_metadata_stays_on_one_error_line(trace: Path,
-                                                                tmp_path: Path) -> None:
-    capsule = tmp_path / "run.capsule.json"
-    assert invoke("capsule", trace, "-o", capsule).exit_code == 0
-    doc = json.loads(capsule.read_text())
-    doc["tdxtrace_version"] = "0.0.1\nsecond\x1b[31m line"
-    capsule.write_text(json.dumps(doc))
-    result = invoke("replay", "--capsule", capsule)
-    assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "written by tdxtrace 0.0.1\\nsecond\\x1b[31m line" in result.stderr
-
-
-def test_warnings_quoting_a_newline_stay_one_line_each(trace: Path, tmp_path: Path) -> None:
-    cut = tmp_path / "cut\nshort.arrow"
-    data = trace.read_bytes()
-    cut.write_bytes(data[: len(data) * 2 // 3])  # no footer: unfinished, with warnings
-    result = invoke("analyze", cut, "-a", "zero_step")
-    assert result.exit_code == 0, result.output
-    lines = result.stderr.splitlines()
-    assert lines and all(line.startswith("tdxtrace: warning: ") for line in lines), lines
-    assert all("cut\\nshort.arrow" in line for line in lines)

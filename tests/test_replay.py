@@ -1,4 +1,7 @@
-"""`tdxtrace replay`: record -> replay is identical; any change is found at its exact seq."""
+"""`tdxtrace replay`: record -> replay is identical; any change is found at its exact seq.
+
+The model's state at an event (``replay --until``) is tested in test_replay_until.py.
+"""
 
 from __future__ import annotations
 
@@ -13,27 +16,22 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from replay_helpers import cli, record_short, renumber, rewrite, set_value
+from replay_helpers import cli, record_short, record_storm, renumber, rewrite, set_value
+from replay_helpers import invoke_replay as _replay
+from replay_helpers import page_aug_seq as _aug_row
+from replay_helpers import trace_rows as _rows
 
 from tdxtrace.codes import Leaf
 from tdxtrace.events import Kind
-from tdxtrace.replay import plan_from_metadata, replay_trace, snapshot
+from tdxtrace.replay import plan_from_metadata, replay_trace
 from tdxtrace.schema import META_POLICIES, META_SCENARIO, META_SEED, META_VERSION
 from tdxtrace.sim.scenario import builtin_names
 from tdxtrace.trace import RunMetadata, open_trace, write_events
 
 
-def _replay(path: Path, *args: str) -> Any:
-    return CliRunner().invoke(cli(), ["replay", str(path), *args])
-
-
 @pytest.fixture(scope="module")
 def storm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return record_short(tmp_path_factory.mktemp("storm"), "fault-storm", 3)
-
-
-def _rows(path: Path) -> pl.DataFrame:
-    return open_trace(path).events().collect()
+    return record_storm(tmp_path_factory.mktemp("storm"))
 
 
 # --- identical ----------------------------------------------------------------------------
@@ -75,12 +73,6 @@ def test_cli_identical_json(storm: Path) -> None:
 
 
 # --- divergence at the exact seq ----------------------------------------------------------
-
-def _aug_row(rows: pl.DataFrame, nth: int = 40) -> int:
-    augs = rows.filter((pl.col("kind") == int(Kind.SEAMCALL))
-                       & (pl.col("leaf") == int(Leaf.TDH_MEM_PAGE_AUG)))
-    return int(augs["seq"][nth])
-
 
 def test_one_altered_field_is_reported_at_its_seq(tmp_path: Path, storm: Path) -> None:
     seq = _aug_row(_rows(storm))
@@ -285,109 +277,3 @@ def test_neither_or_both_inputs_is_a_usage_error(storm: Path) -> None:
     assert CliRunner().invoke(cli(), ["replay"]).exit_code == 2
     both = CliRunner().invoke(cli(), ["replay", str(storm), "--capsule", str(storm)])
     assert both.exit_code == 2
-
-
-# --- --until: the model's state at an event -----------------------------------------------
-
-def _until(path: Path, seq: int) -> dict[str, Any]:
-    result = _replay(path, "--until", str(seq), "--json")
-    assert result.exit_code == 0, result.output
-    doc: dict[str, Any] = json.loads(result.stdout)
-    assert doc["checked"] is True
-    return doc["state"]  # type: ignore[no-any-return]
-
-
-def _covers(ranges: list[list[int]], gpa: int) -> bool:
-    return any(start <= gpa < start + pages * 4096 for start, pages in ranges)
-
-
-def test_until_a_page_aug_shows_the_pending_page_its_locks_and_frozen_spte(
-        storm: Path) -> None:
-    rows = _rows(storm)
-    seq = _aug_row(rows, 60)
-    row = rows.row(seq, named=True)
-    state = _until(storm, seq)
-    assert state["seq"] == seq and state["event"] == row
-    assert state["time_ns"] == row["ts_ns"]
-    td = state["tds"][row["td"]]
-    assert _covers(td["sept_leaves"]["PENDING"]["ranges"], row["gpa"])
-    holders = {(lock["lock"], lock["mode"]): lock for lock in td["locks_held"]}
-    tdr = holders[("TDR", "shared")]
-    assert tdr["until_ns"] >= row["ts_ns"] + row["dur_ns"]
-    entry = next(lock for lock in td["locks_held"]
-                 if lock["lock"] == "SEPT_ENTRY" and lock["gpa"] == row["gpa"])
-    assert entry["holder"]["corr"] == row["corr"]
-    assert entry["until_ns"] == row["ts_ns"] + row["dur_ns"]
-    assert {"level": 0, "gpa": row["gpa"], "corr": row["corr"]} in td["frozen_sptes"]
-
-
-def test_until_a_guest_accept_shows_the_page_mapped(storm: Path) -> None:
-    rows = _rows(storm)
-    accept = rows.filter((pl.col("kind") == int(Kind.GUEST_ACCEPT)) & (pl.col("status") == 0))
-    row = accept.row(30, named=True)
-    state = _until(storm, row["seq"])
-    leaves = state["tds"][row["td"]]["sept_leaves"]
-    assert _covers(leaves["MAPPED"]["ranges"], row["gpa"])
-    assert not _covers(leaves.get("PENDING", {"ranges": []})["ranges"], row["gpa"])
-
-
-def test_until_zero_step_armed_shows_the_vcpu_armed(tmp_path: Path) -> None:
-    path = record_short(tmp_path, "zero-step", 1)
-    rows = _rows(path)
-    armed = rows.filter(pl.col("kind") == int(Kind.T_ZERO_STEP_ARMED))
-    assert armed.height, "the zero-step scenario should arm zero-step within 1.5 ms"
-    row = armed.row(0, named=True)
-    state = _until(path, row["seq"])
-    vcpu = state["tds"][row["td"]]["vcpus"][row["vcpu"]]
-    assert vcpu["zero_step"]["armed"] is True and vcpu["zero_step"]["count"] == 6
-    # At the vCPU's last entry before the exit that armed it, five faults were counted.
-    entries = rows.filter((pl.col("kind") == int(Kind.TD_ENTRY)) & (pl.col("seq") < row["seq"])
-                          & (pl.col("td") == row["td"]) & (pl.col("vcpu") == row["vcpu"]))
-    before = _until(path, int(entries["seq"][-1]))["tds"][row["td"]]["vcpus"][row["vcpu"]]
-    assert before["zero_step"] == {"armed": False, "count": 5, "gpas": []}
-
-
-def test_until_state_is_deterministic_and_sorted(storm: Path) -> None:
-    state = snapshot_via_library(storm, 2500)
-    assert state == _until(storm, 2500)
-
-    def check_sorted(value: Any) -> None:
-        if isinstance(value, dict):
-            assert list(value) == sorted(value)
-            for v in value.values():
-                check_sorted(v)
-        elif isinstance(value, list):
-            for v in value:
-                check_sorted(v)
-
-    check_sorted(state)
-
-
-def snapshot_via_library(path: Path, seq: int) -> dict[str, Any]:
-    trace = open_trace(path)
-    result, world = replay_trace(trace, plan_from_metadata(trace.metadata, str(path),
-                                                           force=False), until=seq)
-    assert world is not None and result.events == seq + 1
-    return snapshot(world, seq, _rows(path).row(seq, named=True))
-
-
-def test_until_text_names_the_event_and_each_vcpu(storm: Path) -> None:
-    result = _replay(storm, "--until", "1200")
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith("state when seq 1200 was written, at ")
-    assert "event 1200: " in result.output
-    assert result.output.count("  vCPU ") == 8 and "TLB epoch" in result.output
-
-
-def test_until_past_the_end_is_bad_input(storm: Path) -> None:
-    events = open_trace(storm).num_events()
-    result = _replay(storm, "--until", str(events))
-    assert result.exit_code == 2
-    assert f"--until {events}: the trace has {events} events (seq 0..{events - 1})" in \
-        result.output
-
-
-def test_until_reports_a_divergence_before_seq(tmp_path: Path, storm: Path) -> None:
-    bad = rewrite(storm, tmp_path / "bad.arrow", table=lambda t: set_value(t, "lp", 100, 42))
-    result = _replay(bad, "--until", "3000")
-    assert result.exit_code == 1 and "divergent at seq 100" in result.output
