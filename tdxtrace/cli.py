@@ -47,10 +47,14 @@ def signals_as_interrupts() -> Iterator[None]:
 
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     # Only Python's own Ctrl-C handler is replaced: an ignored SIGINT (a job started with
-    # `nohup` or `&`) stays ignored, and a caller's own handler is left alone.
-    counts_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # `nohup` or `&`) stays ignored, and a caller's own handler is left alone. Ignored, no
+    # Ctrl-C can come, so every user interrupt is a counted SIGTERM all the same; only a
+    # caller's own handler leaves the count unknown.
+    handler = signal.getsignal(signal.SIGINT)
+    counts_sigint = handler is signal.default_int_handler
     previous_int = signal.signal(signal.SIGINT, on_sigint) if counts_sigint else None
-    was_counting, UserInterrupts.counting = UserInterrupts.counting, counts_sigint
+    was_counting = UserInterrupts.counting
+    UserInterrupts.counting = counts_sigint or handler == signal.SIG_IGN
     try:
         yield
     finally:

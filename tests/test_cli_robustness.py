@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -99,11 +100,14 @@ def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_plugins(tmp_path_factory.mktemp("plugins"), PLUGINS)
 
 
-def tdxtrace(*args: str | Path, load: str) -> subprocess.CompletedProcess[str]:
-    """The real command (its own signal handlers, its own process), only plugins ``load``."""
+def tdxtrace(*args: str | Path, load: str,
+             sigint_ignored: bool = False) -> subprocess.CompletedProcess[str]:
+    """The real command (its own signal handlers, its own process), only plugins ``load``;
+    ``sigint_ignored``: started as `nohup` or a shell's `&` start it, SIGINT ignored."""
     env = {**os.environ, "TDXTRACE_LOAD_PLUGINS": load}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.run([sys.executable, "-m", "tdxtrace", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=ignore)
 
 
 def assert_no_traceback(text: str) -> None:
@@ -112,14 +116,16 @@ def assert_no_traceback(text: str) -> None:
 
 # -- replay --analyze ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("plugin", "error"), [
-    ("exits", "SystemExit: 0"),
-    ("interrupts", "KeyboardInterrupt: not the user"),
+@pytest.mark.parametrize(("plugin", "error", "sigint_ignored"), [
+    ("exits", "SystemExit: 0", False),
+    ("interrupts", "KeyboardInterrupt: not the user", False),
+    # In a background job no Ctrl-C can come: the KeyboardInterrupt is still the plugin's.
+    ("interrupts", "KeyboardInterrupt: not the user", True),
 ])
 def test_replay_analyze_reports_an_analyzer_that_exits_or_interrupts_itself(
-        trace: Path, plugins: Path, plugin: str, error: str) -> None:
+        trace: Path, plugins: Path, plugin: str, error: str, sigint_ignored: bool) -> None:
     done = tdxtrace("replay", trace, "--analyze", "--plugins-dir", plugins,
-                    load=f"{plugin},zero_step")
+                    load=f"{plugin},zero_step", sigint_ignored=sigint_ignored)
     assert done.returncode == 1, done.stderr
     assert_no_traceback(done.stderr)
     assert done.stdout.startswith("identical: "), done.stdout  # the verdict is still there
