@@ -108,12 +108,19 @@ def teardown_rows(events: pl.LazyFrame) -> pl.DataFrame:
     calls = pl.when(batched).then(count(pl.col("arg1").fill_null(1))).otherwise(1)
     level_pages = pl.lit(PAGES_PER_LEVEL, pl.Int64).pow(pl.col("level").fill_null(0))
     # CACHE.WB runs once per package, concurrently: a resume is on the same LP as its
-    # interrupted call. Everything else retries on the same (leaf, gpa, vCPU) from any LP.
-    retry_lp = pl.when(pl.col("leaf") == int(Leaf.TDH_PHYMEM_CACHE_WB)).then(pl.col("lp"))
-    prev_status = pl.col("status").shift(1).over(["inst", "leaf", "gpa", "vcpu", "retry_lp"])
+    # interrupted call. TRACK names no GPA: it serves the page the last BLOCK blocked, so its
+    # retries are the TRACKs after the same BLOCK (else a page's first TRACK would count as a
+    # retry of the previous page's TRACK that KVM gave up on). Everything else retries on the
+    # same (leaf, gpa, vCPU) from any LP.
+    leaf = pl.col("leaf")
+    retry_lp = pl.when(leaf == int(Leaf.TDH_PHYMEM_CACHE_WB)).then(pl.col("lp"))
+    blocks = (leaf == int(Leaf.TDH_MEM_RANGE_BLOCK)).cast(pl.Int64).cum_sum().over("inst")
+    track_page = pl.when(leaf == int(Leaf.TDH_MEM_TRACK)).then(blocks)
+    prev_status = pl.col("status").shift(1).over(
+        ["inst", "leaf", "gpa", "vcpu", "retry_lp", "track_page"])
     calls_frame = (
         rows.filter(seamcall & pl.col("inst").is_not_null())
-        .with_columns(calls=calls, retry_lp=retry_lp)
+        .with_columns(calls=calls, retry_lp=retry_lp, track_page=track_page)
         .with_columns(
             pages=pl.col("calls") * level_pages,
             is_retry=(prev_status >= u64(ERROR_BIT)).fill_null(False),
