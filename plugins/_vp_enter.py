@@ -2,8 +2,8 @@
 
 VP.ENTER is not a SEAMCALL row: a vCPU's TD_ENTRY is written just before the call and its
 TD_EXIT after it returned, so the call spans from the entry to the next exit of that vCPU.
-Rows without a TD or a vCPU belong to no vCPU: such an exit is never paired (its null key
-compares as unknown, never equal).
+Rows without a TD or a vCPU belong to no vCPU: such an exit is never paired (a window would
+group the null keys together, so they are left out explicitly).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def paired_exits(events: pl.LazyFrame, columns: tuple[str, ...],
 
 
 # What the built-in analyzers take from each pair: busy_retry all of it, seamcall_latency the
-# times and status. One shape for both, so the pairing (a stable sort of every entry and exit)
+# times and status. One shape for both, so the pairing (a window over every entry and exit)
 # runs once per trace in memory (Trace.shared) instead of once per analyzer.
 PAIR_COLUMNS = ("seq", "ts_ns", "td", "vcpu", "corr", "flow", "status")
 ENTRY_COLUMNS = ("ts_ns", "seq")
