@@ -82,29 +82,38 @@ def unit_nearest_ranks(calls: pl.DataFrame, percents: tuple[int, ...]) -> pl.Dat
     parts = calls.select("leaf_id", "dur_ns").partition_by("leaf_id", as_dict=True)
     for (leaf_id,), part in parts.items():
         values = part.get_column("dur_ns")
-        rows.append((leaf_id, *(value_at_rank(values, max((len(values) * p + 99) // 100, 1))
-                                for p in percents)))
+        ranks = [max((len(values) * p + 99) // 100, 1) for p in percents]
+        rows.append((leaf_id, *values_at_ranks(values, ranks)))
     schema = {"leaf_id": pl.Int64, **{f"p{p}_ns": pl.Int64 for p in percents}}
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
-def value_at_rank(values: pl.Series, rank: int) -> int | None:
-    """``values.sort()[rank - 1]`` (nulls sort first), without sorting: the nearest-rank
-    quantile at the position of the rank among the non-null values. A float position
-    ``i / (m - 1)`` rounds back to exactly ``i``; values beyond 2^53 (no exact float) are
-    sorted instead."""
+def values_at_ranks(values: pl.Series, ranks: list[int]) -> list[int | None]:
+    """``values.sort()[rank - 1]`` (nulls sort first) for each rank, without sorting: the
+    nearest-rank quantile at the position of the rank among the non-null values. A float
+    position ``i / (m - 1)`` rounds back to exactly ``i``; values beyond 2^53 (no exact
+    float) are sorted instead. Nulls, minimum and maximum are counted once for all ranks."""
     nulls = values.null_count()
-    if rank <= nulls:
-        return None
-    index, present = rank - 1 - nulls, len(values) - nulls
+    present = len(values) - nulls
+    if present == 0:
+        return [None] * len(ranks)
     low, high = values.min(), values.max()
     assert isinstance(low, int) and isinstance(high, int)
-    if max(-low, high) >= 1 << 53:
-        picked = values.sort()[rank - 1]
-    else:
-        picked = values.quantile(index / (present - 1) if present > 1 else 0.0, "nearest")
-    assert picked is not None
-    return int(picked)
+    exact = max(-low, high) < 1 << 53
+    ordered = None if exact else values.sort()
+    picked: list[int | None] = []
+    for rank in ranks:
+        if rank <= nulls:
+            picked.append(None)
+            continue
+        if ordered is not None:
+            value = ordered[rank - 1]
+        else:
+            index = rank - 1 - nulls
+            value = values.quantile(index / (present - 1) if present > 1 else 0.0, "nearest")
+        assert value is not None
+        picked.append(int(value))
+    return picked
 
 
 def by_leaf(calls: pl.DataFrame) -> pl.DataFrame:

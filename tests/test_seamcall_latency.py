@@ -12,7 +12,7 @@ from polars.testing import assert_frame_equal
 from tdxtrace.codes import Leaf, OperandId, Status
 from tdxtrace.events import Kind
 from tdxtrace.testing import make_trace, run_analyzer
-from tdxtrace_plugins.seamcall_latency import BY_LEAF_SCHEMA, SeamcallLatency, value_at_rank
+from tdxtrace_plugins.seamcall_latency import BY_LEAF_SCHEMA, SeamcallLatency, values_at_ranks
 
 BUSY_SEPT = Status.OPERAND_BUSY | OperandId.SEPT_TREE
 
@@ -121,4 +121,5 @@ def test_the_value_at_a_rank_is_the_sorted_value_there_nulls_first_huge_values_t
     # including ranks that fall on nulls and values no float holds exactly.
     series = pl.Series(values, dtype=pl.Int64)
     rank = max((len(values) * percent + 99) // 100, 1)
-    assert value_at_rank(series, rank) == series.sort()[rank - 1]
+    assert values_at_ranks(series, [rank, 1, len(values)]) == [
+        series.sort()[rank - 1], series.sort()[0], series.sort()[len(values) - 1]]

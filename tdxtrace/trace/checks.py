@@ -125,7 +125,7 @@ class BatchChecker:
         return self._digest.hexdigest()
 
     def close(self) -> None:
-        """Stop the hashing thread (the digest is not needed, or was read)."""
+        """Stop the hashing threads (the digest is not needed, or was read)."""
         for hasher in self._hashers:
             hasher.shutdown(wait=True, cancel_futures=True)
 
