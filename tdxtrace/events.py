@@ -43,7 +43,7 @@ class Kind(IntEnum):
     ZAP = 15  # a KVM zap operation begins (sub = ZapReason, gpa, arg0 pages, arg1 ZapScope)
     ZAP_DONE = 16  # that zap ended (arg0 = SPTEs zapped)
     PHASE = 17  # a TD creation/teardown phase begins (sub = Phase)
-    PHASE_DONE = 18  # that phase ended (status = the status that ended it, if any)
+    PHASE_DONE = 18  # that phase ended (status = its first failure, if any)
     VM_BUGGED = 19  # KVM_BUG_ON: the VM is bugged (leaf + status of the SEAMCALL that did it)
     VCPU_LOAD = 20  # tdx_vcpu_load() on lp (arg0 = previous lp, or null)
     GUEST_ACCEPT = 21  # guest TDG.MEM.PAGE.ACCEPT (guest kernel trace; status = TDCALL status)

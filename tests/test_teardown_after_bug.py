@@ -49,6 +49,11 @@ def _phases_done(rows: pl.DataFrame) -> list[Phase]:
     return [Phase(p) for p in rows.filter(pl.col("kind") == Kind.PHASE_DONE)["sub"].to_list()]
 
 
+def _done_status(rows: pl.DataFrame, phase: Phase) -> int:
+    done = rows.filter((pl.col("kind") == Kind.PHASE_DONE) & (pl.col("sub") == phase))
+    return int(done["status"].item())
+
+
 def _every_zap_ends(rows: pl.DataFrame) -> None:
     zaps = rows.filter(pl.col("kind") == Kind.ZAP).group_by("corr").len()
     done = rows.filter(pl.col("kind") == Kind.ZAP_DONE).group_by("corr").len()
@@ -82,9 +87,14 @@ def test_a_bug_in_the_teardown_zap_still_releases_the_hkid_and_reclaims() -> Non
     assert reclaim["status"].to_list()[-1] == ASSOCIATED_PAGES
     assert (reclaim["status"].to_list()[:-1] == pl.Series([0] * (reclaim.height - 1))).all()
     assert _calls(rows, Leaf.TDH_PHYMEM_PAGE_WBINVD).is_empty()
+    # Each PHASE_DONE names the first failure its phase carried on past: the zap's TRACK
+    # for PRIVATE_PAGES and for the whole teardown, the TDR's RECLAIM for RECLAIM_TD.
+    assert _done_status(rows, Phase.PRIVATE_PAGES) == BUSY_EPOCH
+    assert _done_status(rows, Phase.RELEASE_HKID) == 0
+    assert _done_status(rows, Phase.RECLAIM_TD) == ASSOCIATED_PAGES
     last = rows.row(-1, named=True)
     assert (last["kind"], last["sub"], last["status"]) == (Kind.PHASE_DONE, Phase.TEARDOWN,
-                                                          ASSOCIATED_PAGES)
+                                                          BUSY_EPOCH)
     assert truth["pages_leaked"] == truth["teardown_pages_leaked"] == PAGES + 1  # + the TDR
     assert truth["teardowns_finished"] == 1 and truth["hkid_leaks"] == 0
     assert truth["vms_bugged"] == 1
@@ -123,6 +133,7 @@ def test_a_page_that_fails_is_leaked_and_the_pages_after_it_are_removed() -> Non
     assert rows.filter(pl.col("kind") == Kind.VM_BUGGED).height == 1
     assert truth["teardown_pages_leaked"] == failed.height + 1  # + the TDR
     assert Phase.RECLAIM_TD in _phases_done(rows) and truth["teardowns_finished"] == 1
+    assert _done_status(rows, Phase.PRIVATE_PAGES) == failed["status"][0]
 
 
 def _no_entry_after_the_bug(rows: pl.DataFrame) -> None:

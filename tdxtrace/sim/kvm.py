@@ -75,6 +75,9 @@ class KvmTd:
     bugged: bool = False
     spin_free_at: int = 0  # seamcall_spinlock policy: when the per-TD spinlock is free
     zapped_gfns: set[int] = field(default_factory=set)  # for refault accounting
+    # The first status a zap of this TD hit a TDX_BUG_ON with (0: none): a teardown's
+    # PRIVATE_PAGES phase carries on past it, like KVM, and reports it in its PHASE_DONE.
+    zap_error: int = 0
 
 
 class Kvm:

@@ -172,14 +172,19 @@ class Lifecycle:
         td.mmu.release_write()
         self.log.count("teardowns")
         start = self.phase(job, Phase.TEARDOWN, len(td.mirror.leaves))
+        # Like each phase's, TEARDOWN's status is the first failure it carried on past.
+        status = SUCCESS
         if self.world.policy.hkid_release == "late":  # empties the mirror, bugged VM or not
-            yield from self.pages.private_pages(job, zap=True)
-        status = yield from self._release_hkid(job)
-        released = not status  # else the HKID leaked: nothing of the TD can be reclaimed
+            status = yield from self.pages.private_pages(job, zap=True)
+        leaked_hkid = yield from self._release_hkid(job)
+        status = status or leaked_hkid
+        released = not leaked_hkid  # else nothing of the TD can be reclaimed
         if released and td.mirror.leaves:  # early release
-            status = yield from self.pages.private_pages(job, zap=False)
+            reclaimed = yield from self.pages.private_pages(job, zap=False)
+            status = status or reclaimed
         if released:
-            status = (yield from self._reclaim_control(job)) or status
+            control = yield from self._reclaim_control(job)
+            status = status or control
         self.done(job, Phase.TEARDOWN, start, status)
         self.log.record_td_value("teardown_ns", td.index, self.sim.now - start)
         if released:  # ran to its end; leaked pages, if any, are in pages_leaked

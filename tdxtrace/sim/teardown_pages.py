@@ -93,11 +93,14 @@ class PageWork:
         head, rest = gfns[:self.row_pages], gfns[self.row_pages:]
         status = SUCCESS
         if zap:
+            td.zap_error = SUCCESS
             if head:
                 yield lambda done: self.world.zap.zap(td, head, ZapReason.TEARDOWN, job.flow,
                                                       lambda: done(None), corr=job.corr)
             for i in range(0, len(rest), BATCH_PAGES):
                 yield from self._zap_batch(job, rest[i:i + BATCH_PAGES])
+            # Like a reclaim's, the phase ends with the first failure it carried on past.
+            status = td.zap_error
         else:
             yield life.mmu_write(td)
             self._zap_row(job, Kind.ZAP, gfns[0] if gfns else 0, len(gfns))

@@ -226,6 +226,7 @@ class ZapPath:
         # tdh_do_no_vcpus() clears wait_for_sept_zap whatever its retry returned. The zap keeps
         # mmu_lock: it is released where every zap ends, in its finish.
         td.wait_for_sept_zap = False
+        td.zap_error = td.zap_error or status
         self.kvm.bug_on(td, leaf, status, corr, flow)
         bail()
 
