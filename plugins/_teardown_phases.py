@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from tdxtrace.codes import Leaf, Status
+from tdxtrace.codes import Leaf, Status, status_name
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 
 from ._values import count
@@ -181,8 +181,14 @@ def phase_instances(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def phases_table(instances: pl.DataFrame) -> pl.DataFrame:
-    """The public ``phases`` table: what the report's waterfall is drawn from."""
+    """The public ``phases`` table: what the report's waterfall is drawn from.
+
+    ``status``: the PHASE_DONE's, named: the first failure the phase carried on past (a page
+    KVM leaked after a TDX_BUG_ON, FLUSHVP_NOT_DONE), TDX_SUCCESS, or null if it never ended.
+    """
     names = {int(p): p.name.lower() for p in LEAF_PHASES}
+    # A few rows per TD: naming the distinct statuses in Python is fine.
+    statuses = {s: status_name(s) for s in instances["done_status"].drop_nulls().unique()}
     return instances.select(
         pl.col("tdk").cast(pl.Int32).alias("td"),
         pl.col("sub").replace_strict(names, return_dtype=pl.String).alias("phase"),
@@ -192,6 +198,8 @@ def phases_table(instances: pl.DataFrame) -> pl.DataFrame:
         "calls",
         "retries",
         "finished",
+        pl.col("done_status").replace_strict(statuses, default=None, return_dtype=pl.String)
+        .alias("status"),
     )
 
 

@@ -114,6 +114,11 @@ def test_the_analyzers_show_the_bug_and_a_finished_teardown(tmp_path: Path) -> N
     assert teardown.metrics["hkid_leaks"] == summary.truth["hkid_leaks"] == 0
     phases = teardown.tables["phases"]
     assert phases["finished"].all() and "reclaim_td" in phases["phase"].to_list()
+    # The failures each phase carried on past, by name.
+    failed = dict(phases.filter(pl.col("status") != "TDX_SUCCESS")
+                  .select("phase", "status").iter_rows())
+    assert failed == {"private_pages": "TDX_OPERAND_BUSY|TD_EPOCH",
+                      "reclaim_td": "TDX_TD_ASSOCIATED_PAGES_EXIST"}
 
 
 def test_a_page_that_fails_is_leaked_and_the_pages_after_it_are_removed() -> None:

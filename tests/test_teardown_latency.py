@@ -39,6 +39,7 @@ def test_late_release_phases_waterfall_and_per_page_cost() -> None:
             "calls": [16, 2, 1, 4, 1, 3, 2, 3],
             "retries": [0, 0, 0, 2, 0, 0, 0, 0],
             "finished": [True] * 8,
+            "status": ["TDX_SUCCESS"] * 8,
         },
         schema_overrides={"td": pl.Int32},
     )
@@ -102,7 +103,8 @@ def test_trace_ending_mid_zap_prices_only_the_pages_zapped_so_far() -> None:
     per_td = result.tables["per_td"].row(0, named=True)
     assert (per_td["private_pages"], per_td["per_page_ns"]) == (8, 3000.0)
     assert (per_td["finished"], per_td["teardown_ns"]) == (False, 6000)
-    assert result.tables["phases"].select("dur_ns", "finished").row(0) == (6000, False)
+    assert result.tables["phases"].select("dur_ns", "finished", "status").row(0) == (
+        6000, False, None)
     assert any("lower bound" in note for note in result.notes)
 
 
@@ -117,6 +119,9 @@ def test_flushvp_not_done_leaks_the_hkid_and_teardown_never_finishes() -> None:
     per_td = result.tables["per_td"].row(0, named=True)
     assert per_td["hkid_leaked"] and not per_td["finished"]
     assert per_td["pages_leaked"] == 0  # the private pages were removed before the leak
+    phases = result.tables["phases"]
+    assert phases.filter(phase="vpflushdone")["status"].to_list() == ["TDX_FLUSHVP_NOT_DONE"]
+    assert phases.filter(phase="private_pages")["status"].to_list() == ["TDX_SUCCESS"]
     m = result.metrics
     assert (m["teardowns"], m["finished"], m["hkid_leaks"]) == (1, 0, 1)
     assert m["max_teardown_ns"] == 0  # unfinished teardowns are lower bounds, not maxima
@@ -242,7 +247,7 @@ def test_empty_trace_gives_zero_metrics_and_empty_tables_with_columns() -> None:
     for name in ("teardowns", "hkid_leaks", "max_teardown_ns"):
         assert result.metrics[name] == 0
     assert result.tables["phases"].columns == [
-        "td", "phase", "start_ns", "dur_ns", "work", "calls", "retries", "finished"]
+        "td", "phase", "start_ns", "dur_ns", "work", "calls", "retries", "finished", "status"]
     assert "teardown_ns" in result.tables["per_td"].columns
     assert result.tables["extrapolation"].columns == ["policy", "gb", "seconds"]
     assert all(t.is_empty() for t in result.tables.values())
