@@ -197,6 +197,24 @@ def write_output(path: Path, data: bytes, *, force: bool, inputs: Sequence[Path 
     return path
 
 
+def make_folder(path: Path, *, failure: str = CANNOT_WRITE) -> None:
+    """Create the folder ``path`` goes in, and its parents, if missing (report, demo).
+
+    One :class:`OutputError` naming ``path`` if that cannot be: a parent that is a file or a
+    device, a read-only or special file system, no permission.
+    """
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                reason = f"folder {parent} is not a folder"
+                raise OutputError(f"{path}: {failure.format(reason=reason)}")
+            break
+    try:
+        os.makedirs(path.parent, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{path}: {failure.format(reason=os_reason(err))}") from None
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename durable; best effort (not every platform can fsync a folder)."""
     try:

@@ -80,7 +80,13 @@ def test_an_output_under_a_regular_file_is_refused(trace: Path, tmp_path: Path) 
     _one_line_error(_run("record", "zero-step", *SHORT, "-o", out), out,
                     f"folder {blocker} is not a folder")
     html = blocker / "report.html"
-    _one_line_error(_report(trace, html), html, "cannot write the report")
+    _one_line_error(_report(trace, html), html,
+                    f"cannot write the report (folder {blocker} is not a folder)")
+    # demo creates its folder (reports/ by default): one line too, not a traceback.
+    _one_line_error(_run("demo", "--out-dir", blocker / "sub"), blocker / "sub" / "demo.arrow",
+                    f"cannot write: folder {blocker} is not a folder")
+    _one_line_error(_run("demo", "--out-dir", "/dev/null"), Path("/dev/null/demo.arrow"),
+                    "cannot write: folder /dev/null is not a folder")
     _only(tmp_path, "file.txt")
 
 
@@ -106,6 +112,9 @@ def test_a_read_only_folder_is_refused(trace: Path, read_only_folder: Path) -> N
                     "cannot write: Read-only file system")
     html = read_only_folder / "report.html"
     _one_line_error(_report(trace, html), html, "cannot write the report (Read-only file system)")
+    demo_dir = read_only_folder / "demo"
+    _one_line_error(_run("demo", "--out-dir", demo_dir), demo_dir / "demo.arrow",
+                    "cannot write: Read-only file system")
     _only(read_only_folder)
 
 

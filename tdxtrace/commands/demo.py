@@ -12,7 +12,7 @@ from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.messages import failed_plugins, say
 from tdxtrace.commands.options import path_param
 from tdxtrace.commands.record import ProgressLine
-from tdxtrace.outputs import check_output
+from tdxtrace.outputs import check_output, make_folder
 from tdxtrace.plugins import load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report import render, write_html
 from tdxtrace.sim.emulator import record
@@ -72,7 +72,7 @@ def demo_command(seed: int, out_dir: Path) -> None:
     # a refused report must not cost the trace that was there.
     for output in (trace_path, html_path):
         check_output(output, force=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(trace_path)
     progress = ProgressLine(sys.stderr.isatty())
     summary = record(scenario, seed, trace_path, force=True, progress=progress)
     progress.finish()

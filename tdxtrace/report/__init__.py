@@ -14,13 +14,12 @@ overrides the analyzers' own; see :mod:`tdxtrace.report.thresholds` for the mark
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tdxtrace.errors import ESCAPE_ERRORS, OutputError
-from tdxtrace.outputs import check_output, os_reason, write_output
+from tdxtrace.errors import ESCAPE_ERRORS
+from tdxtrace.outputs import check_output, make_folder, write_output
 from tdxtrace.report import model as _model
 from tdxtrace.report.render import RenderedReport, render_model
 from tdxtrace.report.thresholds import THRESHOLD_RULE, ThresholdTable, parse_thresholds
@@ -94,16 +93,7 @@ def write_html(html: str, path: Path, *, force: bool = False,
     """
     path = Path(path)
     check_output(path, force=force, inputs=inputs)
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{path}: cannot write the report (folder {parent} is not "
-                                  "a folder)")
-            break
-    try:
-        os.makedirs(path.parent, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{path}: {_CANNOT_WRITE.format(reason=os_reason(err))}") from None
+    make_folder(path, failure=_CANNOT_WRITE)
     # A trace name's bytes that are not UTF-8 reach the page as text UTF-8 cannot encode (in
     # warnings and plugins' errors too): they are written escaped (\xff), as on the terminal.
     return write_output(path, html.encode("utf-8", ESCAPE_ERRORS), force=force, inputs=inputs,
