@@ -33,6 +33,10 @@ class OutputError(TdxtraceError):
 # Python makes of bytes in a file name that are not UTF-8; they cannot be encoded at all).
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# A message that quotes a value with repr() (an unknown scenario, analyzer or --set value)
+# already spells such a byte \udcff: shown as \xff too, like everywhere else. A backslash
+# that repr() doubled (an even run before "udc") is text, not an escape, and stays.
+_REPR_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
 
 
 def _escape(char: str) -> str:
@@ -53,7 +57,7 @@ def one_line(text: str) -> str:
     Messages quote file names and metadata, and either may hold a newline: without this, one
     error would print as two lines, the second looking like tdxtrace's own output.
     """
-    return _UNPRINTABLE.sub(lambda m: _escape(m.group()), text)
+    return _REPR_BYTE.sub(r"\1\\x\2", _UNPRINTABLE.sub(lambda m: _escape(m.group()), text))
 
 
 def shown(path: object) -> str:

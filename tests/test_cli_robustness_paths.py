@@ -19,6 +19,7 @@ from cli_helpers import record_zero_step
 from click.testing import CliRunner, Result
 
 from tdxtrace.cli import main
+from tdxtrace.errors import one_line
 
 BAD = b"bad\xff.arrow"
 
@@ -77,6 +78,26 @@ def test_an_error_about_such_a_file_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (b"tdxtrace: error: bad\\xff.arrow: not an Arrow IPC file "
                            b"(bad magic)\n")
+
+
+@pytest.mark.parametrize(("args", "shown"), [
+    ([b"record", b"bad\xffname"], b"unknown scenario 'bad\\xffname'"),
+    ([b"record", b"zero-step", b"--set", b"td.vcpus=\xff"], b"got '\\xff'"),
+    ([b"analyze", BAD, b"-a", b"zz\xffq"], b"unknown analyzer 'zz\\xffq'"),
+    ([b"report", BAD, b"--threshold", b"zero_step.in\xff=1:2"], b"no metric 'in\\xff'"),
+], ids=["scenario", "set", "analyzer", "threshold"])
+def test_a_value_quoted_in_an_error_spells_its_byte_as_on_disk(
+        bad_copy: Path, args: list[bytes], shown: bytes) -> None:
+    # repr() would say \udcff, Python's stand-in, which no shell or file system uses.
+    done = tdxtrace(*args, cwd=bad_copy)
+    assert done.returncode == 2
+    assert done.stderr.count(b"\n") == 1 and shown in done.stderr, done.stderr
+    assert b"udc" not in done.stderr
+
+
+def test_one_line_keeps_a_backslash_that_was_text() -> None:
+    assert one_line(repr("a\\udcff")) == "'a\\\\udcff'"  # typed: a, backslash, udcff
+    assert one_line(repr("a\\\udcff")) == "'a\\\\\\xff'"  # a backslash, then the byte
 
 
 def test_record_writes_a_trace_whose_name_is_not_utf8_and_leaves_nothing_else(
