@@ -222,6 +222,8 @@ def _result_section(name: str, anchor: str, analyzer: Analyzer | None,
                                                  th.limits_text(limits.get(k)))
                         for k in key_names)
     tables: dict[str, pl.DataFrame] = dict(sorted(result.tables.items()))
+    # Tables under the section's "a-" anchor, charts under "c-": a chart drawn from a table
+    # has the table's name, and an id must name one element.
     views = {t: table_view(t, f, f"{anchor}-{slug(t)}")
              for t, f in list(tables.items())[:MAX_TABLES]}
     notes = tuple(truncate_text(str(n), MAX_NOTE_CHARS) for n in result.notes[:MAX_NOTES])
@@ -229,7 +231,7 @@ def _result_section(name: str, anchor: str, analyzer: Analyzer | None,
         name=name, anchor=anchor, description=info.description if info else "",
         version=info.version if info else "", mark=th.worst(f.mark for f in figures.values()),
         figures=tuple(figures.values())[:MAX_METRICS], key_figures=key_figures,
-        tables=views, charts=charts_for(name, anchor, tables), notes=notes,
+        tables=views, charts=charts_for(name, f"c-{slug(name)}", tables), notes=notes,
         template=_template_path(analyzer, info),
         template_name=info.template if info is not None else None,
         hidden_metrics=max(0, len(figures) - MAX_METRICS),
