@@ -173,7 +173,7 @@ def test_a_report_interrupted_while_writing_leaves_no_html(
     # is half written when Ctrl-C arrives.
     from click.testing import CliRunner
 
-    import tdxtrace.report as report_module
+    import tdxtrace.outputs as outputs_module
     from tdxtrace.cli import main
 
     real_fdopen = os.fdopen
@@ -195,7 +195,7 @@ def test_a_report_interrupted_while_writing_leaves_no_html(
 
         return HalfWriter()
 
-    monkeypatch.setattr(report_module.os, "fdopen", interrupted_fdopen)
+    monkeypatch.setattr(outputs_module.os, "fdopen", interrupted_fdopen)
     html = tmp_path / "report.html"
     result = CliRunner().invoke(main, ["report", str(interrupted["SIGINT"][0]), "-a",
                                        "seamcall_latency", "-o", str(html)])

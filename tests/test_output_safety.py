@@ -171,8 +171,8 @@ def _taking_the_name(monkeypatch: pytest.MonkeyPatch, out: Path, seen: list[str]
     """Make another writer finish ``out`` while this run is still recording."""
     real = emulator.run_scenario
 
-    def run_scenario(*args: Any) -> dict[str, Any]:
-        truth = real(*args)
+    def run_scenario(*args: Any, **options: Any) -> dict[str, Any]:
+        truth = real(*args, **options)
         seen.extend(_temp_files(out.parent))
         out.write_bytes(b"the other run's trace")
         return truth
@@ -206,8 +206,9 @@ def test_an_interrupted_record_whose_name_was_taken_says_its_events_were_not_kep
     out = tmp_path / "run.arrow"
     real = emulator.run_scenario
 
-    def run_scenario(scenario: Any, seed: int, sink: Any, progress: Any = None) -> Any:
-        real(scenario, seed, sink, progress)  # batches written: an unfinished trace to keep
+    def run_scenario(scenario: Any, seed: int, sink: Any, progress: Any = None,
+                     **options: Any) -> Any:
+        real(scenario, seed, sink, progress, **options)  # an unfinished trace to keep
         out.write_bytes(b"the other run's trace")
         raise KeyboardInterrupt  # Ctrl-C after another process took the name
 
@@ -252,12 +253,12 @@ def test_an_interrupted_record_keeps_the_unfinished_trace_under_its_name(
     real = emulator.run_scenario
 
     def run_scenario(scenario: Any, seed: int, sink: Callable[[pa.RecordBatch], None],
-                     progress: Any = None) -> dict[str, Any]:
+                     progress: Any = None, **options: Any) -> dict[str, Any]:
         def first_then_ctrl_c(batch: pa.RecordBatch) -> None:
             sink(batch)
             raise KeyboardInterrupt
 
-        return real(scenario, seed, first_then_ctrl_c, progress)
+        return real(scenario, seed, first_then_ctrl_c, progress, **options)
 
     monkeypatch.setattr(emulator, "run_scenario", run_scenario)
     (tmp_path / "run.arrow.partial").write_bytes(b"mine")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tdxtrace.signals import signals_held
 from tdxtrace.sim.recorder import BatchSink
 from tdxtrace.sim.scenario import Scenario
 from tdxtrace.sim.world import World
@@ -19,11 +20,22 @@ Progress = Callable[[int, int], None]  # (simulated ns so far, simulated ns in a
 
 
 def run_scenario(scenario: Scenario, seed: int, sink: BatchSink,
-                 progress: Progress | None = None) -> dict[str, Any]:
-    """Run ``scenario`` with ``seed``, handing every record batch to ``sink``; returns truth."""
+                 progress: Progress | None = None, *,
+                 keep_on_interrupt: bool = False) -> dict[str, Any]:
+    """Run ``scenario`` with ``seed``, handing every record batch to ``sink``; returns truth.
+
+    ``keep_on_interrupt``: on Ctrl-C or SIGTERM, hand the rows emitted since the last full
+    batch to ``sink`` too (up to a batch of events), then re-raise; a second signal waits.
+    """
     world = World(scenario, seed, _with_progress(sink, progress, scenario))
-    with no_cyclic_gc():
-        world.run()
+    try:
+        with no_cyclic_gc():
+            world.run()
+    except KeyboardInterrupt:
+        if keep_on_interrupt:
+            with signals_held():
+                world.log.salvage()
+        raise
     return world.log.truth()
 
 
@@ -79,7 +91,8 @@ def record(scenario: Scenario, seed: int, path: str | Path, *, force: bool = Fal
                          force=force)
     try:
         with writer:
-            truth = run_scenario(scenario, seed, writer.write_batch, progress)
+            truth = run_scenario(scenario, seed, writer.write_batch, progress,
+                                 keep_on_interrupt=True)
             return writer.close(truth)
     except KeyboardInterrupt as interrupt:
         raise RecordInterrupted(writer.published) from interrupt

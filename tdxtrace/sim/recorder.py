@@ -81,6 +81,7 @@ class EventLog:
         self._flat: list[Any] = []
         self._chunks: list[list[pl.Series]] = [[] for _ in _ROW_COLUMNS]  # per column
         self._converted = 0  # rows in self._chunks, not yet in a batch
+        self._moving = False  # rows are between the buffer, the chunks and the sink
         self._flat_limit = 0  # buffer length at which _limit() runs (_set_limit)
         self._stop_at = -1  # events a stop_check() waits for; -1: none
         self._stopped: list[bool] = []  # non-empty once they are reached
@@ -187,12 +188,35 @@ class EventLog:
                   arg0=arg0, arg1=arg1, arg2=arg2, dur=dur)
 
     def _convert(self) -> None:
-        """Turn the buffered rows into one more chunk of every column."""
+        """Turn the buffered rows into one more chunk of every column.
+
+        The columns are built before anything changes, then committed in a few steps, so a
+        Ctrl-C while building (most of the time spent here) leaves the rows in the buffer for
+        :meth:`salvage`.
+        """
         flat = self._flat
+        columns = [pl.Series(name, flat[k::_WIDTH], _ROW_POLARS_TYPES[k])
+                   for k, name in enumerate(_ROW_COLUMNS)]
+        moving, self._moving = self._moving, True
         self._flat = []
-        for k, name in enumerate(_ROW_COLUMNS):
-            self._chunks[k].append(pl.Series(name, flat[k::_WIDTH], _ROW_POLARS_TYPES[k]))
+        for chunks, column in zip(self._chunks, columns, strict=True):
+            chunks.append(column)
         self._converted += len(flat) // _WIDTH
+        self._moving = moving
+
+    def salvage(self) -> bool:
+        """After Ctrl-C or SIGTERM: flush the rows emitted since the last batch, so that an
+        interrupted run keeps every event it wrote, not only its full batches.
+
+        An emitted row is whole (one ``list.extend``), and conversions and flushes change
+        nothing until their work is done; an interrupt in the few steps that commit it, or
+        inside the sink (the batch may be half written), leaves rows half moved: then nothing
+        more is written (False), and the trace ends at its last whole batch.
+        """
+        if self._moving:
+            return False
+        self.flush()
+        return True
 
     def flush(self) -> None:
         """Turn the buffered rows into one record batch and hand it to the sink."""
@@ -209,13 +233,16 @@ class EventLog:
         for k, name in enumerate(_ROW_COLUMNS):
             column = pl.concat(self._chunks[k], rechunk=True).to_arrow()
             arrays[name] = _clear_unused_bits(column) if n % 8 else column
-            self._chunks[k].clear()
-        self._converted = 0
         arrays["truth"] = pc.greater_equal(arrays["kind"], pa.scalar(TRUTH_KIND_BASE, pa.uint8()))
+        batch = pa.RecordBatch.from_arrays([arrays[f.name] for f in _SCHEMA], schema=_SCHEMA)
+        self._moving = True
+        self._sink(batch)
+        for chunks in self._chunks:
+            chunks.clear()
+        self._converted = 0
         self._next_seq += n
         self._set_limit()
-        batch = pa.RecordBatch.from_arrays([arrays[f.name] for f in _SCHEMA], schema=_SCHEMA)
-        self._sink(batch)
+        self._moving = False
 
     def truth(self) -> dict[str, Any]:
         """The ground-truth counters, JSON-ready, keys sorted for a stable summary."""
