@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 
 from tdxtrace.codes import FROZEN_SPTE, SHADOW_NONPRESENT_VALUE
-from tdxtrace.events import Kind, RootKind, ZapReason, ZapScope
+from tdxtrace.events import Kind, RootEvent, RootKind, ZapReason, ZapScope
 
 from ._values import count
 
@@ -179,26 +179,39 @@ def zapped_sptes(observable: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
     ).drop("_zap_td")
 
 
-def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per zapped page whose next event on the same (td, gfn) is an access.
+def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame,
+             zap_rows: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per zapped page whose next event on the same (td, gfn) is a PAGE_FAULT.
 
-    A zapped page is one (zap, td, gfn) with a zapped leaf SPTE; an access is a PAGE_FAULT on
-    the GFN (shared bit stripped) or an SPTE_CHANGED installing a present leaf there.
-    Columns: reason, delay_ns (access ts - zap ts).
+    A zapped page is one (zap, td, gfn) with a zapped leaf SPTE, zapped at its first such row;
+    but a zap that invalidates the direct root (ROOT INVALIDATED with the zap's corr: a fast
+    zap) takes the direct root's pages away right then, since a vCPU reloads a new root and
+    faults before the old root's SPTEs are torn down. Installs are not accesses: KVM installs
+    what a fault asked for, and a fault raised before a zap may only finish after it.
+    ``zap_rows`` holds the ROOT rows. Columns: reason, delay_ns (fault ts - zap ts).
     """
+    invalidated = (
+        zap_rows.filter((pl.col("kind") == int(Kind.ROOT))
+                        & (pl.col("sub") == int(RootEvent.INVALIDATED))
+                        & (pl.col("arg0") == int(RootKind.DIRECT))
+                        & pl.col("corr").is_not_null())
+        .group_by("corr")
+        .agg(pl.col("seq").min().alias("_inv_seq"), pl.col("ts_ns").min().alias("_inv_ns"))
+        .with_columns(pl.lit(ROOT_NAMES[int(RootKind.DIRECT)]).alias("root_kind"))
+    )
     pages = (
         zapped.filter(pl.col("leaf") & pl.col("td").is_not_null())
+        .join(invalidated, on=["corr", "root_kind"], how="left")
         .group_by("zap_seq", "td", "gfn", "reason")
-        .agg(pl.col("seq").min(), pl.col("ts_ns").min())
+        .agg(pl.coalesce("_inv_seq", "seq").min().alias("seq"),
+             pl.coalesce("_inv_ns", "ts_ns").min().alias("ts_ns"))
         .select("seq", "ts_ns", "td", "gfn", "reason", pl.lit(True).alias("_zap"))
     )
-    kind, new = pl.col("kind"), pl.col("arg1")
-    installs = (kind == int(Kind.SPTE_CHANGED)) & _present(new) & ~_present(pl.col("arg0"))
     accesses = (
         observable.filter(
             pl.col("td").is_not_null()
             & pl.col("gpa").is_not_null()
-            & ((kind == int(Kind.PAGE_FAULT)) | (installs & _is_leaf(pl.col("level"), new)))
+            & (pl.col("kind") == int(Kind.PAGE_FAULT))
         )
         .select("seq", "ts_ns", "td", gfn_of(pl.col("gpa")).alias("gfn"),
                 pl.lit(False).alias("_zap"))

@@ -17,8 +17,12 @@ Rules (observable rows only):
   ``unlisted``. Refaults and unexpected private zaps need the rows (a GFN), so batched pages
   are not in them.
 * A **refault**: a zapped page (one zap, one TD, one GFN = GPA >> 12 with the shared bit 47
-  stripped) whose next event on that GFN is an access: a PAGE_FAULT, or an SPTE_CHANGED
-  installing a present leaf. Several zaps before an access count once (the last).
+  stripped) whose next event on that GFN is a PAGE_FAULT: the guest touched it again. Several
+  zaps before a fault count once (the last). A page is zapped at its first zapping row, or,
+  in a zap that invalidates the direct root (a ROOT INVALIDATED row with the zap's corr),
+  at that row for the direct root's pages: the vCPUs reload a new root and fault before
+  the old root's SPTEs are torn down. An SPTE install is not a touch (it finishes a fault,
+  maybe one raised before the zap).
 * An **unexpected private zap**: a private leaf zapped by a memslot or mmu_notifier zap while
   the TD runs (not in flow TEARDOWN, not after the TD's teardown began). Private memory
   changes only through conversion or guest_memfd truncation; any other zap makes the guest
@@ -64,7 +68,7 @@ from ._zap_scope_sptes import (
 FLOW_NAMES = {int(m): m.name.lower() for m in Flow}
 UNEXPECTED_REASONS = ("memslot", "notifier")
 READ_KINDS = [int(k) for k in (Kind.ZAP, Kind.ZAP_DONE, Kind.PHASE, Kind.VM_BUGGED,
-                                Kind.USERSPACE_EXIT)]
+                                Kind.USERSPACE_EXIT, Kind.ROOT)]
 BY_REASON_ROOT = {"reason": pl.String(), "root_kind": pl.String(), "sptes_zapped": pl.Int64(),
                   "leaf_sptes": pl.Int64(), "private_leaves": pl.Int64()}
 ZAPS = {"corr": pl.Int64(), "td": pl.Int32(), "reason": pl.String(), "scope": pl.String(),
@@ -128,7 +132,7 @@ class ZapScopeAnalyzer(Analyzer):
         zap_table = totals.sort("start_ns", "zap_seq").with_columns(
             (pl.col("batched_private") + pl.col("batched_other")).alias("batched")
         )
-        refault_rows = refaults(observable, zapped)
+        refault_rows = refaults(observable, zapped, zap_rows)
         refault_table = _typed(
             zapped.filter(pl.col("leaf")).select("reason").unique()
             .join(refault_rows.group_by("reason").agg(

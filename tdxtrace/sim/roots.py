@@ -154,12 +154,18 @@ class Roots:
             self._root_row(td, RootEvent.FREED, DIRECT, root.root_id, corr)
 
     def invalidate(self, td: KvmTd, corr: int, then: Callable[[DirectRoot | None], None]) -> None:
-        """Mark the direct root invalid and kick every vCPU so each reloads on next entry."""
+        """Mark the direct root invalid and kick every vCPU so each reloads on next entry.
+
+        The guest loses the root's pages now (kvm_mmu_zap_all_fast): a vCPU that reloads and
+        touches one faults, before the obsolete root's SPTEs are torn down, and that fault is
+        a refault of this zap.
+        """
         tr = self._tds[td.index]
         root = tr.current
         if root is not None:
             root.valid = False
             tr.current = None
+            td.zapped_gfns.update(gfn | SHARED_GFN for gfn in root.leaves)
             self._root_row(td, RootEvent.INVALIDATED, DIRECT, root.root_id, corr)
         self.kvm.kick_all(td, KickReason.ROOT_RELOAD, corr, ZAP_FLOW, self.lp,
                           lambda: then(root))

@@ -78,7 +78,8 @@ class RootZap:
                                                                          self.pages)
             for gfn in leaves:
                 root.leaves.discard(gfn)
-                td.zapped_gfns.add(gfn | SHARED_GFN)
+                if not everything:  # else counted as zapped when the root was invalidated
+                    td.zapped_gfns.add(gfn | SHARED_GFN)
                 emit(Kind.SPTE_CHANGED, sub=DIRECT, flow=ZAP_FLOW, corr=corr, td=td.index,
                      gpa=(gfn << 12) | SHARED_BIT, level=0, arg0=present_spte(gfn, 0),
                      arg1=NONPRESENT, arg2=root.root_id)
