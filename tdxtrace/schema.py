@@ -136,12 +136,15 @@ KIND_ARGS: dict[str, str] = {
                     "retries used",
     "ROOT": "sub = RootEvent, td, arg0 = RootKind, arg2 = root id",
     "T_ZERO_STEP_ARMED": "td, vcpu, rip, gpa, arg0 = faults counted at this RIP",
-    "T_ZERO_STEP_RESET": "td, vcpu, rip, arg0 = count before the reset",
-    "T_ZERO_STEP_GPA": "td, vcpu, gpa, arg0 = list length after appending",
+    "T_ZERO_STEP_RESET": "td, vcpu, rip: an armed vCPU exited at a RIP other than the one "
+                         "it entered at, and was disarmed",
+    "T_ZERO_STEP_GPA": "reserved (td, vcpu, gpa, arg0 = list length after appending); not "
+                       "written by this version",
     "T_LOCK_HOLDER": "sub = operand id, corr = the BUSY call's corr, arg0 = holder lp, "
                      "arg1 = holder leaf (0x10000 + TDCALL leaf for a guest call), "
                      "arg2 = holder corr",
-    "T_SEPT_STATE": "sub = new SeptState, td, gpa, level, arg0 = old SeptState",
+    "T_SEPT_STATE": "reserved (sub = new SeptState, td, gpa, level, arg0 = old SeptState); "
+                    "not written by this version",
     "T_PRIVATE_ZAP_UNEXPECTED": "td, gpa, sub = ZapReason",
     "T_SYNTHESIZED_EXIT": "td, vcpu, gpa: the module emulated an EPT-violation exit for a "
                           "zero-step-listed GPA without entering the guest",
