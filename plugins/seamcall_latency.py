@@ -176,7 +176,10 @@ class SeamcallLatency(Analyzer):
         notes = (
             "TDH.VP.ENTER latency is TD_ENTRY to TD_EXIT of the same vCPU, time in the guest "
             "included; busy means TDX_OPERAND_BUSY with any operand.",
-            "A batched SEAMCALL row (arg1 = N identical calls) counts as N calls of dur/N.",
+            "A batched SEAMCALL row (arg1 = N identical calls) counts as N calls of dur/N: "
+            "for a leaf with such rows (teardown's BLOCK, TRACK, REMOVE, WBINVD, RECLAIM "
+            "beyond teardown.row_pages), min, percentiles and max are of batch means, "
+            "narrower than the calls' real spread; set teardown.row_pages higher to see it.",
         )
         return AnalyzerResult(metrics=metrics, tables={"by_leaf": table}, notes=notes)
 

@@ -40,9 +40,11 @@ def summary_lines(header: str, outcomes: Sequence[AnalyzerOutcome]) -> list[str]
     max_ns = f("teardown_latency", "max_teardown_ns")
     teardown_ms = f"{int(max_ns) / 1e6:.2f} ms" if max_ns.isdigit() else max_ns
     return [
+        # Not "N BUSYs in M chains": a BUSY KVM does not retry (an AUG whose fault resumes
+        # the guest) is in no chain.
         f"{header}; zero-step incidents: {f('zero_step', 'incidents')}; OPERAND_BUSY: "
-        f"{f('busy_retry', 'busy_total')} in {f('busy_retry', 'chains')} retry chains "
-        f"(longest {f('busy_retry', 'max_chain')})",
+        f"{f('busy_retry', 'busy_total')}; retry chains: {f('busy_retry', 'chains')} "
+        f"(longest {f('busy_retry', 'max_chain')} attempts)",
         f"teardowns: {f('teardown_latency', 'teardowns')} (longest {teardown_ms}), "
         f"HKID leaks: {f('teardown_latency', 'hkid_leaks')}",
         f"MapGPA conversions: {f('mapgpa', 'conversions')}, RETRYs: {f('mapgpa', 'retries')}, "
