@@ -80,7 +80,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     Examples:
       tdxtrace report run.arrow                      # -> reports/run.html
       tdxtrace report run.arrow -o bug-1234.html --force
-      tdxtrace report run.arrow -a zero_step --threshold zero_step.incidents=1:5
+      tdxtrace report run.arrow -a zero_step --threshold zero_step.kvm_caused_incidents=1:5
     """
     thresholds = parse_thresholds(threshold_specs)
     path = output if output is not None else default_report_path(trace_path)
