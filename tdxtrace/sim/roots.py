@@ -212,14 +212,16 @@ class Roots:
         self.log.emit(Kind.PAGE_FAULT, flow=FAULT_FLOW, corr=corr, td=td.index, vcpu=v.index,
                       lp=v.lp, gpa=gpa, rip=v.workload.current.rip, arg0=0x2)
         walk = self.world.costs.step("mmu_walk")
-        td.mmu.acquire_read(lambda: self.sim.after(walk, self._map_shared, v, gpa, corr))
+        seq = td.mmu_invalidate_seq  # the fault's mmu_seq, read before it takes mmu_lock
+        td.mmu.acquire_read(lambda: self.sim.after(walk, self._map_shared, v, gpa, corr, seq))
 
-    def _map_shared(self, v: Vcpu, gpa: int, corr: int) -> None:
+    def _map_shared(self, v: Vcpu, gpa: int, corr: int, seq: int) -> None:
         td = v.td
         root = self._tds[td.index].loaded[v.index]
         gfn = (gpa ^ SHARED_BIT) >> 12
-        # An invalid root makes the fault stale (is_page_fault_stale): re-enter, reload, refault.
-        if root is not None and root.valid:
+        # is_page_fault_stale(): an invalid root, or a zap that ended since the fault began
+        # (its pfn may be the one just zapped), maps nothing: re-enter and fault again.
+        if root is not None and root.valid and seq == td.mmu_invalidate_seq:
             for key in nonleaf_keys(gfn | SHARED_GFN):
                 if key not in root.nonleaf:
                     root.nonleaf.add(key)

@@ -137,6 +137,7 @@ class RootZap:
                                          lambda: self._next_private(gfns, i + 1))
 
     def _finish(self) -> None:
+        self.td.mmu_invalidate_seq += 1  # before the faults waiting on mmu_lock run
         self.td.mmu.release_write()
         self.log.emit(Kind.ZAP_DONE, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
                       td=self.td.index, lp=self.roots.lp, arg0=self.zapped, arg1=self.private)
