@@ -62,6 +62,11 @@ def _phase_row(kind: Kind, *phases: Phase) -> pl.Expr:
     return (pl.col("kind") == int(kind)) & pl.col("sub").is_in([int(p) for p in phases])
 
 
+def _known(count: str) -> pl.Expr:
+    """A count of distinct vCPUs or LPs seen, null when none was: the calls never ran."""
+    return pl.when(pl.col(count) > 0).then(pl.col(count))
+
+
 def per_td_table(rows: pl.DataFrame, instances: pl.DataFrame) -> pl.DataFrame:
     """One row per TD whose teardown started (PHASE TEARDOWN seen), sorted by td."""
     from_rows = rows.group_by("tdk").agg(
@@ -143,8 +148,9 @@ def per_td_table(rows: pl.DataFrame, instances: pl.DataFrame) -> pl.DataFrame:
             pl.col("private_pages").cast(pl.Int64),
             pl.col("private_pages_ns").fill_null(0).cast(pl.Int64),
             per_page.cast(pl.Float64).alias("per_page_ns"),
-            pl.coalesce("vcpus_work", "flushed_vcpus").cast(pl.Int64).alias("vcpus"),
-            pl.coalesce("packages_work", "wb_lps").cast(pl.Int64).alias("packages"),
+            # Null, not 0, when the phase never started (an HKID leaked before CACHE.WB).
+            pl.coalesce("vcpus_work", _known("flushed_vcpus")).cast(pl.Int64).alias("vcpus"),
+            pl.coalesce("packages_work", _known("wb_lps")).cast(pl.Int64).alias("packages"),
             policy.alias("policy"),
             pl.col("hkid_leaked"),
             pl.when(pl.col("hkid_leaked")).then(pl.col("unreturned_pages"))

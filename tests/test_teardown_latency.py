@@ -118,6 +118,7 @@ def test_flushvp_not_done_leaks_the_hkid_and_teardown_never_finishes() -> None:
     result = run_analyzer(ANALYZER, make_trace(rows))
     per_td = result.tables["per_td"].row(0, named=True)
     assert per_td["hkid_leaked"] and not per_td["finished"]
+    assert per_td["packages"] is None  # CACHE.WB never ran: unknown, not 0
     assert per_td["pages_leaked"] == 0  # the private pages were removed before the leak
     phases = result.tables["phases"]
     assert phases.filter(phase="vpflushdone")["status"].to_list() == ["TDX_FLUSHVP_NOT_DONE"]
