@@ -203,13 +203,13 @@ def make_folder(path: Path, *, failure: str = CANNOT_WRITE) -> None:
     One :class:`OutputError` naming ``path`` if that cannot be: a parent that is a file or a
     device, a read-only or special file system, no permission.
     """
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                reason = f"folder {parent} is not a folder"
-                raise OutputError(f"{path}: {failure.format(reason=reason)}")
-            break
     try:
+        for parent in path.parents:
+            if parent.exists():  # raises PermissionError for a folder it may not look into
+                if not parent.is_dir():
+                    reason = f"folder {parent} is not a folder"
+                    raise OutputError(f"{path}: {failure.format(reason=reason)}")
+                break
         os.makedirs(path.parent, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{path}: {failure.format(reason=os_reason(err))}") from None

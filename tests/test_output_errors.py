@@ -209,3 +209,24 @@ def test_an_injected_write_failure_leaves_nothing(tmp_path: Path,
     _one_line_error(_run("record", "fault-storm", *SHORT, "-o", out), out,
                     "cannot write: No space left on device")
     _only(tmp_path)
+
+
+def test_a_folder_it_may_not_look_into_is_one_error(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a user, Path.exists() raises PermissionError under a folder without x permission
+    # (tests run as root, which permissions do not stop: the refusal is injected).
+    from tdxtrace.errors import OutputError
+    from tdxtrace.outputs import make_folder
+
+    locked = tmp_path / "locked"
+    real_exists = Path.exists
+
+    def exists(self: Path, *args: Any, **kwargs: Any) -> bool:
+        if self.is_relative_to(locked) and self != locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    out = locked / "sub" / "demo.arrow"
+    with pytest.raises(OutputError, match=f"^{out}: cannot write: Permission denied$"):
+        make_folder(out)
