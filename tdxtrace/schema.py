@@ -128,7 +128,9 @@ KIND_ARGS: dict[str, str] = {
     "ZAP_DONE": "sub = ZapReason, arg0 = SPTEs zapped, arg1 = private leaves zapped",
     "PHASE": "sub = Phase, td, arg0 = the amount of work (pages, vCPUs, packages)",
     "PHASE_DONE": "sub = Phase, td, dur_ns = phase length, status = the first failure in "
-                  "the phase (0 if none; KVM carries on past a leaked page or a bugged VM)",
+                  "the phase, 0 if none (KVM carries on past a leaked page or a bugged VM); "
+                  "RELEASE_HKID: the status that leaked the HKID; TEARDOWN: the first "
+                  "non-zero status of its phases",
     "VM_BUGGED": "td, leaf, status of the SEAMCALL that made KVM_BUG_ON fire",
     "VCPU_LOAD": "td, vcpu, lp = new LP, arg0 = previous LP (null if none)",
     "GUEST_ACCEPT": "td, vcpu, gpa, level, status",

@@ -4,7 +4,9 @@ kvm_mmu_zap_all_fast invalidates the direct root and kicks the vCPUs; each reloa
 empty root on its next entry, so a shared access faults at once, before the old root's SPTEs
 are torn down. That fault is a refault of the zap: the ground truth counts it, and zap_scope
 dates the zap of the direct root's pages at the ROOT INVALIDATED row. These seeds of
-memslot-churn have such a fault; both used to miss or misplace it.
+memslot-churn have such faults, and the two must still agree there. (Since such a fault
+also maps nothing, being stale, and comes back, the counts alone no longer tell which fault
+is the refault; test_zap_scope.py checks the analyzer's dating on a hand-built trace.)
 """
 
 from __future__ import annotations

@@ -182,3 +182,22 @@ def test_conversions_waiting_on_a_bugged_zap_get_their_answer() -> None:
     _every_zap_ends(rows)
     _no_entry_after_the_bug(rows)
     assert Phase.RECLAIM_TD in _phases_done(rows) and truth["teardowns_finished"] == 1
+
+
+def test_vp_flush_and_cache_wb_phases_name_their_first_failure() -> None:
+    # VP.FLUSH BUSY: TDX_BUG_ON in KVM, the release goes on and VPFLUSHDONE finds the vCPU
+    # still associated. CACHE.WB BUSY: a WARN, then KEY.FREEID fails. RELEASE_HKID names what
+    # leaked the HKID; TEARDOWN the first of its phases' failures.
+    events, _ = run("teardown", *ONE_TD, "faults.spurious_busy_leaf='vp.flush'",
+                    "faults.spurious_busy_p=1.0")
+    rows = _observable(events)
+    flushes = rows.filter((pl.col("kind") == Kind.PHASE_DONE) & (pl.col("sub") == Phase.VP_FLUSH))
+    assert flushes["status"][0] == with_operand(int(Status.OPERAND_BUSY), OperandId.TDVPR)
+    assert _done_status(rows, Phase.RELEASE_HKID) == int(Status.FLUSHVP_NOT_DONE)
+    events, _ = run("teardown", *ONE_TD, "faults.spurious_busy_leaf='phymem.cache.wb'",
+                    "faults.spurious_busy_p=1.0")
+    rows = _observable(events)
+    assert _done_status(rows, Phase.CACHE_WB) == with_operand(int(Status.OPERAND_BUSY),
+                                                              OperandId.KOT)
+    assert _done_status(rows, Phase.RELEASE_HKID) == int(Status.WBCACHE_NOT_COMPLETE)
+    assert _done_status(rows, Phase.TEARDOWN) == int(Status.WBCACHE_NOT_COMPLETE)

@@ -59,6 +59,7 @@ L = Leaf
 FLUSHVP_NOT_DONE = int(Status.FLUSHVP_NOT_DONE)
 RESUMABLE = int(Status.INTERRUPTED_RESUMABLE)
 NO_HKID_READY = int(Status.NO_HKID_READY_TO_WBCACHE)
+NOT_ASSOCIATED = int(Status.VCPU_NOT_ASSOCIATED)
 
 
 @dataclass(frozen=True)
@@ -222,9 +223,10 @@ class Lifecycle:
             self.tdx_lock.release()
             return self._leak(job, start, L.TDH_MNG_VPFLUSHDONE, status)
         wb_start = self.phase(job, Phase.CACHE_WB, len(self.first_lps))
-        yield parallel([self._cache_wb(job, package, target)
+        wb_failures: list[int] = []  # in the order they happened
+        yield parallel([self._cache_wb(job, package, target, wb_failures)
                         for package, target in enumerate(self.first_lps)])
-        self.done(job, Phase.CACHE_WB, wb_start)
+        self.done(job, Phase.CACHE_WB, wb_start, wb_failures[0] if wb_failures else SUCCESS)
         freeid_start = self.phase(job, Phase.KEY_FREEID)
         status = yield self.call(job, L.TDH_MNG_KEY_FREEID, partial(lv.key_freeid, mtd))
         self.done(job, Phase.KEY_FREEID, freeid_start, status)
@@ -245,11 +247,15 @@ class Lifecycle:
 
     def _flush_vcpus(self, job: Job) -> Process:
         start = self.phase(job, Phase.VP_FLUSH, len(job.td.vcpus))
+        failed = SUCCESS  # KVM ignores VCPU_NOT_ASSOCIATED; anything else was a TDX_BUG_ON
         for v in job.td.vcpus:
-            yield partial(self.placement.flush_vp_on_cpu, v, job.corr, job.flow, job.lp)
-        self.done(job, Phase.VP_FLUSH, start)
+            status = yield partial(self.placement.flush_vp_on_cpu, v, job.corr, job.flow,
+                                   job.lp)
+            if status != NOT_ASSOCIATED:
+                failed = failed or status
+        self.done(job, Phase.VP_FLUSH, start, failed)
 
-    def _cache_wb(self, job: Job, package: int, target: int) -> Process:
+    def _cache_wb(self, job: Job, package: int, target: int, failures: list[int]) -> Process:
         """smp_func_do_phymem_cache_wb() on ``target``: resume while INTERRUPTED_RESUMABLE."""
         there, back = self.placement.send_ipi(IpiPurpose.CACHE_WB, job.td.index, None, target,
                                               job.lp, job.corr, job.flow)
@@ -264,6 +270,7 @@ class Lifecycle:
             resume = True
             self.log.count("cache_wb_resumes")
         if status not in (SUCCESS, NO_HKID_READY):  # WARN_ON_ONCE; FREEID will fail
+            failures.append(status)
             self.world.note(f"TD {job.td.index}: TDH.PHYMEM.CACHE.WB on LP {target} "
                             f"returned {status:#x}")
         yield self.sleep(back)
