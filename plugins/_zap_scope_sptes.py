@@ -184,24 +184,32 @@ def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame,
     """One row per zapped page whose next event on the same (td, gfn) is a PAGE_FAULT.
 
     A zapped page is one (zap, td, gfn) with a zapped leaf SPTE, zapped at its first such row;
-    but a zap that invalidates the direct root (ROOT INVALIDATED with the zap's corr: a fast
-    zap) takes the direct root's pages away right then, since a vCPU reloads a new root and
-    faults before the old root's SPTEs are torn down. Installs are not accesses: KVM installs
-    what a fault asked for, and a fault raised before a zap may only finish after it.
-    ``zap_rows`` holds the ROOT rows. Columns: reason, delay_ns (fault ts - zap ts).
+    but a zap that invalidates the direct root (a ROOT INVALIDATED row that belongs to it:
+    same corr, after it and before the corr's next ZAP; a fast zap) takes the direct root's
+    pages away right then, since a vCPU reloads a new root and faults before the old root's
+    SPTEs are torn down. Installs are not accesses: KVM installs what a fault asked for, and
+    a fault raised before a zap may only finish after it. ``zap_rows`` holds the ZAP and ROOT
+    rows. Columns: reason, delay_ns (fault ts - zap ts).
     """
+    # Each invalidation belongs to the latest ZAP of its corr before it, as SPTE rows do
+    # (several zaps may share a corr): the ZAP rows' seq, carried forward per corr.
+    kind = pl.col("kind")
+    invalidation = ((kind == int(Kind.ROOT)) & (pl.col("sub") == int(RootEvent.INVALIDATED))
+                    & (pl.col("arg0") == int(RootKind.DIRECT)))
     invalidated = (
-        zap_rows.filter((pl.col("kind") == int(Kind.ROOT))
-                        & (pl.col("sub") == int(RootEvent.INVALIDATED))
-                        & (pl.col("arg0") == int(RootKind.DIRECT))
-                        & pl.col("corr").is_not_null())
-        .group_by("corr")
+        zap_rows.filter(((kind == int(Kind.ZAP)) | invalidation) & pl.col("corr").is_not_null())
+        .select("seq", "ts_ns", "corr", (kind == int(Kind.ZAP)).alias("_start"))
+        .sort("seq")
+        .with_columns(pl.when("_start").then(pl.col("seq")).forward_fill().over("corr")
+                      .alias("zap_seq"))
+        .filter(~pl.col("_start") & pl.col("zap_seq").is_not_null())
+        .group_by("zap_seq")
         .agg(pl.col("seq").min().alias("_inv_seq"), pl.col("ts_ns").min().alias("_inv_ns"))
         .with_columns(pl.lit(ROOT_NAMES[int(RootKind.DIRECT)]).alias("root_kind"))
     )
     pages = (
         zapped.filter(pl.col("leaf") & pl.col("td").is_not_null())
-        .join(invalidated, on=["corr", "root_kind"], how="left")
+        .join(invalidated, on=["zap_seq", "root_kind"], how="left")
         .group_by("zap_seq", "td", "gfn", "reason")
         .agg(pl.coalesce("_inv_seq", "seq").min().alias("seq"),
              pl.coalesce("_inv_ns", "ts_ns").min().alias("ts_ns"))

@@ -16,7 +16,7 @@ from tdxtrace.codes import (
     OperandId,
     Status,
 )
-from tdxtrace.events import Flow, Kind, Phase, RootEvent, RootKind, ZapReason, ZapScope
+from tdxtrace.events import Flow, Kind, Phase, RootKind, ZapReason, ZapScope
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace_plugins.zap_scope import (
     BUGGED,
@@ -152,57 +152,6 @@ def test_interleaved_zaps_are_attributed_by_corr() -> None:
     rows.done(second, ZapReason.NOTIFIER)
     table = rows.analyze().tables["zaps"]
     assert table.select("reason", "sptes_zapped").rows() == [("conversion", 1), ("notifier", 1)]
-
-
-def test_refault_after_zap() -> None:
-    rows = Rows()
-    rows.fault(5)  # before any zap: not a refault
-    rows.fault(7)
-    corr = rows.zap(ZapReason.CONVERSION, 5, pages=4)
-    zapped_5 = rows.zapped(corr, 5)
-    rows.zapped(corr, 5, root=DIRECT)  # the same page in two roots: one zapped page
-    rows.zapped(corr, 6)  # never touched again
-    rows.zapped(corr, 7)
-    zapped_8 = rows.zapped(corr, 8)
-    rows.done(corr, ZapReason.CONVERSION)
-    again = rows.zap(ZapReason.TRUNCATION, 7)
-    zapped_7 = rows.zapped(again, 7)  # zapped twice before the access: counts once
-    rows.done(again, ZapReason.TRUNCATION)
-    refault_5 = rows.fault(5, shared=True)  # the shared alias of the converted page
-    rows.fault(5)  # a second access: still one refault
-    refault_7 = rows.fault(7)
-    # An install with no fault (a pre-fault, or a fault raised before the zap) is no touch.
-    rows.spte(None, 8, NONPRESENT, present(8), flow=Flow.FAULT)
-    rows.fault(9, td=1)  # another TD
-    result = rows.analyze()
-    assert zapped_8 and result.metrics["refaults"] == 2
-    assert_frame_equal(result.tables["refaults"], frame([
-        ("conversion", 1, refault_5 - zapped_5),
-        ("truncation", 1, refault_7 - zapped_7),
-    ], REFAULTS))
-
-
-def test_a_fast_zap_takes_the_direct_roots_pages_when_it_invalidates_the_root() -> None:
-    # kvm_mmu_zap_all_fast: the root is invalidated and the vCPUs reload a new one; a vCPU
-    # that touches a page then faults before the old root's SPTEs are torn down, and KVM
-    # finishes that fault (the install) after the zap.
-    rows = Rows()
-    corr = rows.zap(ZapReason.NOTIFIER, 0, pages=1 << 20, scope=ZapScope.EVERYTHING)
-    invalidated = rows.add(Kind.ROOT, flow=Flow.ZAP, sub=RootEvent.INVALIDATED, corr=corr,
-                           td=0, arg0=DIRECT, arg2=2)
-    refault = rows.fault(5, shared=True)
-    rows.zapped(corr, 5, root=DIRECT)
-    rows.zapped(corr, 6, root=DIRECT)  # never touched again
-    private = rows.zapped(corr, 7)  # the mirror root is not invalidated: zapped at its row
-    rows.done(corr, ZapReason.NOTIFIER)
-    rows.spte(None, 5, NONPRESENT, present(5), root=DIRECT, flow=Flow.FAULT)
-    refault_7 = rows.fault(7)
-    result = rows.analyze()
-    assert result.metrics["refaults"] == 2
-    delays = (refault - invalidated, refault_7 - private)  # multiples of 100: exact median
-    assert_frame_equal(result.tables["refaults"], frame([
-        ("notifier", 2, sum(delays) // 2),
-    ], REFAULTS))
 
 
 def test_private_leaf_zapped_by_memslot_is_flagged() -> None:
