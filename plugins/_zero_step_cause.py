@@ -134,7 +134,9 @@ def incident_causes(
     incidents: pl.LazyFrame,
     slow_fault_ns: int,
 ) -> pl.DataFrame:
-    """Per incident segment (``seg``): ``cause``, the first rule that holds, in CAUSES order."""
+    """Per incident segment (``seg``): ``cause``, the first rule that holds, in CAUSES order,
+    and ``kvm_caused``: the run had a fault KVM resumed the guest on (RESUME_GUEST), or the
+    contention of causes 1 and 2."""
     # Contention is per (TD, GFN), so faults of TDs without incidents cannot matter: dropping
     # them first keeps the joins below small on a trace of many TDs.
     page_faults = _page_faults(observable).join(
@@ -181,6 +183,7 @@ def incident_causes(
             .any().alias("_attr"),
             (pl.col("refault") | ((pl.col("end_ns") - pl.col("start_ns")) > slow_fault_ns))
             .any().alias("_slow"),
+            resume.fill_null(False).any().alias("_resumed"),
         )
     )
     cause = (
@@ -190,4 +193,7 @@ def incident_causes(
         .when("_slow").then(pl.lit(CAUSES[3]))
         .otherwise(pl.lit(CAUSES[4]))
     )
-    return evidence.select("seg", cause.alias("cause")).collect()
+    # KVM caused it if it handed a fault back to the guest unresolved (RESUME_GUEST) or the
+    # run shows the contention it could have retried through in the host.
+    kvm_caused = pl.col("_frozen") | pl.col("_busy") | pl.col("_resumed")
+    return evidence.select("seg", cause.alias("cause"), kvm_caused.alias("kvm_caused")).collect()

@@ -19,10 +19,10 @@ Rules (observable rows only):
 * A **refault**: a zapped page (one zap, one TD, one GFN = GPA >> 12 with the shared bit 47
   stripped) whose next event on that GFN is a PAGE_FAULT: the guest touched it again. Several
   zaps before a fault count once (the last). A page is zapped at its first zapping row, or,
-  in a zap that invalidates the direct root (a ROOT INVALIDATED row with the zap's corr),
-  at that row for the direct root's pages: the vCPUs reload a new root and fault before
-  the old root's SPTEs are torn down. An SPTE install is not a touch (it finishes a fault,
-  maybe one raised before the zap).
+  in a zap that invalidates the direct root (a ROOT INVALIDATED row of the zap: its corr,
+  before the corr's next ZAP), at that row for the direct root's pages: the vCPUs reload a
+  new root and fault before the old root's SPTEs are torn down. An SPTE install is not a
+  touch (it finishes a fault, maybe one raised before the zap).
 * An **unexpected private zap**: a private leaf zapped by a memslot or mmu_notifier zap while
   the TD runs (not in flow TEARDOWN, not after the TD's teardown began). Private memory
   changes only through conversion or guest_memfd truncation; any other zap makes the guest

@@ -45,8 +45,9 @@ Tables: ``incidents`` (one row per incident, columns above); ``runs_hist`` (run 
 runs, for runs of 2+ faults); ``timeline`` (per vCPU, runs of 2+ faults with state "incident"
 or "fault_run", merged into 100 time bins, so at most 200 rows per vCPU); ``by_vcpu``
 (incidents, faults in them, and all VP.ENTER BUSY|SEPT_TREE returns of each vCPU that had
-either). Metrics: ``incidents``, ``kvm_caused_incidents`` (cause 1 or 2), ``vcpus_affected``,
-``synthesized_exits`` and
+either). Metrics: ``incidents``, ``kvm_caused_incidents`` (incidents with ``kvm_caused``:
+cause 1 or 2, or a fault of the run that KVM handed back to the guest unresolved,
+FAULT_DONE(RESUME_GUEST)), ``vcpus_affected``, ``synthesized_exits`` and
 ``vp_enter_busy_sept`` (sums over incidents), ``other_vcpu_busy_sept`` (distinct calls, even
 when inside two incidents' windows), ``max_run`` (longest run), ``runs`` (runs of 2+ faults).
 
@@ -54,7 +55,7 @@ Why a KVM-caused incident fails the check: with the ``local_retry`` policy KVM r
 RET_PF_RETRY faults inside the host instead of resuming the guest; Sean Christopherson's
 argument for it (LKML, 2024-09-13, "Retry seamcall when TDX_OPERAND_BUSY with operand SEPT"):
 the goal is that "KVM _never_ triggers zero-step, unless there is a bug somewhere", so that
-when it fires KVM can tell a KVM bug from guest interference. An incident of cause 1 or 2
+when it fires KVM can tell a KVM bug from guest interference. A KVM-caused incident
 (``kvm_caused_incidents``) is KVM resuming the guest on a fault it could have retried: a KVM
 bug under ``local_retry``, the expected cost of ``resume_guest`` (the threshold can be relaxed
 from the CLI). The rest are the cases KVM's own comment in tdx_handle_ept_violation() accepts
@@ -94,15 +95,13 @@ from ._zero_step_tables import by_vcpu, runs_hist, timeline
 from ._zero_step_windows import count_points_in_windows, windows_open_at_points
 
 MEM_LEAVES = sorted(int(leaf) for leaf in Leaf if leaf.name.startswith("TDH_MEM_"))
-# Causes that mean KVM resumed the guest on a fault it could have retried in the host.
-KVM_CAUSES = ["frozen_spte_contention", "busy_on_fault_path"]
 
 INCIDENT_SCHEMA: dict[str, pl.DataType] = {
     "td": pl.Int32(), "vcpu": pl.Int32(), "rip": pl.UInt64(), "start_ns": pl.Int64(),
     "armed_ns": pl.Int64(), "end_ns": pl.Int64(), "faults": pl.Int64(),
     "listed_gpas": pl.Int64(), "first_listed_gpa": pl.UInt64(),
     "synthesized_exits": pl.Int64(), "vp_enter_busy_sept": pl.Int64(),
-    "other_vcpu_mem_busy_sept": pl.Int64(), "cause": pl.String(),
+    "other_vcpu_mem_busy_sept": pl.Int64(), "cause": pl.String(), "kvm_caused": pl.Boolean(),
 }
 
 
@@ -146,8 +145,7 @@ class ZeroStep(Analyzer):
         )
         metrics: dict[str, int | float] = {
             "incidents": incidents.height,
-            "kvm_caused_incidents": incidents.filter(
-                pl.col("cause").is_in(KVM_CAUSES)).height,
+            "kvm_caused_incidents": incidents.filter(pl.col("kvm_caused")).height,
             "vcpus_affected": incidents.select(VCPU).unique().height,
             "synthesized_exits": int(incidents.get_column("synthesized_exits").sum()),
             "vp_enter_busy_sept": int(incidents.get_column("vp_enter_busy_sept").sum()),
@@ -207,6 +205,7 @@ class ZeroStep(Analyzer):
                 pl.col("listed_gpas", "synthesized_exits", "vp_enter_busy_sept",
                        "other_vcpu_mem_busy_sept").fill_null(0),
                 pl.col("cause").fill_null("other"),
+                pl.col("kvm_caused").fill_null(False),
             )
         )
         return (

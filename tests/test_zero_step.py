@@ -39,7 +39,7 @@ def test_incident_row_with_listed_gpas_synthesized_exits_and_progress() -> None:
         [{"td": 0, "vcpu": 0, "rip": RIP, "start_ns": times[0], "armed_ns": times[5],
           "end_ns": progress, "faults": 10, "listed_gpas": 2, "first_listed_gpa": 0x7000,
           "synthesized_exits": 2, "vp_enter_busy_sept": 0, "other_vcpu_mem_busy_sept": 0,
-          "cause": "other"}],
+          "cause": "other", "kvm_caused": False}],
         schema=INCIDENT_SCHEMA,
     )
     result = rows.analyze()

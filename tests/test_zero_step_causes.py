@@ -56,7 +56,11 @@ def test_resume_guest_without_contention_is_other() -> None:
     rows.exit(1, OTHER_RIP, 0x5000)
     rows.handle(1, 0x5000, FaultOutcome.MAPPED)  # done before vCPU 0 faults: no overlap
     rows.fault_handled(0, 6, outcome=FaultOutcome.RESUME_GUEST)
-    assert incidents(rows.analyze()).get_column("cause").to_list() == ["other"]
+    result = rows.analyze()
+    assert incidents(result).get_column("cause").to_list() == ["other"]
+    # No contention seen, but KVM handed the faults back to the guest unresolved: its doing.
+    assert incidents(result).get_column("kvm_caused").to_list() == [True]
+    assert result.metrics["kvm_caused_incidents"] == 1
 
 
 def test_cause_busy_on_fault_path_and_frozen_wins_over_busy() -> None:
