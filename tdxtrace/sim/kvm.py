@@ -78,7 +78,7 @@ class KvmTd:
     # The first status a zap of this TD hit a TDX_BUG_ON with (0: none): a teardown's
     # PRIVATE_PAGES phase carries on past it, like KVM, and reports it in its PHASE_DONE.
     zap_error: int = 0
-    # kvm->mmu_invalidate_seq: bumped by every zap of the direct root when it ends. A shared
+    # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
     # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
     mmu_invalidate_seq: int = 0
 

@@ -94,6 +94,8 @@ class ZapPath:
         state = {"zapped": 0}
 
         def finish() -> None:
+            # kvm_mmu_invalidate_end(): shared faults that began before it are stale too.
+            td.mmu_invalidate_seq += 1
             td.mmu.release_write()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=self.lp, arg0=state["zapped"], arg1=state["zapped"])
