@@ -6,6 +6,11 @@ checks it: RETRY with R11 == R12 made no progress (one of the guest's three trie
 inside (R12, R12 + R13) made progress (budget reset), R11 outside [R12, R12 + R13) is a bad R11
 (the guest fails at once). A trace without guest rows (recorded on a host) falls back to the
 host's TDVMCALL<MapGPA> rows; the guest's give-ups are then inferred.
+
+``bad_r11`` counts the conversions the host answered with a bad R11 at least once, including
+one the trace ends in before the guest reads the answer: it is about the host. (The
+emulator's truth ``mapgpa_bad_r11`` counts the guest's BAD_R11 endings, so the two differ by
+such unfinished conversions.)
 """
 
 from __future__ import annotations
