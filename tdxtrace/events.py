@@ -53,7 +53,7 @@ class Kind(IntEnum):
     # --- truth (emulator-internal) ----------------------------------------------------------
     T_ZERO_STEP_ARMED = 100  # the module armed zero-step for this vCPU (rip, gpa)
     T_ZERO_STEP_RESET = 101  # forward progress disarmed an armed vCPU's zero-step state
-    T_ZERO_STEP_GPA = 102  # reserved, not written: a GPA appended to the zero-step list
+    T_ZERO_STEP_GPA = 102  # a GPA was appended to the vCPU's zero-step list (arg0 = length)
     T_LOCK_HOLDER = 103  # who held the lock behind a BUSY (sub operand id, arg0 lp, arg1 leaf)
     T_SEPT_STATE = 104  # reserved, not written: an S-EPT entry changed state
     T_PRIVATE_ZAP_UNEXPECTED = 105  # a private leaf zapped outside conversion/truncation

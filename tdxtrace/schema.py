@@ -140,8 +140,8 @@ KIND_ARGS: dict[str, str] = {
     "T_ZERO_STEP_ARMED": "td, vcpu, rip, gpa, arg0 = faults counted at this RIP",
     "T_ZERO_STEP_RESET": "td, vcpu, rip: an armed vCPU exited at a RIP other than the one "
                          "it entered at, and was disarmed",
-    "T_ZERO_STEP_GPA": "reserved (td, vcpu, gpa, arg0 = list length after appending); not "
-                       "written by this version",
+    "T_ZERO_STEP_GPA": "td, vcpu, rip, gpa: the module appended gpa to the vCPU's zero-step "
+                       "list; arg0 = list length after appending",
     "T_LOCK_HOLDER": "sub = operand id, corr = the BUSY call's corr, arg0 = holder lp, "
                      "arg1 = holder leaf (0x10000 + TDCALL leaf for a guest call), "
                      "arg2 = holder corr",

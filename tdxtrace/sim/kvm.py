@@ -46,6 +46,7 @@ _KIND_T_LOCK_HOLDER = Kind.T_LOCK_HOLDER
 _KIND_T_SYNTHESIZED_EXIT = Kind.T_SYNTHESIZED_EXIT
 _KIND_T_ZERO_STEP_ARMED = Kind.T_ZERO_STEP_ARMED
 _KIND_T_ZERO_STEP_RESET = Kind.T_ZERO_STEP_RESET
+_KIND_T_ZERO_STEP_GPA = Kind.T_ZERO_STEP_GPA
 _KIND_VM_BUGGED = Kind.VM_BUGGED
 
 
@@ -255,14 +256,17 @@ class Kvm:
         if real:
             # The module counts EPT violations on private GPAs only toward zero-step.
             private = reason == EPT_VIOLATION and gpa is not None and not gpa & SHARED_BIT
-            armed, reset = self.module.td_exit(td.module, v.index, rip,
-                                               gpa if private else None)
+            armed, reset, listed = self.module.td_exit(td.module, v.index, rip,
+                                                       gpa if private else None)
             if reset:
                 log.emit(_KIND_T_ZERO_STEP_RESET, td=td.index, vcpu=v.index, rip=rip)
             if armed:
                 log.count("zero_step_incidents")
                 log.emit(_KIND_T_ZERO_STEP_ARMED, td=td.index, vcpu=v.index, rip=rip, gpa=gpa,
                          arg0=6)
+            if listed:
+                log.emit(_KIND_T_ZERO_STEP_GPA, td=td.index, vcpu=v.index, rip=rip, gpa=gpa,
+                         arg0=listed)
         # Positional (EventLog.row, in row order): one per exit, a hot path.
         self.log.row(0, _KIND_TD_EXIT, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp, VP_ENTER,
                      SUCCESS | reason, reason, gpa, None, rip, None, None, None)

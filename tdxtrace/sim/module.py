@@ -271,8 +271,9 @@ class TdxModule:
         return SUCCESS, None
 
     def td_exit(self, td: ModuleTd, vcpu: int, rip: int, private_ept_gpa: int | None
-                ) -> tuple[bool, bool]:
-        """A real TD exit. Returns (armed_now, reset) for the zero-step truth rows."""
+                ) -> tuple[bool, bool, int]:
+        """A real TD exit. Returns (armed_now, reset, list length after appending the GPA, or
+        0 if none was appended) for the zero-step truth rows."""
         mv = td.vcpus[vcpu]
         if mv.in_guest:
             td.refcount[mv.entered_epoch & 1] -= 1
@@ -284,13 +285,14 @@ class TdxModule:
             mv.zs_count = 0
             mv.zs_gpas.clear()
         if private_ept_gpa is None:
-            return False, reset
+            return False, reset, 0
         if mv.zs_count < STEPPING_EPF_THRESHOLD:
             mv.zs_count += 1
-            return mv.zs_count == STEPPING_EPF_THRESHOLD, reset
+            return mv.zs_count == STEPPING_EPF_THRESHOLD, reset, 0
         if private_ept_gpa not in mv.zs_gpas and len(mv.zs_gpas) < EPF_GPA_LIST_SIZE:
             mv.zs_gpas.append(private_ept_gpa)
-        return False, reset
+            return False, reset, len(mv.zs_gpas)
+        return False, reset, 0
 
 
 SEAMCALL_LEAVES_USING_GPA = frozenset({
