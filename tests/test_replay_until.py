@@ -60,6 +60,9 @@ def test_until_a_page_aug_shows_the_pending_page_its_locks_and_frozen_spte(
     assert entry["holder"]["corr"] == row["corr"]
     assert entry["until_ns"] == row["ts_ns"] + row["dur_ns"]
     assert {"level": 0, "gpa": row["gpa"], "corr": row["corr"]} in td["frozen_sptes"]
+    # As text, the level comes with its page size: KVM counts levels from 1 (PG_LEVEL_4K).
+    text = _replay(storm, "--until", str(seq))
+    assert f"{row['gpa']:#x} level 0 (4K) (corr {row['corr']})" in text.stdout, text.stdout
 
 
 def test_until_a_guest_accept_shows_the_page_mapped(storm: Path) -> None:

@@ -102,7 +102,8 @@ def _td_lines(td: dict[str, Any]) -> list[str]:
                  + (", held for write" if mmu["writer"] else ""))
     frozen = td["frozen_sptes"]
     lines.append("  frozen mirror SPTEs: " + (", ".join(
-        f"{f['gpa']:#x} level {f['level']} (corr {f['corr']})" for f in frozen) or "none"))
+        f"{f['gpa']:#x} {_level_text(f['level'])} (corr {f['corr']})" for f in frozen)
+        or "none"))
     for v in td["vcpus"]:
         zs = v["zero_step"]
         assoc = "not associated" if v["associated_lp"] is None else \
@@ -126,3 +127,13 @@ def render_state(state: dict[str, Any]) -> str:
     for td in state["tds"]:
         lines += _td_lines(td)
     return "\n".join(lines)
+
+
+# TDX S-EPT levels, as the trace spells them (0 = 4K); KVM's PG_LEVEL_* is one more.
+_PAGE_SIZES = {0: "4K", 1: "2M", 2: "1G"}
+
+
+def _level_text(level: int) -> str:
+    """``level 0 (4K)``: the page size too, since KVM counts levels from 1."""
+    size = _PAGE_SIZES.get(level)
+    return f"level {level} ({size})" if size else f"level {level}"
