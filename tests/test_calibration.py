@@ -6,23 +6,14 @@ come out within ±25% when the measured per-page cost is extrapolated to the pub
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "calibrate_teardown.py"
+from bench_helpers import load_bench
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("calibrate_teardown", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("calibrate_teardown")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,35 @@
+"""busy_retry's inferred holders, BUSY by BUSY, against the module's (bench/holder_accuracy.py).
+
+The tests compare each OPERAND_BUSY with its T_LOCK_HOLDER truth row, which the aggregate
+check in test_busy_retry.py cannot: there, two wrong names could cancel out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench_helpers import load_bench
+
+from tdxtrace.sim.emulator import record
+from tdxtrace.sim.scenario import load_scenario
+
+
+def _counts(tmp_path: Path, scenario: str, seed: int, *overrides: str) -> dict[str, int]:
+    path = tmp_path / f"{scenario}-{seed}.arrow"
+    record(load_scenario(scenario, list(overrides)), seed, path)
+    counts: dict[str, int] = load_bench("holder_accuracy").holder_counts(path)
+    return counts
+
+
+def test_every_busy_gets_the_modules_holder(tmp_path: Path) -> None:
+    for scenario, seed in (("zero-step", 1), ("zap-under-load", 2), ("demo", 3)):
+        counts = _counts(tmp_path, scenario, seed)
+        assert counts["busy"] > 0, scenario
+        assert counts["right"] == counts["named"] == counts["true"] == counts["busy"], (
+            scenario, counts)
+
+
+def test_an_injected_busy_has_no_true_holder_so_no_name_is_right(tmp_path: Path) -> None:
+    counts = _counts(tmp_path, "fault-storm", 1, "run.duration_us=3000",
+                     "faults.spurious_busy_leaf=mem.page.aug", "faults.spurious_busy_p=0.05")
+    assert counts["busy"] > 0 and counts["true"] == 0 and counts["right"] == 0
