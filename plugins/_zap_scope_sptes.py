@@ -134,6 +134,26 @@ def zapping_spte() -> pl.Expr:
     )
 
 
+def owned_by_zap(rows: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
+    """``rows`` (with seq and corr) and ``zap_seq``: the latest ZAP of their corr before them
+    (a zap's rows share its corr, and several zaps may), null without one."""
+    marks = zaps.filter(pl.col("corr").is_not_null()).select(
+        pl.col("zap_seq").alias("seq"), "corr", "zap_seq", pl.lit(False).alias("_row")
+    )
+    return (
+        pl.concat([marks, rows.with_columns(pl.lit(True).alias("_row"))],
+                  how="diagonal_relaxed")
+        .sort("seq")
+        .with_columns(
+            pl.when(pl.col("corr").is_not_null())
+            .then(pl.col("zap_seq").forward_fill().over("corr"))
+            .alias("zap_seq")
+        )
+        .filter(pl.col("_row"))
+        .drop("_row")
+    )
+
+
 def zapped_sptes(observable: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
     """SPTE_CHANGED rows that zap a present SPTE, each with the zap it belongs to.
 
@@ -155,22 +175,7 @@ def zapped_sptes(observable: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
         .select("seq", "ts_ns", "flow", "corr", "td", "gpa", "gfn", "root_kind", "leaf",
                 "private_leaf")
     )
-    marks = zaps.filter(pl.col("corr").is_not_null()).select(
-        pl.col("zap_seq").alias("seq"), "corr", "zap_seq", pl.lit(False).alias("_row")
-    )
-    rows = zapped.with_columns(pl.lit(True).alias("_row"))
-    owned = (
-        pl.concat([marks, rows], how="diagonal_relaxed")
-        .sort("seq")
-        .with_columns(
-            pl.when(pl.col("corr").is_not_null())
-            .then(pl.col("zap_seq").forward_fill().over("corr"))
-            .alias("zap_seq")
-        )
-        .filter(pl.col("_row"))
-        .drop("_row")
-    )
-    return owned.join(
+    return owned_by_zap(zapped, zaps).join(
         zaps.select("zap_seq", pl.col("td").alias("_zap_td"), "reason"), on="zap_seq",
         how="left",
     ).with_columns(
@@ -179,8 +184,8 @@ def zapped_sptes(observable: pl.LazyFrame, zaps: pl.LazyFrame) -> pl.LazyFrame:
     ).drop("_zap_td")
 
 
-def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame,
-             zap_rows: pl.LazyFrame) -> pl.LazyFrame:
+def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame, zap_rows: pl.LazyFrame,
+             zaps: pl.LazyFrame) -> pl.LazyFrame:
     """One row per zapped page whose next event on the same (td, gfn) is a PAGE_FAULT.
 
     A zapped page is one (zap, td, gfn) with a zapped leaf SPTE, zapped at its first such row;
@@ -188,21 +193,16 @@ def refaults(observable: pl.LazyFrame, zapped: pl.LazyFrame,
     same corr, after it and before the corr's next ZAP; a fast zap) takes the direct root's
     pages away right then, since a vCPU reloads a new root and faults before the old root's
     SPTEs are torn down. Installs are not accesses: KVM installs what a fault asked for, and
-    a fault raised before a zap may only finish after it. ``zap_rows`` holds the ZAP and ROOT
-    rows. Columns: reason, delay_ns (fault ts - zap ts).
+    a fault raised before a zap may only finish after it. ``zap_rows`` holds the ROOT rows,
+    ``zaps`` is :func:`zap_ops`. Columns: reason, delay_ns (fault ts - zap ts).
     """
-    # Each invalidation belongs to the latest ZAP of its corr before it, as SPTE rows do
-    # (several zaps may share a corr): the ZAP rows' seq, carried forward per corr.
-    kind = pl.col("kind")
-    invalidation = ((kind == int(Kind.ROOT)) & (pl.col("sub") == int(RootEvent.INVALIDATED))
-                    & (pl.col("arg0") == int(RootKind.DIRECT)))
+    invalidations = zap_rows.filter(
+        (pl.col("kind") == int(Kind.ROOT)) & (pl.col("sub") == int(RootEvent.INVALIDATED))
+        & (pl.col("arg0") == int(RootKind.DIRECT)) & pl.col("corr").is_not_null()
+    ).select("seq", "ts_ns", "corr")
     invalidated = (
-        zap_rows.filter(((kind == int(Kind.ZAP)) | invalidation) & pl.col("corr").is_not_null())
-        .select("seq", "ts_ns", "corr", (kind == int(Kind.ZAP)).alias("_start"))
-        .sort("seq")
-        .with_columns(pl.when("_start").then(pl.col("seq")).forward_fill().over("corr")
-                      .alias("zap_seq"))
-        .filter(~pl.col("_start") & pl.col("zap_seq").is_not_null())
+        owned_by_zap(invalidations, zaps)  # an invalidation belongs to a zap as SPTE rows do
+        .filter(pl.col("zap_seq").is_not_null())
         .group_by("zap_seq")
         .agg(pl.col("seq").min().alias("_inv_seq"), pl.col("ts_ns").min().alias("_inv_ns"))
         .with_columns(pl.lit(ROOT_NAMES[int(RootKind.DIRECT)]).alias("root_kind"))

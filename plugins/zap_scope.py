@@ -107,8 +107,8 @@ class ZapScopeAnalyzer(Analyzer):
     def analyze(self, trace: Trace) -> AnalyzerResult:
         # One pass keeps the rows the helpers read five times (zaps, the SPTE changes that
         # zap, phases, bugs: few next to the trace), since each lazy read of
-        # trace.observable() would decode the file again. The accesses that may refault
-        # (every fault and SPTE install) are read apart by refaults(), for zapped pages only.
+        # trace.observable() would decode the file again. The faults that may be refaults
+        # (every PAGE_FAULT) are read apart by refaults(), for zapped pages only.
         observable = trace.observable().select(self.columns)
         zap_rows = (
             observable.filter(pl.col("kind").is_in(READ_KINDS) | zapping_spte())
@@ -132,7 +132,7 @@ class ZapScopeAnalyzer(Analyzer):
         zap_table = totals.sort("start_ns", "zap_seq").with_columns(
             (pl.col("batched_private") + pl.col("batched_other")).alias("batched")
         )
-        refault_rows = refaults(observable, zapped, zap_rows)
+        refault_rows = refaults(observable, zapped, zap_rows, zaps)
         refault_table = _typed(
             zapped.filter(pl.col("leaf")).select("reason").unique()
             .join(refault_rows.group_by("reason").agg(
