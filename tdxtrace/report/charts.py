@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import polars as pl
 from markupsafe import Markup
 
-from tdxtrace.codes import LEAF_NAMES
+from tdxtrace.codes import LEAF_NAMES, Leaf
 from tdxtrace.report import svg
 from tdxtrace.report.formatting import format_int, format_ns, slug, truncate_text
 from tdxtrace.report.timeline import timeline_chart
@@ -161,7 +161,7 @@ def _leaf_label(value: object) -> str:
     return str(value)
 
 
-VP_ENTER_NAME = "TDH.VP.ENTER"
+VP_ENTER_NAME = LEAF_NAMES[int(Leaf.TDH_VP_ENTER)]
 # The SEAMCALL returns at the TD exit, so its latency is mostly the guest running.
 VP_ENTER_NOTE = ("TDH.VP.ENTER lasts from TD entry to TD exit: its bar is mostly time in the "
                  "guest, not in the TDX module.")
