@@ -17,7 +17,7 @@ from typing import Any
 
 from tdxtrace.codes import STEPPING_EPF_THRESHOLD, leaf_name, operand_name, tdcall_name
 from tdxtrace.events import GUEST_LEAF_BASE, SeptState
-from tdxtrace.sim.kvm import KvmTd
+from tdxtrace.sim.kvm_state import KvmTd
 from tdxtrace.sim.locks import Holder, SharexLock
 from tdxtrace.sim.module import ModuleTd
 from tdxtrace.sim.world import World

@@ -28,7 +28,8 @@ from tdxtrace.sim.mmu import FROZEN, NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS, nonleaf_keys
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import Kvm, Vcpu
+    from tdxtrace.sim.kvm import Kvm
+    from tdxtrace.sim.kvm_state import Vcpu
     from tdxtrace.sim.world import World
 
 SEPT_ADD = int(Leaf.TDH_MEM_SEPT_ADD)

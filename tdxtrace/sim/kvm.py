@@ -12,14 +12,12 @@ module's answer in both places, so KVM handles it exactly as it would a real one
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, is_busy, leaf_name
 from tdxtrace.events import Flow, KickReason, Kind
-from tdxtrace.sim.guest import Workload
-from tdxtrace.sim.mmu import MirrorRoot, MmuLock
-from tdxtrace.sim.module import SUCCESS, Busy, ModuleTd, TdxModule
+from tdxtrace.sim.kvm_state import KvmTd, Vcpu
+from tdxtrace.sim.module import SUCCESS, Busy, TdxModule
 from tdxtrace.sim.roots_guest import SHARED_BIT
 
 if TYPE_CHECKING:
@@ -48,40 +46,6 @@ _KIND_T_ZERO_STEP_ARMED = Kind.T_ZERO_STEP_ARMED
 _KIND_T_ZERO_STEP_RESET = Kind.T_ZERO_STEP_RESET
 _KIND_T_ZERO_STEP_GPA = Kind.T_ZERO_STEP_GPA
 _KIND_VM_BUGGED = Kind.VM_BUGGED
-
-
-@dataclass(slots=True)  # slotted: its fields are read on every simulation step
-class Vcpu:
-    td: KvmTd
-    index: int
-    lp: int
-    workload: Workload
-    run_corr: int | None = None  # corr shared by a chain of BUSY-retried VP.ENTERs
-    in_guest: bool = False
-    token: int = 0  # bumped to cancel the guest's scheduled next step (kick, stop)
-    next_timer: int = 0
-    stopped: bool = False
-    cpu: int = -1  # KVM's vcpu->cpu: the LP it was last loaded on (-1: never, or flushed)
-    migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
-
-
-@dataclass(slots=True)
-class KvmTd:
-    index: int
-    module: ModuleTd
-    mirror: MirrorRoot
-    mmu: MmuLock = field(default_factory=MmuLock)
-    vcpus: list[Vcpu] = field(default_factory=list)
-    wait_for_sept_zap: bool = False
-    bugged: bool = False
-    spin_free_at: int = 0  # seamcall_spinlock policy: when the per-TD spinlock is free
-    zapped_gfns: set[int] = field(default_factory=set)  # for refault accounting
-    # The first status a zap of this TD hit a TDX_BUG_ON with (0: none): a teardown's
-    # PRIVATE_PAGES phase carries on past it, like KVM, and reports it in its PHASE_DONE.
-    zap_error: int = 0
-    # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
-    # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
-    mmu_invalidate_seq: int = 0
 
 
 class Kvm:

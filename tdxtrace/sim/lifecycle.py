@@ -52,7 +52,8 @@ from tdxtrace.sim.td_create import create_td
 from tdxtrace.sim.teardown_pages import Page, PageWork
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import KvmTd, Preset
+    from tdxtrace.sim.kvm import Preset
+    from tdxtrace.sim.kvm_state import KvmTd
     from tdxtrace.sim.world import World
 
 L = Leaf

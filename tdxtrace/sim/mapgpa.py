@@ -39,7 +39,7 @@ from tdxtrace.sim.mapgpa_vmm import Conversion, MapGpaVmm
 from tdxtrace.sim.roots_guest import GPA_LIMIT, SHARED_BIT, gfn_range
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import Vcpu
+    from tdxtrace.sim.kvm_state import Vcpu
     from tdxtrace.sim.scenario import Scenario
     from tdxtrace.sim.world import World
 

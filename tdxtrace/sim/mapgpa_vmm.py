@@ -33,7 +33,7 @@ from tdxtrace.codes import (
 from tdxtrace.events import Flow, Kind
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import Vcpu
+    from tdxtrace.sim.kvm_state import Vcpu
     from tdxtrace.sim.world import World
 
 VMM_VARIANTS = ("complete", "partial", "no_progress", "bad_r11", "reject")

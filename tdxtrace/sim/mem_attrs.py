@@ -34,7 +34,7 @@ from tdxtrace.codes import (
 from tdxtrace.events import FaultOutcome, Flow, Kind, ZapReason, ZapScope
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import KvmTd, Vcpu
+    from tdxtrace.sim.kvm_state import KvmTd, Vcpu
     from tdxtrace.sim.world import World
 
 FLOW = int(Flow.FAULT)

@@ -25,7 +25,7 @@ from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_teardown import LifecycleLeaves
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import Vcpu
+    from tdxtrace.sim.kvm_state import Vcpu
     from tdxtrace.sim.world import World
 
 VP_FLUSH = int(Leaf.TDH_VP_FLUSH)

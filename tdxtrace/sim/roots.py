@@ -47,7 +47,7 @@ from tdxtrace.sim.roots_guest import SHARED_BIT, SHARED_GFN, SharedMix
 from tdxtrace.sim.roots_zap import RootZap
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import KvmTd, Vcpu
+    from tdxtrace.sim.kvm_state import KvmTd, Vcpu
     from tdxtrace.sim.scenario import Scenario
     from tdxtrace.sim.world import World
 

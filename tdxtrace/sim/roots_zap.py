@@ -18,7 +18,7 @@ from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.roots_guest import SHARED_BIT, SHARED_GFN
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import KvmTd
+    from tdxtrace.sim.kvm_state import KvmTd
     from tdxtrace.sim.roots import DirectRoot, Roots
 
 ZAP_FLOW = int(Flow.ZAP)
@@ -137,8 +137,7 @@ class RootZap:
                                          lambda: self._next_private(gfns, i + 1))
 
     def _finish(self) -> None:
-        self.td.mmu_invalidate_seq += 1  # before the faults waiting on mmu_lock run
-        self.td.mmu.release_write()
+        self.td.end_zap()
         self.log.emit(Kind.ZAP_DONE, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
                       td=self.td.index, lp=self.roots.lp, arg0=self.zapped, arg1=self.private)
         if self.then is not None:

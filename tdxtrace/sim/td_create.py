@@ -22,7 +22,7 @@ from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_teardown import TDCS_PAGES, TDVPS_PAGES
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import KvmTd
+    from tdxtrace.sim.kvm_state import KvmTd
     from tdxtrace.sim.lifecycle import Lifecycle
     from tdxtrace.sim.process import Process
 

@@ -21,7 +21,8 @@ from tdxtrace.sim.fault import FaultPath
 from tdxtrace.sim.faults import FaultPlan
 from tdxtrace.sim.guest import Workload
 from tdxtrace.sim.kernel import RandomStreams, Simulator
-from tdxtrace.sim.kvm import Kvm, KvmTd, Vcpu
+from tdxtrace.sim.kvm import Kvm
+from tdxtrace.sim.kvm_state import KvmTd, Vcpu
 from tdxtrace.sim.lifecycle import Lifecycle
 from tdxtrace.sim.mapgpa import MapGpa
 from tdxtrace.sim.mem_attrs import MemoryAttributes

@@ -35,7 +35,8 @@ from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS
 
 if TYPE_CHECKING:
-    from tdxtrace.sim.kvm import Kvm, KvmTd, Preset
+    from tdxtrace.sim.kvm import Kvm, Preset
+    from tdxtrace.sim.kvm_state import KvmTd
     from tdxtrace.sim.world import World
 
 BLOCK = int(Leaf.TDH_MEM_RANGE_BLOCK)
@@ -94,9 +95,7 @@ class ZapPath:
         state = {"zapped": 0}
 
         def finish() -> None:
-            # kvm_mmu_invalidate_end(): shared faults that began before it are stale too.
-            td.mmu_invalidate_seq += 1
-            td.mmu.release_write()
+            td.end_zap()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=self.lp, arg0=state["zapped"], arg1=state["zapped"])
             if then is not None:

@@ -1,0 +1,52 @@
+"""KVM's state of one TD and of each of its vCPUs (the run loop is :mod:`.kvm`).
+
+Slotted dataclasses: their fields are read on every simulation step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tdxtrace.sim.guest import Workload
+from tdxtrace.sim.mmu import MirrorRoot, MmuLock
+from tdxtrace.sim.module import ModuleTd
+
+
+@dataclass(slots=True)  # slotted: its fields are read on every simulation step
+class Vcpu:
+    td: KvmTd
+    index: int
+    lp: int
+    workload: Workload
+    run_corr: int | None = None  # corr shared by a chain of BUSY-retried VP.ENTERs
+    in_guest: bool = False
+    token: int = 0  # bumped to cancel the guest's scheduled next step (kick, stop)
+    next_timer: int = 0
+    stopped: bool = False
+    cpu: int = -1  # KVM's vcpu->cpu: the LP it was last loaded on (-1: never, or flushed)
+    migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
+
+
+@dataclass(slots=True)
+class KvmTd:
+    index: int
+    module: ModuleTd
+    mirror: MirrorRoot
+    mmu: MmuLock = field(default_factory=MmuLock)
+    vcpus: list[Vcpu] = field(default_factory=list)
+    wait_for_sept_zap: bool = False
+    bugged: bool = False
+    spin_free_at: int = 0  # seamcall_spinlock policy: when the per-TD spinlock is free
+    zapped_gfns: set[int] = field(default_factory=set)  # for refault accounting
+    # The first status a zap of this TD hit a TDX_BUG_ON with (0: none): a teardown's
+    # PRIVATE_PAGES phase carries on past it, like KVM, and reports it in its PHASE_DONE.
+    zap_error: int = 0
+    # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
+    # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
+    mmu_invalidate_seq: int = 0
+
+    def end_zap(self) -> None:
+        """A runtime zap ends (kvm_mmu_invalidate_end()): mmu_invalidate_seq moves, then the
+        faults waiting on its mmu_lock run and see it."""
+        self.mmu_invalidate_seq += 1
+        self.mmu.release_write()
