@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from tdxtrace.errors import TdxtraceError
 from tdxtrace.plugins import load_analyzers, make_plugin_manager
 from tdxtrace.sim.emulator import record
 from tdxtrace.sim.scenario import load_scenario
-from tdxtrace.trace import open_trace
+from tdxtrace.trace import Trace, open_trace
 
 
 def _outcomes(path: Path, budget_mb: str, monkeypatch: pytest.MonkeyPatch) -> dict:  # type: ignore[type-arg]
@@ -131,3 +132,21 @@ def test_trace_shared_builds_once_in_memory_and_every_time_from_the_file(
     built.clear()
     from_file = open_trace(trace_file)  # streams: keeping values could hold gigabytes
     assert [from_file.shared("k", build) for _ in range(2)] == [1, 2]
+
+
+def test_a_shared_value_may_be_built_from_another(trace_file: Path) -> None:
+    # busy_retry's exit segments are built from the shared VP.ENTER pairs: a build asking for
+    # another key must not wait on the lock its own caller holds. Run in a thread, so that a
+    # regression fails here instead of hanging the suite.
+    trace = open_trace(trace_file, keep_decoded=True)
+
+    def rows(of: Trace) -> int:
+        return of.num_events()
+
+    got: list[int] = []
+    worker = threading.Thread(target=lambda: got.append(
+        trace.shared("twice", lambda of: 2 * of.shared("rows", rows))), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert got == [2000], "Trace.shared deadlocked on a nested build"
+    assert trace.shared("rows", rows) == 1000

@@ -51,7 +51,7 @@ class Trace:
         self._num_events = num_events
         self._layout = layout
         self._shared: dict[str, Any] = {}
-        self._shared_lock = threading.Lock()
+        self._shared_lock = threading.RLock()  # a build may ask for another shared value
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path else "in memory"
@@ -86,6 +86,7 @@ class Trace:
         value; a trace read from its file builds it on every call, since keeping it could hold
         gigabytes across analyzers that stream the file to save memory. ``key`` names the
         value and how it was built (say ``"my_plugin.thing"``): one key, one ``build``.
+        A ``build`` may itself ask for other shared values (not for its own key).
         """
         if self._layout.kind not in ("decoded", "memory"):
             return build(self)
