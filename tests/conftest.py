@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -49,3 +51,21 @@ def trace_file(tmp_path: Path, events_frame: pl.DataFrame, run_metadata: RunMeta
     write_events(path, events_frame, run_metadata, truth={"zero_step_armed": 3},
                  batch_rows=100)
     return path
+
+
+def default_sigint() -> None:
+    """A child's ``preexec_fn``: SIGINT back to its default. A shell running the tests in the
+    background (``&``, ``nohup``) leaves SIGINT ignored, and a Python started so never turns
+    it into KeyboardInterrupt: a test of Ctrl-C would then fail for the wrong reason."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_delivered() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in this process for the test, even when the shell that
+    started pytest left SIGINT ignored (see :func:`default_sigint`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 
 import tdxtrace
 
@@ -53,7 +54,7 @@ PACKAGE_DIR = str(Path(tdxtrace.__file__).parent)
     "tdxtrace.commands.replay_cmd"])
 def test_ctrl_c_during_any_import_of_the_console_script_is_one_line(module: str) -> None:
     done = subprocess.run([sys.executable, "-c", TRIPPED_SCRIPT, module, "--version"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert (done.returncode, done.stderr) == (130, "tdxtrace: interrupted\n")
     assert done.stdout == ""
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 
 LONG = ("--set", "run.duration_us=3600000000")  # an hour of simulated time: never finishes
 FIRST_BATCHES_BYTES = 200_000  # the schema is ~5 KB; one batch of 64 Ki events is more
@@ -31,11 +32,6 @@ def _tdxtrace(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _start(args: list[str | Path], cwd: Path) -> subprocess.Popen[str]:
-    # SIGINT back to its default in the child: a shell running this in the background may
-    # have left it ignored, and Python then never turns it into KeyboardInterrupt.
-    def default_sigint() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     return subprocess.Popen([sys.executable, "-m", "tdxtrace", *map(str, args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
@@ -204,6 +200,7 @@ def test_a_report_interrupted_while_writing_leaves_no_html(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.usefixtures("sigint_delivered")
 def test_ctrl_c_while_a_trace_is_being_finished_waits_for_the_rename(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The signal lands inside close(), between writing the footer and the rename: it is
