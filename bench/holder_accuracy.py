@@ -10,7 +10,9 @@ matched with its truth row by corr and order within the corr, and the inferred h
 compared with the true one:
 
 * precision = right / named (of the BUSYs busy_retry names a holder for, how many are right);
-* recall = right / with a true holder (of the BUSYs that had one, how many it named rightly).
+* recall = right / with a true holder (of the BUSYs that had one, how many it named rightly);
+* no holder / named anyway: the BUSYs with no truth row (injected by ``faults.spurious_busy_*``:
+  no call held anything) and how many of them busy_retry still put on some call.
 
 Built-in scenarios only, recorded into a temporary folder; nothing is asserted (the figures go
 to the README). PREVIOUS_TLB_EPOCH_BUSY has no truth row and is left out.
@@ -56,8 +58,19 @@ def holder_counts(path: Path) -> dict[str, int]:
     pairs = _ranked(inferred, "start_seq").join(
         _ranked(truth, "seq"), on=["corr", "k"], how="left", nulls_equal=True)
     right = pairs.filter(pl.col("holder_leaf") == pl.col("true_leaf")).height
+    unowned = pairs.filter(pl.col("true_leaf").is_null())
     return {"busy": pairs.height, "named": pairs["holder_leaf"].drop_nulls().len(),
-            "true": pairs["true_leaf"].drop_nulls().len(), "right": right}
+            "true": pairs["true_leaf"].drop_nulls().len(), "right": right,
+            "unowned": unowned.height, "unowned_named": unowned["holder_leaf"].drop_nulls().len()}
+
+
+KEYS = ("busy", "named", "true", "right", "unowned", "unowned_named")
+
+
+def _row(name: str, sums: dict[str, int]) -> str:
+    return (f"{name:16} {sums['busy']:6} {sums['named']:6} {sums['true']:6} {sums['right']:6} "
+            f"{_ratio(sums['right'], sums['named']):>9} {_ratio(sums['right'], sums['true']):>7} "
+            f"{sums['unowned']:9} {sums['unowned_named']:12}")
 
 
 def _ratio(num: int, den: int) -> str:
@@ -79,11 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.scenario or list(builtin_names())
     print(f"{'scenario':16} {'BUSY':>6} {'named':>6} {'true':>6} {'right':>6} "
-          f"{'precision':>9} {'recall':>7}")
-    total = {"busy": 0, "named": 0, "true": 0, "right": 0}
+          f"{'precision':>9} {'recall':>7} {'no holder':>9} {'named anyway':>12}")
+    total = dict.fromkeys(KEYS, 0)
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            sums = {"busy": 0, "named": 0, "true": 0, "right": 0}
+            sums = dict.fromkeys(KEYS, 0)
             for seed in _seeds(args.seeds):
                 path = Path(folder) / f"{name}-{seed}.arrow"
                 record(load_scenario(name, args.overrides), seed, path, force=True)
@@ -92,12 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path.unlink()
             for key, value in sums.items():
                 total[key] += value
-            print(f"{name:16} {sums['busy']:6} {sums['named']:6} {sums['true']:6} "
-                  f"{sums['right']:6} {_ratio(sums['right'], sums['named']):>9} "
-                  f"{_ratio(sums['right'], sums['true']):>7}")
-    print(f"{'all':16} {total['busy']:6} {total['named']:6} {total['true']:6} "
-          f"{total['right']:6} {_ratio(total['right'], total['named']):>9} "
-          f"{_ratio(total['right'], total['true']):>7}")
+            print(_row(name, sums))
+    print(_row("all", total))
     return 0
 
 

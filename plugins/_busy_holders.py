@@ -3,7 +3,9 @@
 *Holders* (who held the contended resource) are inferred from the contention matrix of the
 TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call of a leaf that
 takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [start, end)
-covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT. A call that
+covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT, and a VP.ENTER
+holds the S-EPT tree only when ``stepping`` (its vCPU's zero-step GPA list was non-empty: the
+module takes the tree lock on entry then, §5.1). A call that
 returned BUSY or PREVIOUS_TLB_EPOCH_BUSY took no lock and holds nothing; one that returned
 INTERRUPTED_RESUMABLE (a CACHE.WB sub-block) took its locks and did part of its work, so it
 holds like any other call.
@@ -124,7 +126,7 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
     calls_of_holders = pl.concat([
         _covering_some(frame, queries.get_column("start_ns")).lazy().select(
             "start_seq", "start_ns", "end_ns", "td", "vcpu", "gpa",
-            pl.col("leaf_id").alias("holder_leaf"), "contended",
+            pl.col("leaf_id").alias("holder_leaf"), "contended", "stepping",
         ).filter(pl.col("holder_leaf").is_in(holder_leaves) & ~pl.col("contended")
                  & (pl.col("end_ns") > pl.col("start_ns")))
         for frame in (all_calls, accepts)
@@ -144,7 +146,10 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
             .drop("first_q", "last_q")
             .join(scoped.lazy().select("op_key", "holder_leaf", "scope").unique(),
                   on="holder_leaf"))
-    intervals = _scoped(pl.concat(near)).join(
+    # VP.ENTER takes the S-EPT tree only while its vCPU's zero-step GPA list is non-empty.
+    sept_free_entry = (pl.col("holder_leaf") == int(L.TDH_VP_ENTER)) & (
+        pl.col("op_key") == int(_O.SEPT_TREE)) & ~pl.col("stepping")
+    intervals = _scoped(pl.concat(near).filter(~sept_free_entry)).join(
         groups.lazy(), on=[*HOLDER_KEY, "scope"], nulls_equal=True,
     ).filter(covering).collect()
     sweep = pl.concat([

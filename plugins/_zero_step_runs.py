@@ -17,9 +17,9 @@ from tdxtrace.codes import (
     OperandId,
     Status,
 )
-from tdxtrace.events import Kind
+from tdxtrace.trace import Trace
 
-from ._vp_enter import vcpu_key
+from ._vp_enter import vcpu_key, vp_enter_pairs
 
 # Bit 47 is the shared bit of a TD with 4-level S-EPT (GPAW 48); a GPA with it clear is private.
 SHARED_BIT = 1 << 47
@@ -35,20 +35,17 @@ def u64(value: int) -> pl.Expr:
     return pl.lit(value, dtype=pl.UInt64)
 
 
-def td_exits(observable: pl.LazyFrame) -> pl.LazyFrame:
+def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
     """Every TD_EXIT of a known vCPU, classified, sorted by (vkey, seq).
 
+    ``pairs`` are the TD_EXIT rows in seq order (``_vp_enter.vp_enter_pairs``).
     ``real``: VP.ENTER entered the guest (not the BUSY pseudo-exit with reason -1u);
     ``private_ept``: an EPT violation on a private GPA (the only exits the module counts);
     ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE.
     """
     reason = pl.col("exit_reason")
     return (
-        observable.filter(
-            (pl.col("kind") == int(Kind.TD_EXIT))
-            & pl.col("td").is_not_null()
-            & pl.col("vcpu").is_not_null()
-        )
+        pairs.filter(pl.col("td").is_not_null() & pl.col("vcpu").is_not_null())
         .select(
             "seq", "ts_ns", "td", "vcpu", "rip", "gpa",
             vcpu_key(),
@@ -88,6 +85,36 @@ def segment_exits(exits: pl.LazyFrame) -> pl.LazyFrame:
         )
         .drop("_faults")
     )
+
+
+def exit_segments(trace: Trace) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`td_exits` and :func:`segment_exits` of the trace's exits, from the shared VP.ENTER
+    pairs; built once per trace in memory (zero_step and busy_retry both read them)."""
+    def build(of: Trace) -> tuple[pl.DataFrame, pl.DataFrame]:
+        exits = td_exits(vp_enter_pairs(of).lazy()).collect()
+        return exits, segment_exits(exits.lazy()).collect()
+
+    return trace.shared("tdxtrace_plugins.exit_segments", build)
+
+
+def stepping_at(calls: pl.DataFrame, segmented: pl.DataFrame) -> pl.Series:
+    """For each of ``calls`` (td, vcpu, start_seq), whether its vCPU's zero-step GPA list was
+    non-empty then: the vCPU's latest real exit before ``start_seq`` was the 7th or a later
+    private EPT violation of its run. That is when TDH.VP.ENTER takes the S-EPT tree lock
+    (§5.1). Only the few vCPUs that ever listed a GPA are looked up (an as-of join)."""
+    listing = pl.col("fault_no") > STEPPING_EPF_THRESHOLD
+    vkeys = segmented.filter(listing).get_column("vkey").unique()
+    keyed = calls.select(vcpu_key(), "start_seq").with_row_index("_row")
+    wanted = keyed.filter(pl.col("vkey").is_in(vkeys.implode()))
+    flags = pl.repeat(False, calls.height, dtype=pl.Boolean, eager=True).alias("stepping")
+    if wanted.height:
+        marks = segmented.filter(pl.col("vkey").is_in(vkeys.implode())).select(
+            "vkey", pl.col("seq").alias("_exit_seq"), listing.alias("stepping")).sort("_exit_seq")
+        found = wanted.sort("start_seq").join_asof(
+            marks, left_on="start_seq", right_on="_exit_seq", by="vkey", strategy="backward",
+            allow_exact_matches=False, check_sortedness=False).filter(pl.col("stepping"))
+        flags = flags.scatter(found.get_column("_row"), True)
+    return flags
 
 
 def assign_segments(segmented: pl.LazyFrame, rows: pl.LazyFrame) -> pl.LazyFrame:

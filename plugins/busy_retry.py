@@ -38,8 +38,11 @@ both ``lost_ns`` and ``resume_ns``.
 *Holders* (who held the contended resource) are inferred from the contention matrix of the
 TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call of a leaf that
 takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [start, end)
-covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT. A call that
-returned INTERRUPTED_RESUMABLE took its locks, so it can be a holder; a BUSY call cannot.
+covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT; a VP.ENTER
+holds the S-EPT tree only while its vCPU is *stepping* (its zero-step GPA list is non-empty,
+as zero_step reconstructs it: from the 7th private EPT violation at one RIP until progress),
+since only then does the module take that lock on entry. A call that returned
+INTERRUPTED_RESUMABLE took its locks, so it can be a holder; a BUSY call cannot.
 """
 
 from __future__ import annotations
@@ -69,13 +72,15 @@ from ._status import (
 )
 from ._values import unsigned
 from ._vp_enter import vp_enter_pairs
+from ._zero_step_runs import exit_segments, stepping_at
 
 MAX_ROWS = 100
 
 
 # --- calls ------------------------------------------------------------------------------------
 def calls(trace: Trace, events: pl.LazyFrame) -> pl.DataFrame:
-    """SEAMCALLs and VP.ENTER attempts with one shape: start/end, ids, status, target.
+    """SEAMCALLs and VP.ENTER attempts with one shape: start/end, ids, status, target, and
+    ``stepping`` (a VP.ENTER of a vCPU whose zero-step GPA list was non-empty).
 
     ``start_seq`` (the seq of the row the call starts at) identifies a call. The two kinds
     are collected one after the other, so a trace streamed from its file never holds the
@@ -99,6 +104,9 @@ def calls(trace: Trace, events: pl.LazyFrame) -> pl.DataFrame:
         pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
         pl.lit(None, pl.UInt64).alias("gpa"), pl.lit(None, pl.UInt64).alias("target"),
     ).collect()
+    # Under the zero-step mitigation VP.ENTER takes the S-EPT tree lock (the holder rules).
+    seamcalls = seamcalls.with_columns(pl.lit(False).alias("stepping"))
+    vp_enters = vp_enters.with_columns(stepping_at(vp_enters, exit_segments(trace)[1]))
     cls = status_class(pl.col("status"))
     return pl.concat([seamcalls, vp_enters], rechunk=False).with_columns(
         cls.is_in(CONTENTION_CLASSES).fill_null(False).alias("contended"),
@@ -113,8 +121,8 @@ def guest_accepts(events: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("ts_ns").alias("start_ns"), pl.col("seq").alias("start_seq"),
         (pl.col("ts_ns") + pl.col("dur_ns")).alias("end_ns"), "td", "vcpu", "corr",
         "flow", pl.lit(GUEST_ACCEPT, pl.Int64).alias("leaf_id"), "status", "gpa",
-        pl.col("gpa").alias("target"), pl.lit(False).alias("contended"),
-        pl.lit(False).alias("interrupted"),
+        pl.col("gpa").alias("target"), pl.lit(False).alias("stepping"),
+        pl.lit(False).alias("contended"), pl.lit(False).alias("interrupted"),
     )
 
 
@@ -159,7 +167,7 @@ class BusyRetry(Analyzer):
         "resume chains")
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "dur_ns", "kind", "flow", "corr", "td", "vcpu", "lp", "leaf", "status",
-        "gpa", "arg0")
+        "exit_reason", "gpa", "rip", "arg0")
     key_metrics: ClassVar[tuple[str, ...]] = ("busy_total", "chains", "max_chain")
     thresholds: ClassVar[dict[str, tuple[float, float]]] = {
         "livelock_candidates": (1, 10), "gave_up": (1, 1), "resume_gave_up": (1, 1)}
@@ -225,8 +233,11 @@ class BusyRetry(Analyzer):
             f"candidates: length >= {self.livelock_length} or more than "
             f"{self.livelock_lost_ns} ns lost.",
             "Holders are inferred from the contention matrix and call intervals; VP.ENTER "
-            "holds from TD_ENTRY to TD_EXIT (the trace cannot show zero-step mode, so a "
-            "SEPT_TREE holder VP.ENTER means a vCPU was between entry and exit).",
+            "holds from TD_ENTRY to TD_EXIT, the S-EPT tree only while its vCPU is stepping "
+            "(7+ private EPT violations at one RIP, no progress since: the module's zero-step "
+            "GPA list is non-empty and entry takes the tree lock). The trace cannot show how "
+            "long entry held it, so a SEPT_TREE holder VP.ENTER means a stepping vCPU was "
+            "between entry and exit.",
         )
         return AnalyzerResult(metrics=metrics, tables=tables, notes=notes)
 

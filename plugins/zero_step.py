@@ -84,11 +84,10 @@ from ._zero_step_cause import (
 from ._zero_step_runs import (
     BUSY_SEPT,
     VCPU,
+    exit_segments,
     listed_gpas,
     longest_run,
     runs,
-    segment_exits,
-    td_exits,
     u64,
 )
 from ._zero_step_tables import by_vcpu, runs_hist, timeline
@@ -112,8 +111,8 @@ class ZeroStep(Analyzer):
         "Zero-step mitigation incidents: 6+ private EPT violations at one RIP without progress"
     )
     columns: ClassVar[tuple[str, ...]] = (
-        "seq", "ts_ns", "kind", "truth", "sub", "corr", "td", "vcpu", "leaf", "status",
-        "exit_reason", "gpa", "rip",
+        "seq", "ts_ns", "kind", "truth", "flow", "sub", "corr", "td", "vcpu", "leaf",
+        "status", "exit_reason", "gpa", "rip",
     )
     key_metrics: ClassVar[tuple[str, ...]] = ("incidents", "kvm_caused_incidents", "max_run")
     # An incident KVM caused is a KVM bug (or the resume_guest policy's known cost); the
@@ -125,16 +124,12 @@ class ZeroStep(Analyzer):
 
     def analyze(self, trace: Trace) -> AnalyzerResult:
         observable = trace.observable().select(self.columns)
-        # One pass keeps the TD exits and the BUSY SEAMCALLs (few); the fault-handling rows,
-        # as many as the exits, are read only for the TDs with an incident (_incidents).
-        read = observable.filter(
-            (pl.col("kind") == int(Kind.TD_EXIT)) | busy_call()
-        ).collect()
-        # Materialized once: everything below reads them several times.
-        exits = td_exits(read.lazy()).collect().lazy()
-        busy_calls = read.filter(pl.col("kind") == int(Kind.SEAMCALL)).lazy()
-        del read
-        segmented = segment_exits(exits).collect().lazy()
+        # The TD exits and their runs are shared with busy_retry (built once per trace in
+        # memory); one pass keeps the BUSY SEAMCALLs (few); the fault-handling rows, as many
+        # as the exits, are read only for the TDs with an incident (_incidents).
+        exit_frame, segmented_frame = exit_segments(trace)
+        exits, segmented = exit_frame.lazy(), segmented_frame.lazy()
+        busy_calls = observable.filter(busy_call()).collect().lazy()
         all_runs = runs(exits, segmented).collect()
         mem_busy = _mem_busy_sept(busy_calls).collect().lazy()
         incidents = self._incidents(observable, busy_calls, exits, segmented, all_runs,
