@@ -13,6 +13,8 @@ from tdxtrace.codes import (
     EPF_GPA_LIST_SIZE,
     EXIT_REASON_INVALID,
     STEPPING_EPF_THRESHOLD,
+    TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
+    TDX_EXT_EXIT_QUAL_TYPE_MASK,
     ExitReason,
     OperandId,
     Status,
@@ -40,10 +42,16 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
 
     ``pairs`` are the TD_EXIT rows in seq order (``_vp_enter.vp_enter_pairs``).
     ``real``: VP.ENTER entered the guest (not the BUSY pseudo-exit with reason -1u);
-    ``private_ept``: an EPT violation on a private GPA (the only exits the module counts);
+    ``private_ept``: an EPT violation on a private GPA that the guest's ACCEPT did not cause
+    (the only exits the module counts);
     ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE.
     """
     reason = pl.col("exit_reason")
+    # The extended exit qualification (arg1) names an EPT violation the guest's ACCEPT caused:
+    # the module does not count it (§5.1). Null (not recorded) counts as any other violation.
+    caused_by_accept = (
+        (pl.col("arg1") & u64(TDX_EXT_EXIT_QUAL_TYPE_MASK)) == TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
+    ).fill_null(False)
     return (
         pairs.filter(pl.col("td").is_not_null() & pl.col("vcpu").is_not_null())
         .select(
@@ -54,6 +62,7 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
                 (reason == int(ExitReason.EPT_VIOLATION))
                 & pl.col("gpa").is_not_null()
                 & ((pl.col("gpa") & u64(SHARED_BIT)) == 0)
+                & ~caused_by_accept
             ).fill_null(False).alias("private_ept"),
             (pl.col("status") == u64(BUSY_SEPT)).fill_null(False).alias("busy_sept"),
         )

@@ -167,7 +167,7 @@ class BusyRetry(Analyzer):
         "resume chains")
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "dur_ns", "kind", "flow", "corr", "td", "vcpu", "lp", "leaf", "status",
-        "exit_reason", "gpa", "rip", "arg0")
+        "exit_reason", "gpa", "rip", "arg0", "arg1")
     key_metrics: ClassVar[tuple[str, ...]] = ("busy_total", "chains", "max_chain")
     thresholds: ClassVar[dict[str, tuple[float, float]]] = {
         "livelock_candidates": (1, 10), "gave_up": (1, 1), "resume_gave_up": (1, 1)}

@@ -12,10 +12,11 @@ rows only.
 Rules:
 
 * A **run** is, per vCPU in ``seq`` order, the private EPT-violation TD_EXITs (exit reason 48,
-  GPA bit 47 clear) between two RIP changes. Any real TD_EXIT at another RIP ends the run
-  (forward progress); non-EPT exits at the same RIP neither count nor end it; VP.ENTER BUSY
-  pseudo-exits (reason 0xFFFFFFFF) are ignored. Runs of two vCPUs never merge, even at the
-  same RIP value.
+  GPA bit 47 clear, not caused by the guest's ACCEPT: extended exit qualification ``arg1``
+  type 1, which the module does not count) between two RIP changes. Any real TD_EXIT at
+  another RIP ends the run (forward progress); non-EPT exits at the same RIP neither count
+  nor end it; VP.ENTER BUSY pseudo-exits (reason 0xFFFFFFFF) are ignored. Runs of two vCPUs
+  never merge, even at the same RIP value.
 * An **incident** is a run of at least 6 faults: the module's counter reached its threshold at
   the 6th (``armed_ns``). Five faults are not an incident; from the 7th fault on the module
   lists GPAs. ``start_ns`` is the first fault, ``end_ns`` the progress exit (or the vCPU's last
@@ -112,7 +113,7 @@ class ZeroStep(Analyzer):
     )
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "kind", "truth", "flow", "sub", "corr", "td", "vcpu", "leaf",
-        "status", "exit_reason", "gpa", "rip",
+        "status", "exit_reason", "gpa", "rip", "arg1",
     )
     key_metrics: ClassVar[tuple[str, ...]] = ("incidents", "kvm_caused_incidents", "max_run")
     # An incident KVM caused is a KVM bug (or the resume_guest policy's known cost); the
@@ -157,8 +158,9 @@ class ZeroStep(Analyzer):
         notes = (
             "synthesized_exits is an estimate: a module-synthesized EPT-violation exit looks "
             "exactly like a real one, so every exit on an already-listed page is counted.",
-            "EPT violations caused by TDG.MEM.PAGE.ACCEPT do not count for the module but "
-            "cannot be told apart in a TD_EXIT row; they are counted here.",
+            "EPT violations caused by the guest's TDG.MEM.PAGE.ACCEPT do not count for the "
+            "module; they are left out when the TD_EXIT row carries the extended exit "
+            "qualification (arg1, type ACCEPT) and counted when it does not (arg1 null).",
         )
         return AnalyzerResult(metrics=metrics, tables=tables, notes=notes)
 

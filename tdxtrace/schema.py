@@ -108,7 +108,9 @@ KIND_ARGS: dict[str, str] = {
                 "dur_ns is their sum)",
     "TD_ENTRY": "td, vcpu, lp, rip; leaf = 0",
     "TD_EXIT": "td, vcpu, lp, status (RAX), exit_reason, gpa (R8), rip, arg0 = exit "
-               "qualification (KVM cannot tell a module-synthesized exit from a real one)",
+               "qualification (KVM cannot tell a module-synthesized exit from a real one), "
+               "arg1 = extended exit qualification (kvm_exit's info2; type in bits 3:0, 1 = "
+               "the guest's TDG.MEM.PAGE.ACCEPT caused the EPT violation; null when none)",
     "PAGE_FAULT": "td, vcpu, gpa, rip, arg0 = error code / exit qualification",
     "FAULT_RETRY": "sub = RetryCause, gpa, level, leaf + status when a SEAMCALL was BUSY",
     "FAULT_DONE": "sub = FaultOutcome, gpa, arg0 = local retries in this invocation",

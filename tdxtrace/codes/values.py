@@ -271,6 +271,12 @@ KVM_EXIT_HYPERCALL = 3  # run->exit_reason values, Linux uapi/linux/kvm.h
 KVM_EXIT_MEMORY_FAULT = 39
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3  # run->memory_fault.flags: the access was private
 TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6  # extended exit qualification type [KVM-new]
+# Not in tdx-reference.md: the type bits of the extended exit qualification (kvm_exit's info2
+# on a TD, tdx_get_exit_info()), and type 1, "the guest's TDG.MEM.PAGE.ACCEPT caused this EPT
+# violation", from tdx_arch.h in the TDX huge-page series (LKML, 2025). The module does not
+# count such violations toward zero-step (tdx-reference §5.1), so zero_step needs the type.
+TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF  # GENMASK(3, 0)
+TDX_EXT_EXIT_QUAL_TYPE_ACCEPT = 1  # info (bits 63:32): the accept level - 1 in bits 2:0
 EPT_VIOLATION_ACC_WRITE = 1 << 1  # exit-qualification bit KVM forces on private faults
 PAGE_SIZE = 4096
 TDX_PS_4K = 0

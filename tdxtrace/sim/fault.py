@@ -96,7 +96,7 @@ class FaultPath:
             counters["refaults"] += 1
         # Positional (EventLog.row, in row order): the fault path writes ~8 rows per fault.
         self.log.row(0, _KIND_PAGE_FAULT, FLOW, 0, fault.corr, v.td.index, v.index, v.lp, None,
-                     None, None, gpa, None, v.workload.current.rip, 0x2, None, None)
+                     None, None, gpa, None, v.rip(), 0x2, None, None)
         if self._attrs.is_shared(v.td, fault.gfn):  # kvm_mmu_faultin_pfn(): not private now
             self._attrs.private_fault_on_shared(v, fault.gfn, fault.corr)
             return

@@ -3,10 +3,15 @@
 A workload is a stream of memory touches per vCPU. Each touch is one instruction: a new RIP
 and the GFN it accesses. While the access cannot complete (the page is not mapped in the
 S-EPT) the vCPU stays at that RIP, so repeated EPT violations there are what the TDX module's
-zero-step detector counts. The guest accepts AUGed pages lazily from its #VE handler
-(TDG.MEM.PAGE.ACCEPT), i.e. a guest with ``pending_ve_disable = N``; EPT violations caused by
-ACCEPT itself do not count toward zero-step (tdx-reference.md §5.1), and in this model ACCEPT
-only runs on pages that are already AUGed, so it never causes one.
+zero-step detector counts. By default (``guest.accept = lazy``) the guest accepts AUGed pages
+lazily from its #VE handler (TDG.MEM.PAGE.ACCEPT), i.e. a guest with ``pending_ve_disable = N``,
+and ACCEPT only runs on pages that are already AUGed, so it never causes an EPT violation.
+With ``guest.accept = before_touch`` (SEPT_VE_DISABLE, the Linux guest) the guest ACCEPTs a
+page before it touches it, at ACCEPT_RIP; an ACCEPT of a page not yet AUGed exits with an EPT
+violation whose extended exit qualification says ACCEPT, which the module does not count
+toward zero-step (tdx-reference.md §5.1). Simplification: such a guest re-ACCEPTs any page it
+finds unaccepted (after a conversion, but also after a zap, where a real guest would touch it
+and KVM would kill the VM for an access before accept).
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from tdxtrace.errors import ScenarioError
 
 WORKLOADS = ("sequential", "random", "hot")
 CODE_BASE = 0xFFFFFFFF81000000  # guest kernel text
+# guest.accept = before_touch: where the guest's TDG.MEM.PAGE.ACCEPT runs. One TDCALL in the
+# kernel's accept-memory loop accepts every page, so all its EPT violations share this RIP
+# (below the workload's code, which starts at CODE_BASE).
+ACCEPT_RIP = CODE_BASE - 0x1000
 INSTRUCTION_BYTES = 7
 
 

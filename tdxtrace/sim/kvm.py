@@ -14,7 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, is_busy, leaf_name
+from tdxtrace.codes import (
+    EXIT_REASON_INVALID,
+    TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
+    ExitReason,
+    Leaf,
+    is_busy,
+    leaf_name,
+)
 from tdxtrace.events import Flow, KickReason, Kind
 from tdxtrace.sim.kvm_state import KvmTd, Vcpu
 from tdxtrace.sim.module import SUCCESS, Busy, TdxModule
@@ -27,6 +34,7 @@ VP_ENTER = int(Leaf.TDH_VP_ENTER)
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
 TDCALL = int(ExitReason.TDCALL)
+EXT_QUAL_ACCEPT = TDX_EXT_EXIT_QUAL_TYPE_ACCEPT  # info 0: a 4K accept
 SEAMCALL = int(Kind.SEAMCALL)
 # A call already run against the module by a batched teardown row (teardown_pages.py), handed
 # over with its outcome: (status, duration in ns, the lock holder behind a BUSY or None).
@@ -158,7 +166,7 @@ class Kvm:
         if v.run_corr is None:
             v.run_corr = self.log.new_corr()
         log, sim = self.log, self.sim
-        rip = v.workload.current.rip
+        rip = v.rip()
         # Positional (EventLog.row, in row order): one per entry, a hot path.
         self.log.row(0, _KIND_TD_ENTRY, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp,
                      VP_ENTER, None, None, None, None, rip, None, None, None)
@@ -204,7 +212,7 @@ class Kvm:
     def _busy_exit(self, v: Vcpu, status: int) -> None:
         self.log.emit(_KIND_TD_EXIT, flow=_FLOW_RUN, corr=v.run_corr, td=v.td.index,
                       vcpu=v.index, lp=v.lp, leaf=VP_ENTER, status=status,
-                      exit_reason=EXIT_REASON_INVALID, rip=v.workload.current.rip)
+                      exit_reason=EXIT_REASON_INVALID, rip=v.rip())
         # tdx_exit_handlers_fastpath(): EXIT_FASTPATH_EXIT_HANDLED, loop back to VP.ENTER.
         self.sim.after(self._fastpath_ns(), self.enter, v)
 
@@ -216,10 +224,15 @@ class Kvm:
 
     def _exit(self, v: Vcpu, reason: int, gpa: int | None, real: bool) -> None:
         td, log = v.td, self.log
-        rip = v.workload.current.rip
+        rip = v.rip()
+        # The extended exit qualification: only an EPT violation the guest's ACCEPT caused
+        # carries one in this model (type ACCEPT, 4K level).
+        ext_qual = EXT_QUAL_ACCEPT if v.accepting and reason == EPT_VIOLATION else None
         if real:
-            # The module counts EPT violations on private GPAs only toward zero-step.
-            private = reason == EPT_VIOLATION and gpa is not None and not gpa & SHARED_BIT
+            # The module counts EPT violations on private GPAs only toward zero-step, and not
+            # those TDG.MEM.PAGE.ACCEPT caused (tdx-reference §5.1).
+            private = (reason == EPT_VIOLATION and gpa is not None and not gpa & SHARED_BIT
+                       and ext_qual is None)
             armed, reset, listed = self.module.td_exit(td.module, v.index, rip,
                                                        gpa if private else None)
             if reset:
@@ -233,7 +246,7 @@ class Kvm:
                          arg0=listed)
         # Positional (EventLog.row, in row order): one per exit, a hot path.
         self.log.row(0, _KIND_TD_EXIT, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp, VP_ENTER,
-                     SUCCESS | reason, reason, gpa, None, rip, None, None, None)
+                     SUCCESS | reason, reason, gpa, None, rip, None, ext_qual, None)
         v.run_corr = None
         delay = self._td_exit_ns() + self._exit_handling_ns()
         if reason == EPT_VIOLATION and gpa is not None:

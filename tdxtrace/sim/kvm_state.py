@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tdxtrace.sim.guest import Workload
+from tdxtrace.sim.guest import ACCEPT_RIP, Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
 from tdxtrace.sim.module import ModuleTd
 
@@ -25,6 +25,13 @@ class Vcpu:
     stopped: bool = False
     cpu: int = -1  # KVM's vcpu->cpu: the LP it was last loaded on (-1: never, or flushed)
     migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
+    # guest.accept = before_touch: the guest is running TDG.MEM.PAGE.ACCEPT on its current
+    # touch's page (at ACCEPT_RIP) before touching it.
+    accepting: bool = False
+
+    def rip(self) -> int:
+        """The guest's RIP: the ACCEPT's while accepting, else the current touch's."""
+        return ACCEPT_RIP if self.accepting else self.workload.current.rip
 
 
 @dataclass(slots=True)

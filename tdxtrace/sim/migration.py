@@ -156,7 +156,7 @@ class VcpuPlacement:
     def _race_enter(self, v: Vcpu, corr: int, leave_at: int,
                     then: Callable[[None], None]) -> None:
         td, lp = v.td, v.lp
-        rip = v.workload.current.rip
+        rip = v.rip()
         self.log.emit(Kind.TD_ENTRY, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index, lp=lp,
                       leaf=VP_ENTER, rip=rip)
         dur = self.costs.seamcall(VP_ENTER)

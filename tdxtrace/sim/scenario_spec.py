@@ -63,6 +63,10 @@ SPEC: dict[str, dict[str, Key]] = {
     "guest": {
         "workload": Key(str, "sequential", ("sequential", "random", "hot"),
                         doc="which private pages the vCPUs touch"),
+        "accept": Key(str, "lazy", ("lazy", "before_touch"),
+                      doc="lazy: the #VE handler accepts an AUGed page on first touch; "
+                          "before_touch: SEPT_VE_DISABLE, the guest ACCEPTs each page before "
+                          "touching it, as Linux does (ACCEPT faults do not arm zero-step)"),
         "hot_pages": Key(int, 16, low=1, high=1 << 30, doc="size of the shared hot set"),
         "hot_fraction": Key(float, 0.5, low=0.0, high=1.0,
                             doc="share of touches that go to the hot set"),

@@ -98,6 +98,7 @@ class World:
         self._touch_ns = self.costs.base("guest_touch")
         self._accept_ns = self.costs.step_sampler("guest_accept")  # bound once: hot path
         self._max_touches = scenario.guest.max_touches
+        self._accept_before_touch = scenario.guest.accept == "before_touch"
         # Direct roots, shared memory, memslot/notifier zaps and MapGPA: only when used.
         self.roots = Roots(self) if Roots.wanted(scenario) else None
         self.mapgpa = MapGpa(self) if MapGpa.wanted(scenario) else None
@@ -151,6 +152,7 @@ class World:
                 # Pages it made shared are not touched privately: the workload moves past
                 # them, as many as the mapped-page batch below allows in one step.
                 limit = self._touches_until_tick(v, now)
+                v.accepting = False  # the page it was to ACCEPT is shared now
                 skipped = 0
                 while skipped < limit and mapgpa.avoids(v, v.workload.current.gfn):
                     v.workload.advance()
@@ -176,6 +178,7 @@ class World:
                 return
             state = _SEPTSTATE_MAPPED
         if state == _SEPTSTATE_MAPPED:
+            v.accepting = False  # accepted (by this ACCEPT, or another vCPU's): touch it
             touch_ns = self._touch_ns
             limit = self._touches_until_tick(v, now + spent)
             done = 0
@@ -191,6 +194,9 @@ class World:
                 v, token):
             return
         else:
+            # guest.accept = before_touch: the guest ACCEPTs the page first, and the ACCEPT of
+            # a page not yet AUGed is what exits (the touch never faults on it).
+            v.accepting = self._accept_before_touch and touch.gfn < SHARED_GFN
             kvm.exit_guest(v, EPT_VIOLATION, touch.gfn << 12)
 
     def _touches_until_tick(self, v: Vcpu, at: int) -> int:
