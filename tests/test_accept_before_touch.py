@@ -82,3 +82,14 @@ def test_seven_faults_at_one_rip_count_unless_the_accept_caused_them(
         arg1: int | None, incidents: int) -> None:
     rows = [row for k in range(7) for row in _exit(100 * k, arg1)]
     assert run_analyzer(ZeroStep(), make_trace(rows)).metrics["incidents"] == incidents
+
+
+def test_readme_session_linux_guest_line(tmp_path: Path) -> None:
+    # README, "A typical session": seed 7 under resume_guest arms zero-step twice with the
+    # default guest, never with the Linux one.
+    for accept, incidents in (("lazy", 2), ("before_touch", 0)):
+        path = tmp_path / f"{accept}.arrow"
+        record(load_scenario("zero-step", ["policy.frozen_spte=resume_guest",
+                                           f"guest.accept={accept}"]), 7, path)
+        result = run_analyzer(ZeroStep(), open_trace(path))
+        assert result.metrics["incidents"] == incidents, accept
