@@ -93,3 +93,14 @@ def test_readme_session_linux_guest_line(tmp_path: Path) -> None:
                                            f"guest.accept={accept}"]), 7, path)
         result = run_analyzer(ZeroStep(), open_trace(path))
         assert result.metrics["incidents"] == incidents, accept
+
+
+def test_a_mapgpa_between_accepts_is_not_made_from_the_accept_rip(tmp_path: Path) -> None:
+    # The guest's MapGPA is its own TDCALL: its exits must not carry the ACCEPT's RIP, though
+    # it may come right after an ACCEPT exit was resolved.
+    path = tmp_path / "convert.arrow"
+    record(load_scenario("mapgpa-convert", [SHORT, "guest.accept=before_touch"]), 1, path)
+    exits = open_trace(path).observable().filter(pl.col("kind") == Kind.TD_EXIT).collect()
+    tdcalls = exits.filter(pl.col("exit_reason") == 77)  # TDG.VP.VMCALL
+    assert tdcalls.height > 0
+    assert ACCEPT_RIP not in tdcalls["rip"].to_list()

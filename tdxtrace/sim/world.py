@@ -146,8 +146,11 @@ class World:
             return
         mapgpa = self.mapgpa
         if mapgpa is not None:
+            # A MapGPA is its own TDCALL, made outside the accept loop: not at ACCEPT_RIP.
+            accepting, v.accepting = v.accepting, False
             if mapgpa.guest_turn(v):
                 return
+            v.accepting = accepting
             if mapgpa.avoids(v, v.workload.current.gfn):
                 # Pages it made shared are not touched privately: the workload moves past
                 # them, as many as the mapped-page batch below allows in one step.
@@ -165,6 +168,7 @@ class World:
         state = entry.state if entry is not None else _SEPTSTATE_FREE
         spent = 0
         if state == _SEPTSTATE_PENDING:
+            v.accepting = self._accept_before_touch  # the ACCEPT runs at ACCEPT_RIP there
             # The #VE handler accepts the AUGed page; on success the access completes and the
             # guest runs on (one scheduling step for both, to keep the emulator fast).
             spent = self._accept_ns()
