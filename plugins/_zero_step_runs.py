@@ -44,7 +44,8 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
     ``real``: VP.ENTER entered the guest (not the BUSY pseudo-exit with reason -1u);
     ``private_ept``: an EPT violation on a private GPA that the guest's ACCEPT did not cause
     (the only exits the module counts);
-    ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE.
+    ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE;
+    ``accept_fault``: an EPT violation the guest's ACCEPT caused (left out of ``private_ept``).
     """
     reason = pl.col("exit_reason")
     # The extended exit qualification (arg1) names an EPT violation the guest's ACCEPT caused:
@@ -65,6 +66,8 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
                 & ~caused_by_accept
             ).fill_null(False).alias("private_ept"),
             (pl.col("status") == u64(BUSY_SEPT)).fill_null(False).alias("busy_sept"),
+            ((reason == int(ExitReason.EPT_VIOLATION)) & caused_by_accept).fill_null(False)
+            .alias("accept_fault"),
         )
         # Rows come in seq order, so a stable sort on the vCPU alone is (vkey, seq) order, at
         # half the cost of sorting on both.

@@ -50,7 +50,8 @@ either). Metrics: ``incidents``, ``kvm_caused_incidents`` (incidents with ``kvm_
 cause 1 or 2, or a fault of the run that KVM handed back to the guest unresolved,
 FAULT_DONE(RESUME_GUEST)), ``vcpus_affected``, ``synthesized_exits`` and
 ``vp_enter_busy_sept`` (sums over incidents), ``other_vcpu_busy_sept`` (distinct calls, even
-when inside two incidents' windows), ``max_run`` (longest run), ``runs`` (runs of 2+ faults).
+when inside two incidents' windows), ``max_run`` (longest run), ``runs`` (runs of 2+ faults),
+``accept_faults`` (EPT-violation exits the guest's ACCEPT caused, left out of every run).
 
 Why a KVM-caused incident fails the check: with the ``local_retry`` policy KVM retries
 RET_PF_RETRY faults inside the host instead of resuming the guest; Sean Christopherson's
@@ -148,6 +149,7 @@ class ZeroStep(Analyzer):
             "other_vcpu_busy_sept": other_busy,
             "max_run": longest_run(segmented),
             "runs": all_runs.height,
+            "accept_faults": int(exit_frame.get_column("accept_fault").sum()),
         }
         tables = {
             "incidents": incidents,

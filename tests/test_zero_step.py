@@ -130,6 +130,7 @@ def test_empty_trace() -> None:
     assert result.metrics == {
         "incidents": 0, "kvm_caused_incidents": 0, "vcpus_affected": 0, "synthesized_exits": 0,
         "vp_enter_busy_sept": 0, "other_vcpu_busy_sept": 0, "max_run": 0, "runs": 0,
+        "accept_faults": 0,
     }
     assert incidents(result).schema == pl.Schema(INCIDENT_SCHEMA)
     for name in ("runs_hist", "timeline", "by_vcpu"):
