@@ -124,6 +124,11 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "mapgpa-no-progress": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=no_progress"],
                            ("mapgpa_giveups",)),
     "mapgpa-bad-r11": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=bad_r11"], ("mapgpa_retries",)),
+    # The Linux guest: ACCEPT before touch, so its faults are the ACCEPT's (never zero-step).
+    "linux-guest-demo": ("demo", ["guest.accept=before_touch", "policy.frozen_spte=resume_guest"],
+                         ("faults", "mapgpa_conversions", "teardowns")),
+    "linux-guest-convert": ("mapgpa-convert", [*SHORT, "guest.accept=before_touch"],
+                            ("mapgpa_conversions", "mapgpa_retries")),
 }
 
 
