@@ -5,9 +5,9 @@
 Which call held the resource behind an OPERAND_BUSY is not in any host trace: busy_retry
 infers it from the contention matrix (tdx-reference §6.2) and the calls running at the BUSY
 call's start (``plugins/_busy_holders.py``). The emulator writes the module's answer as a
-truth row (T_LOCK_HOLDER, right after the BUSY: arg1 = the holder's leaf). Each BUSY call is
-matched with its truth row by corr and order within the corr, and the inferred holder leaf is
-compared with the true one:
+truth row (T_LOCK_HOLDER, right after the call's first row: arg1 = the holder's leaf). Each
+truth row is matched with the latest BUSY call of its corr that started before it, and the
+inferred holder leaf is compared with the true one:
 
 * precision = right / named (of the BUSYs busy_retry names a holder for, how many are right);
 * recall = right / with a true holder (of the BUSYs that had one, how many it named rightly);
@@ -39,11 +39,6 @@ BUSY_CLASS = int(Status.OPERAND_BUSY)
 CLASS_MASK = 0xFFFFFFFF00000000
 
 
-def _ranked(frame: pl.DataFrame, order: str) -> pl.DataFrame:
-    """Each row's rank within its corr, in ``order``: the k-th BUSY meets the k-th truth row."""
-    return frame.sort(order).with_columns(pl.int_range(pl.len()).over("corr").alias("k"))
-
-
 def holder_counts(path: Path) -> dict[str, int]:
     """BUSY calls, those busy_retry names a holder for, those with a true holder, right ones."""
     trace = open_trace(path)
@@ -54,9 +49,16 @@ def holder_counts(path: Path) -> dict[str, int]:
         (pl.col("status") & CLASS_MASK) == BUSY_CLASS)
     truth = pl.read_ipc(path, columns=["seq", "kind", "corr", "arg1"]).filter(
         pl.col("kind") == int(Kind.T_LOCK_HOLDER)).select(
-        "corr", "seq", pl.col("arg1").cast(pl.Int64).alias("true_leaf"))
-    pairs = _ranked(inferred, "start_seq").join(
-        _ranked(truth, "seq"), on=["corr", "k"], how="left", nulls_equal=True)
+        pl.col("corr").fill_null(-1), "seq", pl.col("arg1").cast(pl.Int64).alias("true_leaf"))
+    # A truth row follows its call's first row (the SEAMCALL row, or a VP.ENTER's TD_ENTRY):
+    # it belongs to the latest BUSY call of its corr that started before it. An injected BUSY
+    # has no truth row and takes none (matching by rank within the corr let one shift the
+    # rest of its corr onto the wrong rows).
+    busy = inferred.with_columns(pl.col("corr").fill_null(-1)).sort("start_seq")
+    owners = truth.sort("seq").join_asof(
+        busy.select("corr", "start_seq"), left_on="seq", right_on="start_seq", by="corr",
+        strategy="backward", check_sortedness=False)
+    pairs = busy.join(owners.select("start_seq", "true_leaf"), on="start_seq", how="left")
     right = pairs.filter(pl.col("holder_leaf") == pl.col("true_leaf")).height
     unowned = pairs.filter(pl.col("true_leaf").is_null())
     return {"busy": pairs.height, "named": pairs["holder_leaf"].drop_nulls().len(),

@@ -36,3 +36,14 @@ def test_an_injected_sept_busy_is_put_on_no_call(tmp_path: Path) -> None:
                      "faults.spurious_busy_leaf=mem.page.aug", "faults.spurious_busy_p=0.05")
     assert counts["busy"] > 0 and counts["true"] == 0 and counts["right"] == 0
     assert counts["unowned"] == counts["busy"] and counts["unowned_named"] == 0, counts
+
+
+def test_injected_and_real_busys_in_one_corr_meet_their_own_truth_rows(tmp_path: Path) -> None:
+    # A VP.ENTER chain shares one corr: injected BUSYs (no truth row) and real ones interleave
+    # there. Matching by rank within the corr put real BUSYs on their neighbours' truth rows
+    # (4 "wrong" holders on this seed that were right); each truth row now meets the latest
+    # BUSY call of its corr that started before it.
+    counts = _counts(tmp_path, "zero-step", 3, "faults.spurious_busy_leaf=vp.enter",
+                     "faults.spurious_busy_p=0.05")
+    assert counts["unowned"] > 0 and counts["true"] > 0
+    assert counts["right"] == counts["true"], counts
