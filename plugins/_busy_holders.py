@@ -8,7 +8,9 @@ holds the S-EPT tree only when ``stepping`` (its vCPU's zero-step GPA list was n
 module takes the tree lock on entry then, §5.1). A call that
 returned BUSY or PREVIOUS_TLB_EPOCH_BUSY took no lock and holds nothing; one that returned
 INTERRUPTED_RESUMABLE (a CACHE.WB sub-block) took its locks and did part of its work, so it
-holds like any other call.
+holds like any other call. When several candidates cover the BUSY, the rule's order decides,
+except among the leaves that take the S-EPT tree shared (they hold it together): of those,
+the call that ends last is named, the one an exclusive taker waits for.
 """
 
 from __future__ import annotations
@@ -55,17 +57,27 @@ HOLDER_RULES: tuple[tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ..
 )
 
 
+def _tier(holders: tuple[int, ...], priority: int) -> int:
+    """The holder's rank when two holders cover a BUSY at once: its priority, except that the
+    leaves taking the S-EPT tree *shared* tie (they can hold it together) and are told apart
+    by whose call ends last, the one the module names (its shared lock keeps the latest)."""
+    if holders[priority] not in _SHARED_SEPT:
+        return priority
+    return min(i for i, leaf in enumerate(holders) if leaf in _SHARED_SEPT)
+
+
 def holder_matrix() -> pl.DataFrame:
-    """HOLDER_RULES as rows: busy_leaf, op_key, holder_leaf, priority (0 = first), scope."""
+    """HOLDER_RULES as rows: busy_leaf, op_key, holder_leaf, priority (0 = first), tier (see
+    _tier), scope."""
     rows = [
-        (int(busy), int(op), int(holder), priority, scope)
+        (int(busy), int(op), int(holder), priority, _tier(holders, priority), scope)
         for busy_leaves, ops, holders, scope in HOLDER_RULES
         for busy in (busy_leaves if busy_leaves is not None else tuple(L))
         for op in ops
         for priority, holder in enumerate(holders)
     ]
     schema = {"busy_leaf": pl.Int64, "op_key": pl.Int64, "holder_leaf": pl.Int64,
-              "priority": pl.Int64, "scope": pl.String}
+              "priority": pl.Int64, "tier": pl.Int64, "scope": pl.String}
     return pl.DataFrame(rows, schema=schema, orient="row").unique(
         ["busy_leaf", "op_key", "holder_leaf"], keep="first", maintain_order=True)
 
@@ -86,6 +98,11 @@ def _points(frame: pl.DataFrame, ts: str, phase: int, delta: int, query: bool) -
         pl.col("start_seq").alias("order"), pl.lit(delta, pl.Int64).alias("delta"),
         (pl.col("start_seq") if query else pl.lit(None, pl.Int64)).alias("qid"),
         (pl.col("priority") if query else pl.lit(None, pl.Int64)).alias("priority"),
+        (pl.col("tier") if query else pl.lit(None, pl.Int64)).alias("tier"),
+        # An interval's start carries its end: the latest end among the intervals started so
+        # far, when past the query's time, is the latest end among those still active.
+        (pl.col("end_ns") if phase == 1 and delta == 1 else pl.lit(None, pl.Int64))
+        .alias("end"),
     )
 
 
@@ -158,9 +175,13 @@ def attribute_holders(all_calls: pl.DataFrame, accepts: pl.DataFrame) -> pl.Data
     ]).sort(["gid", "ts", "phase", "order", "delta"]).with_columns(
         # Every interval's +1 and -1 fall in the same group, so each group sums to zero and
         # the running sum over the whole sorted frame is the running sum within the group.
-        pl.col("delta").cum_sum().alias("active"))
-    best = sweep.filter((pl.col("delta") == 0) & (pl.col("active") > 0)).group_by("qid").agg(
-        pl.col("priority").min())
+        pl.col("delta").cum_sum().alias("active"),
+        pl.col("end").cum_max().forward_fill().over("gid").alias("latest_end"))
+    # Per BUSY call, of the groups with a covering holder: the lowest tier, then the holder
+    # whose call ends last, then the lowest priority (one row per qid and priority).
+    best = sweep.filter((pl.col("delta") == 0) & (pl.col("active") > 0)).sort(
+        ["qid", "tier", "latest_end", "priority"], descending=[False, False, True, False],
+    ).group_by("qid").agg(pl.col("priority").first())
     chosen = best.join(queries.select(pl.col("start_seq").alias("qid"), "priority",
                                       "holder_leaf"),
                        on=["qid", "priority"])

@@ -237,7 +237,8 @@ class BusyRetry(Analyzer):
             "(7+ private EPT violations at one RIP, no progress since: the module's zero-step "
             "GPA list is non-empty and entry takes the tree lock). The trace cannot show how "
             "long entry held it, so a SEPT_TREE holder VP.ENTER means a stepping vCPU was "
-            "between entry and exit.",
+            "between entry and exit. Of several calls holding the S-EPT tree shared at once, "
+            "the one ending last is named.",
         )
         return AnalyzerResult(metrics=metrics, tables=tables, notes=notes)
 
