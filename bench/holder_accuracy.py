@@ -59,6 +59,8 @@ def holder_counts(path: Path) -> dict[str, int]:
         busy.select("corr", "start_seq"), left_on="seq", right_on="start_seq", by="corr",
         strategy="backward", check_sortedness=False)
     pairs = busy.join(owners.select("start_seq", "true_leaf"), on="start_seq", how="left")
+    if pairs.height != busy.height:  # two truth rows on one call: the pairing is broken
+        raise SystemExit(f"{path}: {pairs.height - busy.height} BUSY calls met two truth rows")
     right = pairs.filter(pl.col("holder_leaf") == pl.col("true_leaf")).height
     unowned = pairs.filter(pl.col("true_leaf").is_null())
     return {"busy": pairs.height, "named": pairs["holder_leaf"].drop_nulls().len(),

@@ -57,11 +57,12 @@ HOLDER_RULES: tuple[tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ..
 )
 
 
-def _tier(holders: tuple[int, ...], priority: int) -> int:
+def _tier(holders: tuple[int, ...], priority: int, op: int) -> int:
     """The holder's rank when two holders cover a BUSY at once: its priority, except that the
     leaves taking the S-EPT tree *shared* tie (they can hold it together) and are told apart
-    by whose call ends last, the one the module names (its shared lock keeps the latest)."""
-    if holders[priority] not in _SHARED_SEPT:
+    by whose call ends last, the one the module names (its shared lock keeps the latest).
+    Only for the tree: an S-EPT entry's lock is exclusive, one holder at a time."""
+    if op != _O.SEPT_TREE or holders[priority] not in _SHARED_SEPT:
         return priority
     return min(i for i, leaf in enumerate(holders) if leaf in _SHARED_SEPT)
 
@@ -70,7 +71,7 @@ def holder_matrix() -> pl.DataFrame:
     """HOLDER_RULES as rows: busy_leaf, op_key, holder_leaf, priority (0 = first), tier (see
     _tier), scope."""
     rows = [
-        (int(busy), int(op), int(holder), priority, _tier(holders, priority), scope)
+        (int(busy), int(op), int(holder), priority, _tier(holders, priority, op), scope)
         for busy_leaves, ops, holders, scope in HOLDER_RULES
         for busy in (busy_leaves if busy_leaves is not None else tuple(L))
         for op in ops
