@@ -10,17 +10,17 @@ an incident.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pytest
+from zero_step_helpers import Rows
 
 from tdxtrace.codes import TDX_EXT_EXIT_QUAL_TYPE_ACCEPT
-from tdxtrace.events import Flow, Kind
+from tdxtrace.events import Kind
 from tdxtrace.sim.emulator import record
 from tdxtrace.sim.guest import ACCEPT_RIP
 from tdxtrace.sim.scenario import load_scenario
-from tdxtrace.testing import make_trace, run_analyzer
+from tdxtrace.testing import run_analyzer
 from tdxtrace.trace import Trace, open_trace
 from tdxtrace_plugins.zero_step import ZeroStep
 
@@ -66,14 +66,6 @@ def test_the_default_guest_records_no_extended_exit_qualification(tmp_path: Path
     assert trace.summary is not None and trace.summary.truth["zero_step_incidents"] > 0
 
 
-def _exit(ts: int, arg1: int | None) -> list[dict[str, Any]]:
-    common = {"td": 0, "vcpu": 0, "lp": 0, "leaf": 0, "corr": 1, "flow": Flow.RUN,
-              "rip": ACCEPT_RIP}
-    return [{"kind": Kind.TD_ENTRY, "ts_ns": ts, **common},
-            {"kind": Kind.TD_EXIT, "ts_ns": ts + 10, "status": 48, "exit_reason": 48,
-             "gpa": 0x7000 + (ts << 12), "arg1": arg1, **common}]
-
-
 @pytest.mark.parametrize(("arg1", "incidents"), [
     (TDX_EXT_EXIT_QUAL_TYPE_ACCEPT, 0),  # the ACCEPT's violations: not counted
     (TDX_EXT_EXIT_QUAL_TYPE_ACCEPT | 1 << 32, 0),  # a 2M accept: info bits do not matter
@@ -82,8 +74,10 @@ def _exit(ts: int, arg1: int | None) -> list[dict[str, Any]]:
 ])
 def test_seven_faults_at_one_rip_count_unless_the_accept_caused_them(
         arg1: int | None, incidents: int) -> None:
-    rows = [row for k in range(7) for row in _exit(100 * k, arg1)]
-    assert run_analyzer(ZeroStep(), make_trace(rows)).metrics["incidents"] == incidents
+    rows = Rows()
+    for page in range(7):  # an accept loop: one RIP, a new page each time
+        rows.exit(0, rip=ACCEPT_RIP, gpa=0x7000 + (page << 12), ext_qual=arg1)
+    assert rows.analyze().metrics["incidents"] == incidents
 
 
 def test_readme_session_linux_guest_line(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from busy_retry_helpers import call
+
 from tdxtrace.codes import Leaf, OperandId, Status
 from tdxtrace.events import Flow, Kind
 from tdxtrace.testing import make_trace, run_analyzer
@@ -38,9 +40,7 @@ def aug_busy_while_vcpu1_runs(before: list[dict[str, Any]]) -> str:
     """The holder busy_retry names for an AUG BUSY|SEPT on vCPU 0 while vCPU 1 is entered."""
     start = 100 * len(before)
     rows = [*before, *guest_run(start, until=start + 1000)[:1],
-            {"kind": Kind.SEAMCALL, "ts_ns": start + 50, "dur_ns": 100,
-             "leaf": Leaf.TDH_MEM_PAGE_AUG, "status": BUSY_SEPT, "corr": 1, "gpa": 0x1000,
-             "td": 0, "vcpu": 0, "lp": 0, "flow": Flow.FAULT},
+            call(start + 50, Leaf.TDH_MEM_PAGE_AUG, BUSY_SEPT),
             guest_run(start, until=start + 1000)[1]]
     holders = run_analyzer(BusyRetry(), make_trace(rows)).tables["holders"]
     assert holders.height == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+from busy_retry_helpers import GPA, call
 from emulator_helpers import run
 from polars.testing import assert_frame_equal
 
@@ -19,15 +20,6 @@ BUSY_EPOCH = Status.OPERAND_BUSY | OperandId.TD_EPOCH
 BUSY_RCX = Status.OPERAND_BUSY | OperandId.RCX
 AUG, SEPT_ADD, TRACK = Leaf.TDH_MEM_PAGE_AUG, Leaf.TDH_MEM_SEPT_ADD, Leaf.TDH_MEM_TRACK
 BLOCK = Leaf.TDH_MEM_RANGE_BLOCK
-GPA = 0x1000
-
-
-def call(ts: int, leaf: int, status: int = 0, *, corr: int | None = 1, gpa: int | None = GPA,
-         td: int = 0, vcpu: int | None = 0, lp: int = 0, dur: int = 100,
-         flow: Flow = Flow.FAULT, arg0: int | None = None) -> dict[str, Any]:
-    return {"kind": Kind.SEAMCALL, "ts_ns": ts, "dur_ns": dur, "leaf": leaf, "status": status,
-            "corr": corr, "gpa": gpa, "td": td, "vcpu": vcpu, "lp": lp, "flow": flow,
-            "arg0": arg0}
 
 
 def entry(ts: int, vcpu: int, corr: int, lp: int) -> dict[str, Any]:
