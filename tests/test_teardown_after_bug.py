@@ -201,3 +201,37 @@ def test_vp_flush_and_cache_wb_phases_name_their_first_failure() -> None:
                                                               OperandId.KOT)
     assert _done_status(rows, Phase.RELEASE_HKID) == int(Status.WBCACHE_NOT_COMPLETE)
     assert _done_status(rows, Phase.TEARDOWN) == int(Status.WBCACHE_NOT_COMPLETE)
+
+
+RECLAIM_ALWAYS_BUSY = ("faults.spurious_busy_leaf='phymem.page.reclaim'",
+                       "faults.spurious_busy_p=1.0")
+
+
+def test_a_failed_control_or_sept_page_reclaim_leaks_the_page_without_bugging_the_vm() -> None:
+    # Late release: private pages leave through REMOVE; RECLAIM is only for S-EPT pages
+    # (WARN in handle_removed_pt()) and control pages (tdx_reclaim_control_page(), the TDR):
+    # __tdx_reclaim_page()'s TDX_BUG_ON_3(..., NULL) has no VM to bug.
+    events, truth = run("teardown", *ONE_TD, *RECLAIM_ALWAYS_BUSY)
+    rows = _observable(events)
+    reclaim = _calls(rows, Leaf.TDH_PHYMEM_PAGE_RECLAIM)
+    assert reclaim.height > 0 and _ok(reclaim).is_empty()
+    assert rows.filter(pl.col("kind") == Kind.VM_BUGGED).is_empty()
+    assert truth.get("vms_bugged", 0) == 0
+    assert truth["teardown_pages_leaked"] == reclaim.height  # every page it gave up on
+    # The TDR stayed the TD's, so its PAGE.WBINVD (after the last RECLAIM) never ran.
+    assert _calls(rows, Leaf.TDH_PHYMEM_PAGE_WBINVD)["seq"].max() < reclaim["seq"].max()
+    assert truth["teardowns_finished"] == 1
+
+
+def test_a_failed_private_page_reclaim_bugs_the_vm_once() -> None:
+    # Early release: private pages are reclaimed through the TDP MMU, whose
+    # remove_external_spte() does KVM_BUG_ON on the error.
+    events, truth = run("teardown", *ONE_TD, "policy.hkid_release='early'",
+                        *RECLAIM_ALWAYS_BUSY)
+    rows = _observable(events)
+    bugged = rows.filter(pl.col("kind") == Kind.VM_BUGGED)
+    assert bugged["leaf"].to_list() == [Leaf.TDH_PHYMEM_PAGE_RECLAIM]
+    assert truth["vms_bugged"] == 1
+    first_failure = _calls(rows, Leaf.TDH_PHYMEM_PAGE_RECLAIM).filter(pl.col("status") != 0)
+    assert bugged["seq"].item() > first_failure["seq"].min()
+    assert bugged["status"].item() == first_failure["status"][0]

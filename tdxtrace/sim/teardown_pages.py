@@ -12,7 +12,8 @@ and so does fault injection: each call a batched row stands for may get the spur
 A batched row only stands for calls that succeeded. At a call that fails (injected, or a real
 error) the batch stops: the pages before it make the batched rows, the failing call gets a row
 of its own and KVM's answer to it its own rows too (late release: :meth:`ZapPath.resume_leaf`,
-i.e. tdh_do_no_vcpus()'s kick and retry, or TDX_BUG_ON; reclaim: TDX_BUG_ON, no retry), then
+i.e. tdh_do_no_vcpus()'s kick and retry, or TDX_BUG_ON; reclaim: no retry, and VM_BUGGED
+only for a private page, see :meth:`PageWork._leak`), then
 batching resumes with the next call. As in KVM, a page KVM gives up on is leaked (truth
 ``pages_leaked``, ``teardown_pages_leaked``) and the teardown goes on with the next one:
 destroying a bugged VM still releases its HKID and reclaims what it can (tdx-reference.md
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tdxtrace.codes import Leaf
+from tdxtrace.codes import Leaf, leaf_name
 from tdxtrace.errors import ScenarioError
 from tdxtrace.events import KickReason, Kind, Phase, RootKind, SeptState, ZapReason
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
@@ -225,7 +226,7 @@ class PageWork:
             status = yield life.call(job, leaf, partial(reclaim, mtd, kind, key), vcpu=vcpu,
                                      arg0=pfn)
             if status:
-                self._leak(job, leaf, status)
+                self._leak(job, leaf, status, kind)
                 failed = failed or status
         for i in range(self.row_pages, len(pages), BATCH_PAGES):
             status = yield from self._reclaim_batch(job, pages[i:i + BATCH_PAGES])
@@ -265,12 +266,21 @@ class PageWork:
                 kind, key, vcpu, pfn = chunk[k]
                 status = yield life.call(job, leaf, partial(reclaim, mtd, kind, key), vcpu=vcpu,
                                          arg0=pfn, preset=preset)
-                self._leak(job, leaf, status)
+                self._leak(job, leaf, status, kind)
                 failed, k = failed or status, k + 1
         return failed
 
-    def _leak(self, job: Job, leaf: int, status: int) -> None:
-        """TDX_BUG_ON on a reclaim: the page is leaked (it stays the TD's)."""
+    def _leak(self, job: Job, leaf: int, status: int, kind: P) -> None:
+        """A page KVM gave up on is leaked (it stays the TD's). Whether the VM is bugged
+        depends on who asked: a private page goes through the TDP MMU, whose
+        remove_external_spte() does KVM_BUG_ON on the error; an S-EPT page
+        (tdx_sept_free_private_spt(), a WARN in handle_removed_pt()) and a control page
+        (tdx_reclaim_control_page(), the TDR) fail in __tdx_reclaim_page(), whose
+        TDX_BUG_ON_3(..., NULL) has no VM to bug: a WARN and a leak."""
         self.log.count("pages_leaked")
         self.log.count("teardown_pages_leaked")
-        self.life.bug(job, leaf, status)
+        if kind == P.PRIVATE:
+            self.life.bug(job, leaf, status)
+        else:
+            self.world.note(f"TDX_BUG_ON: TD {job.td.index}: {leaf_name(leaf)} of a "
+                            f"{kind.name} page returned {status:#x}: page leaked")
