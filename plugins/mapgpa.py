@@ -8,9 +8,10 @@ inside (R12, R12 + R13) made progress (budget reset), R11 outside [R12, R12 + R1
 host's TDVMCALL<MapGPA> rows; the guest's give-ups are then inferred.
 
 ``bad_r11`` counts the conversions the host answered with a bad R11 at least once, including
-one the trace ends in before the guest reads the answer: it is about the host. (The
-emulator's truth ``mapgpa_bad_r11`` counts the guest's BAD_R11 endings, so the two differ by
-such unfinished conversions.)
+one the trace ends in before the guest reads the answer: it is about the host.
+``bad_r11_endings`` counts the conversions the guest ended because of one (outcome
+``bad_r11``): it is about the guest, and equals the emulator's truth ``mapgpa_bad_r11``. The
+two differ by the conversions the trace ends in before the guest read the bad answer.
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class MapGpa(Analyzer):
             "retries_interrupt": total(pl.col("retries_interrupt")),
             "giveups": total(outcome == "gave_up"),
             "bad_r11": total(bad),
+            "bad_r11_endings": total(outcome == "bad_r11"),
             "failed": total(outcome == "failed"),
             "unfinished": total(outcome == "unfinished"),
             "eagain": total(pl.col("eagain")),

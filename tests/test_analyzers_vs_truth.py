@@ -36,6 +36,7 @@ EXACT = {
     ("mapgpa", "conversions"): "mapgpa_conversions",
     ("mapgpa", "retries"): "mapgpa_retries",
     ("mapgpa", "giveups"): "mapgpa_giveups",
+    ("mapgpa", "bad_r11_endings"): "mapgpa_bad_r11",
 }
 SHORT = ["run.duration_us=6000"]
 # What each story is about must actually happen, or the comparison above proves nothing.
@@ -123,7 +124,8 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "mapgpa-partial": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=partial"], ("mapgpa_retries",)),
     "mapgpa-no-progress": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=no_progress"],
                            ("mapgpa_giveups",)),
-    "mapgpa-bad-r11": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=bad_r11"], ("mapgpa_retries",)),
+    "mapgpa-bad-r11": ("mapgpa-convert", [*SHORT, "mapgpa.vmm=bad_r11"],
+                       ("mapgpa_retries", "mapgpa_bad_r11")),
     # The Linux guest: ACCEPT before touch, so its faults are the ACCEPT's (never zero-step).
     "linux-guest-demo": ("demo", ["guest.accept=before_touch", "policy.frozen_spte=resume_guest"],
                          ("faults", "mapgpa_conversions", "teardowns")),

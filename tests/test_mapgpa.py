@@ -171,8 +171,24 @@ def test_out_of_range_r11_is_a_bad_r11() -> None:
     row = result.tables["conversions"].row(0, named=True)
     assert (row["outcome"], row["retries"], row["retries_bad"]) == ("bad_r11", 1, 1)
     assert (row["retries_progress"], row["retries_no_progress"]) == (0, 0)
-    assert result.metrics["bad_r11"] == 1
+    assert result.metrics["bad_r11"] == result.metrics["bad_r11_endings"] == 1
     assert any("R11" in note for note in result.notes)
+
+
+def test_a_bad_r11_the_trace_ends_on_is_the_hosts_not_yet_the_guests() -> None:
+    rows: list[dict[str, Any]] = []
+    ended = Conversion(rows, 5, BASE, 4 * MIB)
+    ended.call()
+    ended.chunk()
+    ended.retry(r11=BASE + 4 * MIB)
+    cut = Conversion(rows, 7, BASE + 8 * MIB, 4 * MIB)
+    cut.call()
+    cut.chunk()
+    cut.answer(TdvmcallStatus.RETRY, BASE)  # the trace ends before the guest reads it
+    result = run_analyzer(ANALYZER, make_trace(rows))
+    outcomes = result.tables["conversions"]["outcome"].to_list()
+    assert outcomes == ["bad_r11", "unfinished"]
+    assert (result.metrics["bad_r11"], result.metrics["bad_r11_endings"]) == (2, 1)
 
 
 def test_align_error_fails_the_conversion() -> None:
