@@ -198,7 +198,7 @@ def write_output(path: Path, data: bytes, *, force: bool, inputs: Sequence[Path 
 
 
 def make_folder(path: Path, *, failure: str = CANNOT_WRITE) -> None:
-    """Create the folder ``path`` goes in, and its parents, if missing (report, demo).
+    """Create the folder ``path`` goes in, and its parents, if missing (every command output).
 
     One :class:`OutputError` naming ``path`` if that cannot be: a parent that is a file or a
     device, a read-only or special file system, no permission.

@@ -87,7 +87,24 @@ def test_an_output_under_a_regular_file_is_refused(trace: Path, tmp_path: Path) 
                     f"cannot write: folder {blocker} is not a folder")
     _one_line_error(_run("demo", "--out-dir", "/dev/null"), Path("/dev/null/demo.arrow"),
                     "cannot write: folder /dev/null is not a folder")
+    capsule = blocker / "run.capsule.json"
+    _one_line_error(_run("capsule", trace, "-o", capsule), capsule,
+                    f"cannot write: folder {blocker} is not a folder")
     _only(tmp_path, "file.txt")
+
+
+def test_a_missing_output_folder_is_created_by_every_command(trace: Path,
+                                                             tmp_path: Path) -> None:
+    outputs = {"record": tmp_path / "a" / "b" / "run.arrow",
+               "report": tmp_path / "c" / "report.html",
+               "capsule": tmp_path / "d" / "e" / "run.capsule.json",
+               "demo": tmp_path / "f" / "demo.html"}
+    assert _run("record", "zero-step", *SHORT, "-o", outputs["record"]).exit_code == 0
+    assert _report(trace, outputs["report"]).exit_code == 0
+    assert _run("capsule", trace, "-o", outputs["capsule"]).exit_code == 0
+    assert _run("demo", "--out-dir", outputs["demo"].parent).exit_code == 0
+    for command, path in outputs.items():
+        assert path.is_file() and path.stat().st_size > 0, command
 
 
 def _mount_tmpfs(folder: Path, options: str) -> bool:

@@ -10,7 +10,7 @@ import click
 
 from tdxtrace.commands.messages import say
 from tdxtrace.commands.options import path_param
-from tdxtrace.outputs import check_output
+from tdxtrace.outputs import check_output, make_folder
 from tdxtrace.signals import interrupt_once
 from tdxtrace.sim.emulator import RecordInterrupted, record
 from tdxtrace.sim.scenario import builtin_names, load_scenario
@@ -68,6 +68,7 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
     # A scenario file given as the output would be lost; the writer checks the rest again.
     scenario_file = None if scenario in builtin_names() else Path(scenario)
     check_output(path, force=force, inputs=(scenario_file,))
+    make_folder(path)  # a missing output folder is created, as report and demo do
     progress = ProgressLine(sys.stderr.isatty())
     before = _identity(path)
     with interrupt_once():  # a second Ctrl-C must not cut the unfinished trace's clean-up

@@ -25,8 +25,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from tdxtrace.errors import OutputError, TdxtraceError
-from tdxtrace.outputs import check_output, os_reason, write_output
+from tdxtrace.errors import TdxtraceError
+from tdxtrace.outputs import check_output, make_folder, os_reason, write_output
 from tdxtrace.replay.compare import Divergence
 from tdxtrace.replay.runner import (
     ReplayPlan,
@@ -109,8 +109,7 @@ def write_capsule(capsule: Capsule, path: Path, *, force: bool = False,
     ``inputs`` (the trace the capsule was made from) must not be ``path``, even with ``force``.
     """
     check_output(path, force=force, inputs=inputs)  # before the folder: its words are clearer
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: folder {path.parent} does not exist")
+    make_folder(path)  # a missing folder is created, as for every other output
     text = capsule.to_json()
     try:
         data = text.encode("utf-8")
