@@ -131,7 +131,9 @@ class _Group(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as err:
-            err.show()  # a bare `tdxtrace`: the help is the message, as before
+            # A bare `tdxtrace`: the help, on stdout so it can be paged (`tdxtrace | less`),
+            # and status 2 because no command was given (as git does).
+            click.echo(err.ctx.get_help() if err.ctx is not None else err.format_message())
             sys.exit(err.exit_code)
         except click.ClickException as err:
             click.echo(f"tdxtrace: error: {one_line_message(err, self._help_for(args))}",

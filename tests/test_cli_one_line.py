@@ -195,11 +195,13 @@ def test_version_is_unchanged() -> None:
     assert result.exit_code == 0 and result.stdout.startswith("tdxtrace, version ")
 
 
-def test_a_bare_tdxtrace_still_shows_the_help() -> None:
+def test_a_bare_tdxtrace_shows_the_help_on_stdout_and_exits_2() -> None:
+    # stdout, so `tdxtrace | less` pages it; 2, because no command was given.
     result = invoke()
-    assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.startswith("Usage: tdxtrace [OPTIONS] COMMAND [ARGS]...")
-    assert "Commands:" in result.stderr and "tdxtrace: error" not in result.stderr
+    assert result.exit_code == 2 and result.stderr == ""
+    assert result.stdout.startswith("Usage: tdxtrace [OPTIONS] COMMAND [ARGS]...")
+    assert "Commands:" in result.stdout and "tdxtrace: error" not in result.stdout
+    assert result.stdout == invoke("--help").stdout
 
 
 @pytest.fixture
