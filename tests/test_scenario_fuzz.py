@@ -84,6 +84,17 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(where: tuple[str, str],
         assert allowed_text(key) in message, message
 
 
+@pytest.mark.parametrize(("value", "shown"), [
+    (True, "true"), (False, "false"), ([1], "an array"), ({"a": 1}, "a table"), ("8", "'8'")])
+def test_a_wrong_type_is_shown_as_toml_spells_it(value: Any, shown: str) -> None:
+    raw = _base()
+    raw["td"]["vcpus"] = value
+    with pytest.raises(ScenarioError) as caught:
+        resolve(raw, SOURCE)
+    assert str(caught.value) == (f"{SOURCE}: td.vcpus: expected an integer from 1 to "
+                                 f"{SPEC['td']['vcpus'].high}, got {shown}")
+
+
 @FUZZ
 @given(section=st.sampled_from(sorted(SPEC)),
        name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True))

@@ -21,7 +21,17 @@ from typing import Any
 
 from tdxtrace.errors import ScenarioError
 from tdxtrace.sim.costs import DEFAULT_STEP_COSTS, LEAF_BY_KEY
-from tdxtrace.sim.scenario_spec import COST_FIELDS, MAX_TOTAL_VCPUS, SPEC, TOP_LEVEL, Key
+from tdxtrace.sim.scenario_spec import (
+    COST_FIELDS,
+    MAX_TOTAL_VCPUS,
+    SPEC,
+    TOP_LEVEL,
+    Key,
+    allowed_text,
+    bound_text,
+    shown_choice,
+    toml_value,
+)
 from tdxtrace.strict_text import (
     MAX_NESTING,
     JSONValueError,
@@ -31,43 +41,25 @@ from tdxtrace.strict_text import (
 )
 
 
-def _bound(key: Key, bound: float) -> str:
-    return f"{bound:g}" if key.type is float else str(int(bound))
-
-
-def allowed_text(key: Key) -> str:
-    """What a key accepts, in words, for error messages."""
-    if key.allowed:
-        return "one of " + ", ".join(map(_shown, key.allowed))
-    kinds = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
-    kind = kinds.get(key.type, key.type.__name__)
-    if key.low is not None and key.high is not None:
-        return f"{kind} from {_bound(key, key.low)} to {_bound(key, key.high)}"
-    return kind
-
-
-def _shown(choice: Any) -> str:
-    return '""' if choice == "" else str(choice)
-
-
 def _check_value(where: str, key: Key, value: Any) -> Any:
     if key.normalize is not None and isinstance(value, key.type):
         value = key.normalize(value)
     if key.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, key.type) or isinstance(value, bool) != (key.type is bool):
-        raise ScenarioError(f"{where}: expected {allowed_text(key)}, got {value!r}")
+        raise ScenarioError(f"{where}: expected {allowed_text(key)}, "
+                            f"got {toml_value(value)}")
     if key.allowed and value not in key.allowed:
         raise ScenarioError(f"{where}: {value!r} is not allowed "
-                            f"(allowed: {', '.join(map(_shown, key.allowed))})")
+                            f"(allowed: {', '.join(map(shown_choice, key.allowed))})")
     if isinstance(value, float) and math.isnan(value):  # nan compares false with any limit
         raise ScenarioError(f"{where}: nan is not allowed (expected {allowed_text(key)})")
     number: Any = value
     if key.low is not None and number < key.low:
-        raise ScenarioError(f"{where}: {value!r} is below the minimum {_bound(key, key.low)} "
+        raise ScenarioError(f"{where}: {value!r} is below the minimum {bound_text(key, key.low)} "
                             f"(expected {allowed_text(key)})")
     if key.high is not None and number > key.high:
-        raise ScenarioError(f"{where}: {value!r} is above the limit {_bound(key, key.high)} "
+        raise ScenarioError(f"{where}: {value!r} is above the limit {bound_text(key, key.high)} "
                             f"(expected {allowed_text(key)})")
     return value
 
@@ -94,7 +86,7 @@ def _check_costs(source: str, table: Any) -> dict[str, dict[str, float]]:
             limit = 10**12 if field_name == "base_ns" else 10**6
             if not isinstance(field_value, int | float) or isinstance(field_value, bool):
                 raise ScenarioError(f"{where}.{field_name}: expected a number, "
-                                    f"got {field_value!r}")
+                                    f"got {toml_value(field_value)}")
             low = 1 if (name, field_name) in _AT_LEAST_1_NS else 0
             if not low <= field_value <= limit:
                 raise ScenarioError(f"{where}.{field_name}: {field_value!r} is outside "
@@ -109,7 +101,8 @@ def resolve(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in raw.items():
         if key in TOP_LEVEL:
             if not isinstance(value, str):
-                raise ScenarioError(f"{source}: {key}: expected str, got {value!r}")
+                raise ScenarioError(f"{source}: {key}: expected text, "
+                                    f"got {toml_value(value)}")
             out[key] = value
         elif key == "costs":
             out["costs"] = _check_costs(source, value)

@@ -164,3 +164,34 @@ COST_FIELDS = ("base_ns", "jitter", "tail_p", "tail_x")
 # Each key has its own limit; the emulator's work grows with the vCPUs of all TDs together
 # (about 3 s per 1024 vCPUs per simulated millisecond), so their product has one too.
 MAX_TOTAL_VCPUS = 4096
+
+
+# --- the spec in words, for error messages ------------------------------------------------
+def bound_text(key: Key, bound: float) -> str:
+    return f"{bound:g}" if key.type is float else str(int(bound))
+
+
+def allowed_text(key: Key) -> str:
+    """What a key accepts, in words, for error messages."""
+    if key.allowed:
+        return "one of " + ", ".join(map(shown_choice, key.allowed))
+    kinds = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    kind = kinds.get(key.type, key.type.__name__)
+    if key.low is not None and key.high is not None:
+        return f"{kind} from {bound_text(key, key.low)} to {bound_text(key, key.high)}"
+    return kind
+
+
+def shown_choice(choice: Any) -> str:
+    return '""' if choice == "" else str(choice)
+
+
+def toml_value(value: Any) -> str:
+    """A value read from TOML (or ``--set``) as its author wrote it: ``true``, not True."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)  # a string keeps its quotes and escapes (one line, always)
