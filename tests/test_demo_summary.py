@@ -32,3 +32,11 @@ def test_a_failed_analyzer_shows_question_marks() -> None:
     lines = summary_lines("h", [AnalyzerOutcome("busy_retry", None, "boom")])
     assert "OPERAND_BUSY: ?; retry chains: ? (longest ? attempts)" in lines[0]
     assert lines[1] == "teardowns: ? (longest ?), HKID leaks: ?"
+
+
+def test_no_chain_and_no_teardown_have_no_longest() -> None:
+    lines = summary_lines("h", [
+        _ok("zero_step", incidents=0), _ok("busy_retry", busy_total=2, chains=0, max_chain=0),
+        _ok("teardown_latency", teardowns=0, max_teardown_ns=0, hkid_leaks=0)])
+    assert lines[0] == "h; zero-step incidents: 0; OPERAND_BUSY: 2; retry chains: 0"
+    assert lines[1] == "teardowns: 0, HKID leaks: 0"

@@ -37,15 +37,20 @@ def summary_lines(header: str, outcomes: Sequence[AnalyzerOutcome]) -> list[str]
     def f(analyzer: str, metric: str) -> str:
         return _figure(by_name, analyzer, metric)
 
+    def longest(count: str, text: str) -> str:
+        # "the longest of none" says nothing: left out when the count is 0.
+        return "" if count == "0" else f" (longest {text})"
+
     max_ns = f("teardown_latency", "max_teardown_ns")
     teardown_ms = f"{int(max_ns) / 1e6:.2f} ms" if max_ns.isdigit() else max_ns
+    chains, teardowns = f("busy_retry", "chains"), f("teardown_latency", "teardowns")
     return [
         # Not "N BUSYs in M chains": a BUSY KVM does not retry (an AUG whose fault resumes
         # the guest) is in no chain.
         f"{header}; zero-step incidents: {f('zero_step', 'incidents')}; OPERAND_BUSY: "
-        f"{f('busy_retry', 'busy_total')}; retry chains: {f('busy_retry', 'chains')} "
-        f"(longest {f('busy_retry', 'max_chain')} attempts)",
-        f"teardowns: {f('teardown_latency', 'teardowns')} (longest {teardown_ms}), "
+        f"{f('busy_retry', 'busy_total')}; retry chains: {chains}"
+        f"{longest(chains, f('busy_retry', 'max_chain') + ' attempts')}",
+        f"teardowns: {teardowns}{longest(teardowns, teardown_ms)}, "
         f"HKID leaks: {f('teardown_latency', 'hkid_leaks')}",
         f"MapGPA conversions: {f('mapgpa', 'conversions')}, RETRYs: {f('mapgpa', 'retries')}, "
         f"give-ups: {f('mapgpa', 'giveups')}; SPTEs zapped: {f('zap_scope', 'sptes_zapped')}",
