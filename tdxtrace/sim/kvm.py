@@ -140,7 +140,7 @@ class Kvm:
         for v in td.vcpus:
             v.stopped = True
             v.token += 1
-        if any(v.in_guest for v in td.vcpus):
+        if self._in_guest_mode(td):
             # kvm_vm_dead(): KVM_REQ_VM_DEAD to every vCPU. Those in guest mode are kicked out
             # (an IPI, a TD exit); stopped, they return -EIO instead of entering again. Nobody
             # waits for them, so no kick cost is drawn.
@@ -171,6 +171,7 @@ class Kvm:
         self.log.row(0, _KIND_TD_ENTRY, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp,
                      VP_ENTER, None, None, None, None, rip, None, None, None)
         dur = self._vp_enter_ns()
+        v.entering_until = sim.now + dur
         status, synthesized = self.vp_enter(v, rip, dur, v.run_corr)
         if status and is_busy(status):
             self.note_busy(td, VP_ENTER, status, v.run_corr)
@@ -264,19 +265,35 @@ class Kvm:
     def kick_all(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
                  lp: int, then: Callable[[], None]) -> None:
         """kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE): IPI and wait for acks."""
-        ipi = self._kick_out(td, reason, corr, flow, lp)
+        acked = self._kick_out(td, reason, corr, flow, lp)
         wait = self._kick_ns() + self._kick_per_vcpu_ns * len(td.vcpus)
-        self.sim.after(max(wait, ipi + 1), then)
+        self.sim.after(max(wait, acked + 1), then)
+
+    def _in_guest_mode(self, td: KvmTd) -> list[Vcpu]:
+        """The vCPUs a request must IPI: in the guest, or still inside TDH.VP.ENTER (vcpu->mode
+        is IN_GUEST_MODE from before the SEAMCALL until it returns, whatever its status)."""
+        now = self.sim.now
+        return [v for v in td.vcpus if v.in_guest or v.entering_until > now]
 
     def _kick_out(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
                   lp: int | None) -> int:
-        """The KICK row and an IPI to every vCPU in guest mode, which exits when it lands
-        (unless it already left); the IPI's delay."""
-        in_guest = [v for v in td.vcpus if v.in_guest]
+        """The KICK row and an IPI to every vCPU in guest mode; the delay until the last one
+        acknowledged it.
+
+        Interrupts are off inside TDH.VP.ENTER, so a vCPU still entering takes the IPI (exits)
+        only once its entry is done, and the requester, which waits for every ack, waits for
+        that: after the kick no VP.ENTER holds the TD epoch or the S-EPT tree, which is why
+        tdh_do_no_vcpus() can count on its one retry (tdx-reference.md §4(b)).
+        """
+        targets = self._in_guest_mode(td)
         self.log.row(0, _KIND_KICK, flow, reason, corr, td.index, None, lp, None, None, None,
-                     None, None, None, len(in_guest), None, None)  # row order: one per zap page
+                     None, None, None, len(targets), None, None)  # row order: one per zap page
         ipi = self._faults.ipi_delay(self._ipi_ns() // 4)
-        for v in in_guest:
-            v.token += 1
-            self.sim.after(ipi, self._kicked, v, v.token)
-        return ipi
+        now, acked = self.sim.now, ipi
+        for v in targets:
+            lands = max(ipi, v.entering_until - now)
+            acked = max(acked, lands)
+            if v.in_guest:  # one still in a failed VP.ENTER returns by itself
+                v.token += 1
+                self.sim.after(lands, self._kicked, v, v.token)
+        return acked

@@ -20,6 +20,9 @@ class Vcpu:
     workload: Workload
     run_corr: int | None = None  # corr shared by a chain of BUSY-retried VP.ENTERs
     in_guest: bool = False
+    # When its latest TDH.VP.ENTER is done entering (the module holds the TD epoch, and the
+    # S-EPT tree while stepping, until then): a kick's IPI is taken no earlier.
+    entering_until: int = 0
     token: int = 0  # bumped to cancel the guest's scheduled next step (kick, stop)
     next_timer: int = 0
     stopped: bool = False
