@@ -133,7 +133,8 @@ KIND_ARGS: dict[str, str] = {
                   "the phase, 0 if none (KVM carries on past a leaked page or a bugged VM); "
                   "RELEASE_HKID: the status that leaked the HKID; TEARDOWN: the first "
                   "non-zero status of its phases",
-    "VM_BUGGED": "td, leaf, status of the SEAMCALL that made KVM_BUG_ON fire",
+    "VM_BUGGED": ("td, leaf, status of the SEAMCALL that made KVM_BUG_ON fire; both null "
+                  "when no SEAMCALL did (the S-EPT teardown found the HKID still assigned)"),
     "VCPU_LOAD": "td, vcpu, lp = new LP, arg0 = previous LP (null if none)",
     "GUEST_ACCEPT": "td, vcpu, gpa, level, status",
     "GUEST_MAPGPA": "sub = GuestMapGpa, td, vcpu, gpa = start, arg0 = end or R11, arg1 = "

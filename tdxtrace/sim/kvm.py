@@ -128,15 +128,18 @@ class Kvm:
                           leaf=leaf, status=status, arg0=max(h_lp, 0), arg1=max(h_leaf, 0),
                           arg2=max(h_corr, 0))
 
-    def bug_on(self, td: KvmTd, leaf: int, status: int, corr: int | None, flow: int) -> None:
-        """KVM_BUG_ON: the VM is bugged, an error is logged, every vCPU stops."""
+    def bug_on(self, td: KvmTd, leaf: int | None, status: int | None, corr: int | None,
+               flow: int) -> None:
+        """KVM_BUG_ON: the VM is bugged, an error is logged, every vCPU stops. ``leaf`` and
+        ``status`` are the SEAMCALL's that did it, None for a check of KVM's own state."""
         if td.bugged:
             return
         td.bugged = True
         self.log.count("vms_bugged")
         self.log.emit(_KIND_VM_BUGGED, flow=flow, corr=corr, td=td.index, leaf=leaf,
                       status=status)
-        self.world.note(f"KVM_BUG_ON: TD {td.index}: {leaf_name(leaf)} returned {status:#x}")
+        cause = "" if leaf is None else f": {leaf_name(leaf)} returned {status or 0:#x}"
+        self.world.note(f"KVM_BUG_ON: TD {td.index}{cause}")
         for v in td.vcpus:
             v.stopped = True
             v.token += 1
@@ -277,14 +280,10 @@ class Kvm:
 
     def _kick_out(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
                   lp: int | None) -> int:
-        """The KICK row and an IPI to every vCPU in guest mode; the delay until the last one
-        acknowledged it.
-
-        Interrupts are off inside TDH.VP.ENTER, so a vCPU still entering takes the IPI (exits)
-        only once its entry is done, and the requester, which waits for every ack, waits for
-        that: after the kick no VP.ENTER holds the TD epoch or the S-EPT tree, which is why
-        tdh_do_no_vcpus() can count on its one retry (tdx-reference.md §4(b)).
-        """
+        """The KICK row and an IPI to every vCPU in guest mode; the delay until the last ack.
+        Interrupts are off inside TDH.VP.ENTER: a vCPU still entering takes the IPI (exits)
+        once its entry is done, and the requester waits for that, so after a kick no VP.ENTER
+        holds the TD epoch or the S-EPT tree: tdh_do_no_vcpus()'s one retry can count on it."""
         targets = self._in_guest_mode(td)
         self.log.row(0, _KIND_KICK, flow, reason, corr, td.index, None, lp, None, None, None,
                      None, None, None, len(targets), None, None)  # row order: one per zap page

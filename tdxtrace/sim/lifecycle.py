@@ -10,19 +10,7 @@ Teardown (flow TEARDOWN), policy ``hkid_release``:
   then ``tdx_mmu_release_hkid()``;
 * ``early`` (KVM_TDX_TERMINATE_VM): ``tdx_mmu_release_hkid()`` first, then one RECLAIM per page.
 
-``tdx_mmu_release_hkid()``: VP.FLUSH of every loaded vCPU on its LP, then under ``tdx_lock``
-VPFLUSHDONE, CACHE.WB on one LP per package (resumed on INTERRUPTED_RESUMABLE, at most
-TDX_SEAMCALL_RETRIES calls), KEY.FREEID. FLUSHVP_NOT_DONE leaks the HKID and ends the teardown.
-``teardown.flush_loop`` chooses the retry of seed 001: ``resend_flush`` (Isaku Yamahata's v19
-loop: flush every vCPU again, then VPFLUSHDONE) or ``vpflushdone_only`` (Reinette Chatre's
-question: re-issue only VPFLUSHDONE), at most ``teardown.vpflushdone_tries`` attempts (1 is
-mainline: no loop, FLUSHVP_NOT_DONE leaks the HKID). The thread concluded that loading a vCPU
-does not associate it (only VP.ENTER does), so "the loop is unnecessary with the current code";
-it matters only if a vCPU can *enter* after the flush round, which the then-planned HKID release
-with vCPUs alive would allow, and Kai Huang argued for the plain order (flush at vCPU destroy,
-VPFLUSHDONE after all vCPUs are gone) that makes the race impossible. The fault
-``faults.vcpu_load_during_teardown_p`` makes a vCPU load *and enter* in that window: the
-resent flush clears it, re-issuing VPFLUSHDONE alone cannot.
+``tdx_mmu_release_hkid()`` is :mod:`.release_hkid`'s (its loop policies included).
 Then RECLAIM of the S-EPT pages, each vCPU's TDCX and TDVPR pages, the TDCS pages and the TDR,
 and PAGE.WBINVD of the TDR. In every phase the first ``teardown.row_pages`` pages get one row
 per SEAMCALL; the rest are recorded as batched rows (``arg1`` = pages) whose duration is the
@@ -41,13 +29,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from tdxtrace.codes import TDX_SEAMCALL_RETRIES, ExitReason, Leaf, Status, leaf_name
+from tdxtrace.codes import ExitReason, Leaf
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 from tdxtrace.sim.migration import VcpuPlacement
 from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_teardown import LifecycleLeaves
 from tdxtrace.sim.module_teardown import PageKind as P
-from tdxtrace.sim.process import FOREVER, KvmMutex, Op, Process, parallel, spawn
+from tdxtrace.sim.process import FOREVER, KvmMutex, Op, Process, spawn
+from tdxtrace.sim.release_hkid import HkidRelease
 from tdxtrace.sim.td_create import create_td
 from tdxtrace.sim.teardown_pages import Page, PageWork
 
@@ -57,10 +46,6 @@ if TYPE_CHECKING:
     from tdxtrace.sim.world import World
 
 L = Leaf
-FLUSHVP_NOT_DONE = int(Status.FLUSHVP_NOT_DONE)
-RESUMABLE = int(Status.INTERRUPTED_RESUMABLE)
-NO_HKID_READY = int(Status.NO_HKID_READY_TO_WBCACHE)
-NOT_ASSOCIATED = int(Status.VCPU_NOT_ASSOCIATED)
 
 
 @dataclass(frozen=True)
@@ -85,10 +70,9 @@ class Lifecycle:
         self.leaves = LifecycleLeaves(world.module, packages, self.cfg.cache_wb_blocks)
         self.placement = VcpuPlacement(world, self.leaves)
         self.tdx_lock = KvmMutex(world.sim)
-        self._race_p = float(world.scenario.faults.vcpu_load_during_teardown_p)
-        self._race_rng = world.rng.stream("faults.vcpu_load_during_teardown")
         self._active = 0
         self.pages = PageWork(self)
+        self.hkid = HkidRelease(self)
 
     # --- operations ------------------------------------------------------------------------
     def new_job(self, td: KvmTd, flow: Flow) -> Job:
@@ -178,7 +162,7 @@ class Lifecycle:
         status = SUCCESS
         if self.world.policy.hkid_release == "late":  # empties the mirror, bugged VM or not
             status = yield from self.pages.private_pages(job, zap=True)
-        leaked_hkid = yield from self._release_hkid(job)
+        leaked_hkid = yield from self.hkid.release(job)
         status = status or leaked_hkid
         released = not leaked_hkid  # else nothing of the TD can be reclaimed
         if released and td.mirror.leaves:  # early release
@@ -187,94 +171,16 @@ class Lifecycle:
         if released:
             control = yield from self._reclaim_control(job)
             status = status or control
+        elif td.mirror.nonleaf:
+            # The mirror root is still torn down: tdx_sept_free_private_spt() finds the HKID
+            # assigned, KVM_BUG_ON (no SEAMCALL: no leaf, no status), and its S-EPT pages
+            # stay leaked. Already bugged after a VPFLUSHDONE or KEY.FREEID error.
+            self.kvm.bug_on(td, None, None, job.corr, job.flow)
         self.done(job, Phase.TEARDOWN, start, status)
         self.log.record_td_value("teardown_ns", td.index, self.sim.now - start)
         if released:  # ran to its end; leaked pages, if any, are in pages_leaked
             self.log.count("teardowns_finished")
         return status
-
-    def _release_hkid(self, job: Job) -> Process:
-        """tdx_mmu_release_hkid(): 0, or the status that leaked the HKID."""
-        td, mtd, lv = job.td, job.td.module, self.leaves
-        start = self.phase(job, Phase.RELEASE_HKID, len(td.vcpus))
-        resend = self.cfg.flush_loop == "resend_flush"
-        tries = int(self.cfg.vpflushdone_tries)
-        status, flushdone_start = SUCCESS, start
-        for attempt in range(tries):
-            if attempt == 0 or resend:
-                yield from self._flush_vcpus(job)
-                # A bugged VM is dead: its vCPU ioctls return -EIO, so none can race in.
-                if attempt == 0 and self._race_p and not td.bugged \
-                        and self._race_rng.random() < self._race_p:
-                    v = td.vcpus[self._race_rng.randrange(len(td.vcpus))]
-                    self.log.count("teardown_vcpu_reloads")
-                    yield partial(self.placement.reload_and_enter, v)
-                yield self.tdx_lock.acquire
-                flushdone_start = self.phase(job, Phase.VPFLUSHDONE)
-            else:
-                yield self.sleep(self.costs.step("retry_resched"))
-            status = yield self.call(job, L.TDH_MNG_VPFLUSHDONE, partial(lv.vpflushdone, mtd))
-            if status != FLUSHVP_NOT_DONE or attempt + 1 == tries:
-                break
-            if resend:  # Isaku's loop: drop the lock, flush every vCPU again, retry
-                self.done(job, Phase.VPFLUSHDONE, flushdone_start, status)
-                self.tdx_lock.release()
-        self.done(job, Phase.VPFLUSHDONE, flushdone_start, status)
-        if status:
-            self.tdx_lock.release()
-            return self._leak(job, start, L.TDH_MNG_VPFLUSHDONE, status)
-        wb_start = self.phase(job, Phase.CACHE_WB, len(self.first_lps))
-        wb_failures: list[int] = []  # in the order they happened
-        yield parallel([self._cache_wb(job, package, target, wb_failures)
-                        for package, target in enumerate(self.first_lps)])
-        self.done(job, Phase.CACHE_WB, wb_start, wb_failures[0] if wb_failures else SUCCESS)
-        freeid_start = self.phase(job, Phase.KEY_FREEID)
-        status = yield self.call(job, L.TDH_MNG_KEY_FREEID, partial(lv.key_freeid, mtd))
-        self.done(job, Phase.KEY_FREEID, freeid_start, status)
-        self.tdx_lock.release()
-        if status:
-            return self._leak(job, start, L.TDH_MNG_KEY_FREEID, status)
-        self.done(job, Phase.RELEASE_HKID, start)
-        return SUCCESS
-
-    def _leak(self, job: Job, start: int, leaf: int, status: int) -> int:
-        """The HKID stays assigned; nothing of the TD can be reclaimed any more."""
-        if status != FLUSHVP_NOT_DONE:  # KVM's pr_err: "... failed. HKID %d is leaked."
-            self.world.note(f"TD {job.td.index}: {leaf_name(leaf)} returned {status:#x}: "
-                            f"HKID {job.td.module.hkid} is leaked")
-        self.log.count("hkid_leaks")
-        self.done(job, Phase.RELEASE_HKID, start, status)
-        return status
-
-    def _flush_vcpus(self, job: Job) -> Process:
-        start = self.phase(job, Phase.VP_FLUSH, len(job.td.vcpus))
-        failed = SUCCESS  # KVM ignores VCPU_NOT_ASSOCIATED; anything else was a TDX_BUG_ON
-        for v in job.td.vcpus:
-            status = yield partial(self.placement.flush_vp_on_cpu, v, job.corr, job.flow,
-                                   job.lp)
-            if status != NOT_ASSOCIATED:
-                failed = failed or status
-        self.done(job, Phase.VP_FLUSH, start, failed)
-
-    def _cache_wb(self, job: Job, package: int, target: int, failures: list[int]) -> Process:
-        """smp_func_do_phymem_cache_wb() on ``target``: resume while INTERRUPTED_RESUMABLE."""
-        there, back = self.placement.send_ipi(IpiPurpose.CACHE_WB, job.td.index, None, target,
-                                              job.lp, job.corr, job.flow)
-        yield self.sleep(there)
-        status, resume = RESUMABLE, False
-        for _ in range(TDX_SEAMCALL_RETRIES):
-            status = yield self.call(job, L.TDH_PHYMEM_CACHE_WB,
-                                     partial(self.leaves.cache_wb, package, resume), lp=target,
-                                     arg0=int(resume))
-            if status != RESUMABLE:
-                break
-            resume = True
-            self.log.count("cache_wb_resumes")
-        if status not in (SUCCESS, NO_HKID_READY):  # WARN_ON_ONCE; FREEID will fail
-            failures.append(status)
-            self.world.note(f"TD {job.td.index}: TDH.PHYMEM.CACHE.WB on LP {target} "
-                            f"returned {status:#x}")
-        yield self.sleep(back)
 
     def _reclaim_control(self, job: Job) -> Process:
         """S-EPT pages, then each vCPU's TDCX and TDVPR pages, then TDCS, TDR, TDR WBINVD."""
