@@ -213,6 +213,8 @@ class MapGpa:
         self._guest_row(v, st.conv, step, r11, st.conv.retries)
         if step == GuestMapGpa.DONE and st.conv.to_private:
             self._guest_shared[v.td.index].difference_update(gfn_range(st.conv.first, st.conv.end))
+        elif step != GuestMapGpa.DONE and not st.conv.to_private:
+            st.back = None  # set_memory_decrypted() failed: leaked, never converted back
         self.log.count(ENDINGS[step])
         st.conv = None
         return False  # the guest carries on with its work
@@ -280,14 +282,12 @@ class MapGpa:
 
     def _interrupt_pending(self, v: Vcpu) -> bool:
         """kvm_vcpu_has_events(): the guest's timer is due, or an injected interrupt."""
-        if self.sim.now >= v.next_timer:
-            return True
-        return bool(self.interrupt_p) and self._interrupt_rng.random() < self.interrupt_p
+        return self.sim.now >= v.next_timer or (
+            bool(self.interrupt_p) and self._interrupt_rng.random() < self.interrupt_p)
 
     def _answer(self, v: Vcpu, conv: Conversion, r10: int, r11: int) -> None:
         self._row(v, conv, Kind.TDVMCALL_DONE, status=r10, arg0=r11, arg1=MAP_GPA)
-        if r10 == RETRY:
-            self.log.count("mapgpa_retries")
+        self.log.count("mapgpa_retries", int(r10 == RETRY))  # a truth counter, 0 included
         conv.answer = (r10, r11)
         self._turns += 1
         self.kvm.enter(v)
