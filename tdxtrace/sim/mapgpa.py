@@ -75,7 +75,7 @@ PICK_TRIES = 8  # draws for a range that overlaps no page another conversion own
 class VcpuMapGpa:
     request: tuple[int, int, bool] | None = None  # (start, end, to_private) the guest will do
     conv: Conversion | None = None  # the conversion in progress
-    back: tuple[int, int] | None = None  # "alternate": the range to convert back to private
+    back: tuple[int, int] | None = None  # "alternate": a range made shared, to convert back
 
 
 class MapGpa:
@@ -151,8 +151,6 @@ class MapGpa:
             return None
         if self.direction == "to_private":
             return start, end, True
-        if self.direction == "alternate":
-            st.back = (start, end)
         return start | SHARED_BIT, end | SHARED_BIT, False  # cc_mkdec(): the shared alias
 
     def request(self, v: Vcpu, start: int, end: int, to_private: bool) -> None:
@@ -213,8 +211,9 @@ class MapGpa:
         self._guest_row(v, st.conv, step, r11, st.conv.retries)
         if step == GuestMapGpa.DONE and st.conv.to_private:
             self._guest_shared[v.td.index].difference_update(gfn_range(st.conv.first, st.conv.end))
-        elif step != GuestMapGpa.DONE and not st.conv.to_private:
-            st.back = None  # set_memory_decrypted() failed: leaked, never converted back
+        elif step == GuestMapGpa.DONE and self.direction == "alternate":
+            # Only a range made shared goes back (Linux leaks one it failed to make shared).
+            st.back = (st.conv.first & ~SHARED_BIT, st.conv.end & ~SHARED_BIT)
         self.log.count(ENDINGS[step])
         st.conv = None
         return False  # the guest carries on with its work
@@ -287,7 +286,8 @@ class MapGpa:
 
     def _answer(self, v: Vcpu, conv: Conversion, r10: int, r11: int) -> None:
         self._row(v, conv, Kind.TDVMCALL_DONE, status=r10, arg0=r11, arg1=MAP_GPA)
-        self.log.count("mapgpa_retries", int(r10 == RETRY))  # a truth counter, 0 included
+        if r10 == RETRY:
+            self.log.count("mapgpa_retries")
         conv.answer = (r10, r11)
         self._turns += 1
         self.kvm.enter(v)
