@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tdxtrace.codes import Leaf, is_busy
 from tdxtrace.events import FaultOutcome, Flow, Kind, RetryCause, RootKind
-from tdxtrace.sim.mmu import FROZEN, NONPRESENT, present_spte
+from tdxtrace.sim.mmu import FROZEN, NONPRESENT, level_gpa, present_spte
 from tdxtrace.sim.module import SUCCESS, nonleaf_keys
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class FaultPath:
             call = partial(module.page_aug, module_td, f.gfn)
         self.kvm.seamcall(td, leaf, v.lp, f.corr, FLOW, call,
                           partial(self._called, f, key, leaf, level, level_index),
-                          vcpu=v.index, gpa=f.gfn << 12, level=level)
+                          vcpu=v.index, gpa=level_gpa(f.gfn, level), level=level)
 
     def _called(self, f: Fault, key: object, leaf: int, level: int, level_index: int,
                 status: int) -> None:
@@ -220,5 +220,5 @@ class FaultPath:
     def _spte(self, f: Fault, level: int, old: int, new: int) -> None:
         td = f.vcpu.td
         self.log.row(0, _KIND_SPTE_CHANGED, FLOW, MIRROR, f.corr, td.index, f.vcpu.index, None,
-                     None, None, None, f.gfn << 12, level, None, old, new,
+                     None, None, None, level_gpa(f.gfn, level), level, None, old, new,
                      td.mirror.root_id)  # row order (EventLog.row): two per fault level

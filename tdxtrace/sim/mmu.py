@@ -89,3 +89,10 @@ class MirrorRoot:
     leaves: set[int] = field(default_factory=set)  # gfns with a present leaf SPTE
     nonleaf: set[tuple[int, int]] = field(default_factory=set)
     frozen: dict[object, int] = field(default_factory=dict)  # key -> corr of the owner
+
+
+def level_gpa(gfn: int, level: int) -> int:
+    """The GPA of the S-EPT entry of TDX ``level`` that covers ``gfn``: the GFN rounded down
+    to the 512**level pages that entry maps, as KVM passes it (gfn_to_gpa(iter->gfn))."""
+    shift = 9 * level
+    return (gfn >> shift) << (shift + 12)

@@ -41,7 +41,7 @@ from tdxtrace.events import (
     ZapReason,
     ZapScope,
 )
-from tdxtrace.sim.mmu import NONPRESENT, present_spte
+from tdxtrace.sim.mmu import NONPRESENT, level_gpa, present_spte
 from tdxtrace.sim.module import nonleaf_keys
 from tdxtrace.sim.roots_guest import SHARED_BIT, SHARED_GFN, SharedMix
 from tdxtrace.sim.roots_zap import RootZap
@@ -225,7 +225,8 @@ class Roots:
             for key in nonleaf_keys(gfn | SHARED_GFN):
                 if key not in root.nonleaf:
                     root.nonleaf.add(key)
-                    self._spte(td, root, corr, FAULT_FLOW, gpa, key[0], NONPRESENT,
+                    self._spte(td, root, corr, FAULT_FLOW, level_gpa(gfn | SHARED_GFN, key[0]),
+                               key[0], NONPRESENT,
                                present_spte(gfn, key[0]), v.index)
             if gfn not in root.leaves:
                 root.leaves.add(gfn)
