@@ -48,11 +48,11 @@ def paired_exits(events: pl.LazyFrame, columns: tuple[str, ...],
 
 # What the built-in analyzers take from each pair: busy_retry the ids, times and status,
 # seamcall_latency the times and status, zero_step (and busy_retry, through it) the exit's
-# reason, RIP, GPA and extended exit qualification (arg1). One shape for all, so the pairing
+# reason, RIP, GPA and exit qualifications (arg0, arg1). One shape for all, so the pairing
 # (a window over every entry and exit) runs once per trace in memory (Trace.shared) instead of
 # once per analyzer.
 PAIR_COLUMNS = ("seq", "ts_ns", "td", "vcpu", "corr", "flow", "status", "exit_reason", "rip",
-                "gpa", "arg1")
+                "gpa", "arg0", "arg1")
 ENTRY_COLUMNS = ("ts_ns", "seq")
 PAIR_READS = ("kind", *PAIR_COLUMNS)  # the trace columns vp_enter_pairs reads
 

@@ -11,6 +11,7 @@ import polars as pl
 
 from tdxtrace.codes import (
     EPF_GPA_LIST_SIZE,
+    EXIT_QUAL_ZERO_STEP,
     EXIT_REASON_INVALID,
     STEPPING_EPF_THRESHOLD,
     TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
@@ -45,7 +46,10 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
     ``private_ept``: an EPT violation on a private GPA that the guest's ACCEPT did not cause
     (the only exits the module counts);
     ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE;
-    ``accept_fault``: an EPT violation the guest's ACCEPT caused (left out of ``private_ept``).
+    ``accept_fault``: an EPT violation the guest's ACCEPT caused (left out of ``private_ept``);
+    ``zero_step_qual``: an EPT violation whose exit qualification (arg0) is the module's
+    zero-step exit's, write access alone (hardware always adds the linear-address bits), and
+    ``qual_known``: the row carries an exit qualification at all.
     """
     reason = pl.col("exit_reason")
     # The extended exit qualification (arg1) names an EPT violation the guest's ACCEPT caused:
@@ -68,6 +72,8 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
             (pl.col("status") == u64(BUSY_SEPT)).fill_null(False).alias("busy_sept"),
             ((reason == int(ExitReason.EPT_VIOLATION)) & caused_by_accept).fill_null(False)
             .alias("accept_fault"),
+            (pl.col("arg0") == u64(EXIT_QUAL_ZERO_STEP)).fill_null(False).alias("zero_step_qual"),
+            pl.col("arg0").is_not_null().alias("qual_known"),
         )
         # Rows come in seq order, so a stable sort on the vCPU alone is (vkey, seq) order, at
         # half the cost of sorting on both.
@@ -198,19 +204,22 @@ def longest_run(segmented: pl.LazyFrame) -> int:
 
 
 def listed_gpas(segmented: pl.LazyFrame) -> pl.LazyFrame:
-    """Per segment: the module's GPA list and the exits it (probably) synthesized.
+    """Per segment: the module's GPA list and the exits it synthesized.
 
     The list holds the distinct pages of faults 7, 8, ... in first-seen order, at most 32.
-    The first exit on each listed page is the real guest fault that listed it; later exits on a
-    listed page are counted as synthesized (VP.ENTER found the page still unmapped). KVM cannot
-    tell the two apart, so this is an estimate.
+    When every exit carries its exit qualification, the synthesized ones are those with the
+    zero-step exit's (write access alone). Otherwise they are estimated: the first exit on each
+    listed page is the real guest fault that listed it, and later exits on a listed page are
+    counted as synthesized (VP.ENTER found the page still unmapped).
     """
     after = segmented.filter(
         pl.col("private_ept") & (pl.col("fault_no") > STEPPING_EPF_THRESHOLD)
     ).with_columns((pl.col("gpa") & u64(PAGE_MASK)).alias("page"))
     pages = (
         after.group_by("seg", "page")
-        .agg(pl.col("seq").min().alias("_first"), pl.len().cast(pl.Int64).alias("_exits"))
+        .agg(pl.col("seq").min().alias("_first"), pl.len().cast(pl.Int64).alias("_exits"),
+             pl.col("zero_step_qual").sum().cast(pl.Int64).alias("_by_qual"),
+             pl.col("qual_known").all().alias("_known"))
         .sort("seg", "_first")
         .with_columns(pl.int_range(1, pl.len() + 1).over("seg").alias("_rank"))
         .filter(pl.col("_rank") <= EPF_GPA_LIST_SIZE)
@@ -218,5 +227,6 @@ def listed_gpas(segmented: pl.LazyFrame) -> pl.LazyFrame:
     return pages.group_by("seg").agg(
         pl.len().cast(pl.Int64).alias("listed_gpas"),
         pl.col("page").sort_by("_first").first().alias("first_listed_gpa"),
-        (pl.col("_exits") - 1).sum().cast(pl.Int64).alias("synthesized_exits"),
+        pl.when(pl.col("_known").all()).then(pl.col("_by_qual").sum())
+        .otherwise((pl.col("_exits") - 1).sum()).cast(pl.Int64).alias("synthesized_exits"),
     )

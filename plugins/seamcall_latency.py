@@ -160,7 +160,7 @@ class SeamcallLatency(Analyzer):
         "SEAMCALL count, share, latency (min/mean/p50/p99/max) and BUSY share per leaf")
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "dur_ns", "kind", "td", "vcpu", "corr", "flow", "leaf", "status",
-        "exit_reason", "gpa", "rip", "arg1")
+        "exit_reason", "gpa", "rip", "arg0", "arg1")
     key_metrics: ClassVar[tuple[str, ...]] = ("seamcalls", "busy")
 
     def analyze(self, trace: Trace) -> AnalyzerResult:

@@ -22,8 +22,10 @@ Rules:
   lists GPAs. ``start_ns`` is the first fault, ``end_ns`` the progress exit (or the vCPU's last
   exit when the trace ends first), ``faults`` the run length.
 * ``listed_gpas`` / ``first_listed_gpa``: the distinct pages of faults 7, 8, ... (first 32).
-  ``synthesized_exits`` estimates the module's emulated exits: every exit on a listed page
-  after the first one (which was the real fault that listed it). KVM cannot tell them apart.
+  ``synthesized_exits``: the module's emulated exits, told by their exit qualification
+  (``arg0`` = 0x2, write access alone, where hardware sets the linear-address bits too: the
+  module's emulate_ept_violation_td_exit()). Without it (``arg0`` null) an estimate: every
+  exit on a listed page after the first one (the real fault that listed it).
 * ``vp_enter_busy_sept``: this vCPU's VP.ENTERs that returned BUSY|SEPT_TREE
   (0x8000020000000092) inside the incident window; ``other_vcpu_mem_busy_sept``: TDH.MEM.*
   SEAMCALLs of the same TD on other vCPUs (or on no vCPU: the zap path) that returned
@@ -114,7 +116,7 @@ class ZeroStep(Analyzer):
     )
     columns: ClassVar[tuple[str, ...]] = (
         "seq", "ts_ns", "kind", "truth", "flow", "sub", "corr", "td", "vcpu", "leaf",
-        "status", "exit_reason", "gpa", "rip", "arg1",
+        "status", "exit_reason", "gpa", "rip", "arg0", "arg1",
     )
     key_metrics: ClassVar[tuple[str, ...]] = ("incidents", "kvm_caused_incidents", "max_run")
     # An incident KVM caused is a KVM bug (or the resume_guest policy's known cost); the
@@ -158,8 +160,10 @@ class ZeroStep(Analyzer):
             "by_vcpu": by_vcpu(incidents, vp_busy.collect()),
         }
         notes = (
-            "synthesized_exits is an estimate: a module-synthesized EPT-violation exit looks "
-            "exactly like a real one, so every exit on an already-listed page is counted.",
+            "synthesized_exits: the EPT-violation exits whose exit qualification (arg0) is "
+            "the module's zero-step exit's, write access alone (0x2; hardware always adds the "
+            "linear-address bits); an estimate when a row lacks it (arg0 null): every exit on "
+            "an already-listed page after the first.",
             "EPT violations caused by the guest's TDG.MEM.PAGE.ACCEPT do not count for the "
             "module; they are left out when the TD_EXIT row carries the extended exit "
             "qualification (arg1, type ACCEPT) and counted when it does not (arg1 null).",

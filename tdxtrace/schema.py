@@ -108,10 +108,13 @@ KIND_ARGS: dict[str, str] = {
                 "dur_ns is their sum)",
     "TD_ENTRY": "td, vcpu, lp, rip; leaf = 0",
     "TD_EXIT": "td, vcpu, lp, status (RAX), exit_reason, gpa (R8), rip, arg0 = exit "
-               "qualification (KVM cannot tell a module-synthesized exit from a real one), "
+               "qualification of an EPT violation (kvm_exit's info1: 0x182 a guest write as "
+               "hardware reports it, 0x2 the module's zero-step exit, which sets write access "
+               "alone, 0 one the guest's ACCEPT caused; null on other exits), "
                "arg1 = extended exit qualification (kvm_exit's info2; type in bits 3:0, 1 = "
                "the guest's TDG.MEM.PAGE.ACCEPT caused the EPT violation; null when none)",
-    "PAGE_FAULT": "td, vcpu, gpa, rip, arg0 = error code / exit qualification",
+    "PAGE_FAULT": "td, vcpu, gpa, rip, arg0 = the exit qualification KVM uses (forced to "
+                  "write, 0x2, on a private GPA; the exit's own on a shared one)",
     "FAULT_RETRY": "sub = RetryCause, gpa, level, leaf + status when a SEAMCALL was BUSY",
     "FAULT_DONE": "sub = FaultOutcome, gpa, arg0 = local retries in this invocation",
     "SPTE_CHANGED": "sub = RootKind, gpa, level, arg0 = old SPTE, arg1 = new SPTE, "

@@ -8,7 +8,14 @@ import pytest
 from polars.testing import assert_frame_equal
 from zero_step_helpers import BUSY_SEPT, OTHER_RIP, RIP, SHARED, Rows, incidents
 
-from tdxtrace.codes import ExitReason, Leaf, OperandId, Status
+from tdxtrace.codes import (
+    EXIT_QUAL_GUEST_WRITE,
+    EXIT_QUAL_ZERO_STEP,
+    ExitReason,
+    Leaf,
+    OperandId,
+    Status,
+)
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace_plugins.zero_step import INCIDENT_SCHEMA, ZeroStep, register_analyzers
 
@@ -45,6 +52,28 @@ def test_incident_row_with_listed_gpas_synthesized_exits_and_progress() -> None:
     result = rows.analyze()
     assert_frame_equal(incidents(result), expected)
     assert result.metrics["synthesized_exits"] == 2
+
+
+@pytest.mark.parametrize(("quals", "synthesized"), [
+    # Recorded: the zero-step exit's qualification (write alone) names each synthesized exit,
+    # so a real refault on a listed page (the hardware's 0x182) is not counted.
+    ((EXIT_QUAL_GUEST_WRITE, EXIT_QUAL_ZERO_STEP, EXIT_QUAL_GUEST_WRITE, EXIT_QUAL_ZERO_STEP),
+     2),
+    # Not recorded: every exit on a listed page after the first is taken for synthesized.
+    ((None, None, None, None), 3),
+])
+def test_synthesized_exits_are_told_by_their_exit_qualification(
+        quals: tuple[int | None, ...], synthesized: int) -> None:
+    rows = Rows()
+    first = quals[0]
+    for _ in range(6):
+        rows.exit(0, gpa=0x5000, qual=first)
+    for qual in quals:  # the 7th lists page 0x7000; three more exits on it
+        rows.exit(0, gpa=0x7000, qual=qual)
+    rows.exit(0, OTHER_RIP, reason=int(ExitReason.HLT))
+    result = rows.analyze()
+    assert result.metrics["incidents"] == 1
+    assert result.metrics["synthesized_exits"] == synthesized
 
 
 def test_an_exit_at_another_rip_resets_the_run() -> None:

@@ -32,11 +32,12 @@ class Rows:
         return self.ts
 
     def exit(self, vcpu: int, rip: int = RIP, gpa: int | None = 0x5000, reason: int = EPT,
-             td: int = 0, ext_qual: int | None = None) -> int:
-        """A real TD exit; ``ext_qual``: the extended exit qualification (arg1)."""
+             td: int = 0, ext_qual: int | None = None, qual: int | None = None) -> int:
+        """A TD exit; ``qual`` and ``ext_qual``: the exit qualification and the extended one
+        (arg0, arg1; null: not recorded)."""
         return self.add(Kind.TD_EXIT, flow=Flow.RUN, td=td, vcpu=vcpu, leaf=0, rip=rip,
                         gpa=gpa if reason == EPT else None, exit_reason=reason, status=reason,
-                        arg1=ext_qual)
+                        arg0=qual, arg1=ext_qual)
 
     def busy_exit(self, vcpu: int, status: int = BUSY_SEPT, td: int = 0,
                   rip: int | None = RIP) -> int:

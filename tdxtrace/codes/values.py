@@ -278,6 +278,17 @@ TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6  # extended exit qualification 
 TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF  # GENMASK(3, 0)
 TDX_EXT_EXIT_QUAL_TYPE_ACCEPT = 1  # info (bits 63:32): the accept level - 1 in bits 2:0
 EPT_VIOLATION_ACC_WRITE = 1 << 1  # exit-qualification bit KVM forces on private faults
+# Not in tdx-reference.md: the SDM's EPT-violation exit-qualification bits (Linux vmx.h names).
+# Hardware sets GVA_IS_VALID on every violation a TD can cause (it clears it only for PAE PDPTE
+# loads and Intel PT's trace-address pre-translation); the module's zero-step exit
+# (emulate_ept_violation_td_exit() in its source) sets ACC_WRITE alone, and an exit the guest's
+# TDG.MEM.PAGE.ACCEPT caused carries 0 (the type is in the extended exit qualification).
+EPT_VIOLATION_GVA_IS_VALID = 1 << 7
+EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
+# A guest's write to the page itself, and the module's zero-step exit (0x182 and 0x2).
+EXIT_QUAL_GUEST_WRITE = (EPT_VIOLATION_ACC_WRITE | EPT_VIOLATION_GVA_IS_VALID
+                         | EPT_VIOLATION_GVA_TRANSLATED)
+EXIT_QUAL_ZERO_STEP = EPT_VIOLATION_ACC_WRITE
 PAGE_SIZE = 4096
 TDX_PS_4K = 0
 TDX_PS_2M = 1

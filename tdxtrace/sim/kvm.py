@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import (
+    EXIT_QUAL_GUEST_WRITE,
+    EXIT_QUAL_ZERO_STEP,
     EXIT_REASON_INVALID,
     TDX_EXT_EXIT_QUAL_TYPE_ACCEPT,
     ExitReason,
@@ -34,7 +36,6 @@ VP_ENTER = int(Leaf.TDH_VP_ENTER)
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
 TDCALL = int(ExitReason.TDCALL)
-EXT_QUAL_ACCEPT = TDX_EXT_EXIT_QUAL_TYPE_ACCEPT  # info 0: a 4K accept
 SEAMCALL = int(Kind.SEAMCALL)
 # A call already run against the module by a batched teardown row (teardown_pages.py), handed
 # over with its outcome: (status, duration in ns, the lock holder behind a BUSY or None).
@@ -88,10 +89,8 @@ class Kvm:
                  gpa: int | None = None, level: int | None = None,
                  arg0: int | None = None, preset: Preset | None = None) -> None:
         """Run one SEAMCALL now (or when the policy spinlock frees), then ``then(status)``.
-
         ``preset``: the call already ran (a batched teardown row stopped at it): write its row
-        and go on with its outcome instead of calling the module again.
-        """
+        and go on with its outcome instead of calling the module again."""
         sim = self.sim
         if self._spinlock and sim.now < td.spin_free_at and preset is None:
             # The 2022 design: a per-TD spinlock around every TDH.MEM.* call (seed 002).
@@ -229,14 +228,16 @@ class Kvm:
     def _exit(self, v: Vcpu, reason: int, gpa: int | None, real: bool) -> None:
         td, log = v.td, self.log
         rip = v.rip()
-        # The extended exit qualification: only an EPT violation the guest's ACCEPT caused
-        # carries one in this model (type ACCEPT, 4K level).
-        ext_qual = EXT_QUAL_ACCEPT if v.accepting and reason == EPT_VIOLATION else None
+        # Exit qualifications, of EPT violations only (the guest's touches are writes). The
+        # extended one only when the guest's ACCEPT caused it (type ACCEPT, 4K level).
+        ext_qual = qual = None
+        if reason == EPT_VIOLATION:
+            ext_qual = TDX_EXT_EXIT_QUAL_TYPE_ACCEPT if v.accepting else None  # info 0: 4K
+            qual = EXIT_QUAL_ZERO_STEP if not real else 0 if ext_qual else EXIT_QUAL_GUEST_WRITE
         if real:
-            # The module counts EPT violations on private GPAs only toward zero-step, and not
-            # those TDG.MEM.PAGE.ACCEPT caused (tdx-reference §5.1).
-            private = (reason == EPT_VIOLATION and gpa is not None and not gpa & SHARED_BIT
-                       and ext_qual is None)
+            # Zero-step counts private EPT violations the guest's ACCEPT did not cause (§5.1).
+            private = reason == EPT_VIOLATION and gpa is not None and not gpa & SHARED_BIT
+            private = private and ext_qual is None
             armed, reset, listed = self.module.td_exit(td.module, v.index, rip,
                                                        gpa if private else None)
             if reset:
@@ -250,7 +251,7 @@ class Kvm:
                          arg0=listed)
         # Positional (EventLog.row, in row order): one per exit, a hot path.
         self.log.row(0, _KIND_TD_EXIT, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp, VP_ENTER,
-                     SUCCESS | reason, reason, gpa, None, rip, None, ext_qual, None)
+                     SUCCESS | reason, reason, gpa, None, rip, qual, ext_qual, None)
         v.run_corr = None
         delay = self._td_exit_ns() + self._exit_handling_ns()
         if reason == EPT_VIOLATION and gpa is not None:

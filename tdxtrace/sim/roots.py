@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tdxtrace.codes import EXIT_QUAL_GUEST_WRITE
 from tdxtrace.events import (
     FaultOutcome,
     Flow,
@@ -210,7 +211,7 @@ class Roots:
             td.zapped_gfns.discard(gfn | SHARED_GFN)
             self.log.count("refaults")
         self.log.emit(Kind.PAGE_FAULT, flow=FAULT_FLOW, corr=corr, td=td.index, vcpu=v.index,
-                      lp=v.lp, gpa=gpa, rip=v.rip(), arg0=0x2)
+                      lp=v.lp, gpa=gpa, rip=v.rip(), arg0=EXIT_QUAL_GUEST_WRITE)
         walk = self.world.costs.step("mmu_walk")
         seq = td.mmu_invalidate_seq  # the fault's mmu_seq, read before it takes mmu_lock
         td.mmu.acquire_read(lambda: self.sim.after(walk, self._map_shared, v, gpa, corr, seq))
