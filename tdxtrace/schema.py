@@ -138,7 +138,8 @@ KIND_ARGS: dict[str, str] = {
                   "non-zero status of its phases",
     "VM_BUGGED": ("td, leaf, status of the SEAMCALL that made KVM_BUG_ON fire; both null "
                   "when no SEAMCALL did (the S-EPT teardown found the HKID still assigned)"),
-    "VCPU_LOAD": "td, vcpu, lp = new LP, arg0 = previous LP (null if none)",
+    "VCPU_LOAD": "td, vcpu, lp = new LP, arg0 = previous LP (null if none); flow CREATE: "
+                 "KVM_TDX_INIT_VCPU on the VMM's LP, where TDH.VP.INIT associates the vCPU",
     "GUEST_ACCEPT": "td, vcpu, gpa, level, status",
     "GUEST_MAPGPA": "sub = GuestMapGpa, td, vcpu, gpa = start, arg0 = end or R11, arg1 = "
                     "retries used",

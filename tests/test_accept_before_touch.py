@@ -81,12 +81,12 @@ def test_seven_faults_at_one_rip_count_unless_the_accept_caused_them(
 
 
 def test_readme_session_linux_guest_line(tmp_path: Path) -> None:
-    # README, "A typical session": seed 7 under resume_guest arms zero-step twice with the
+    # README, "A typical session": seed 2 under resume_guest arms zero-step twice with the
     # default guest, never with the Linux one.
     for accept, incidents in (("lazy", 2), ("before_touch", 0)):
         path = tmp_path / f"{accept}.arrow"
         record(load_scenario("zero-step", ["policy.frozen_spte=resume_guest",
-                                           f"guest.accept={accept}"]), 7, path)
+                                           f"guest.accept={accept}"]), 2, path)
         result = run_analyzer(ZeroStep(), open_trace(path))
         assert result.metrics["incidents"] == incidents, accept
 

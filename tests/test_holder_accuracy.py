@@ -34,8 +34,10 @@ def test_an_injected_sept_busy_is_put_on_no_call(tmp_path: Path) -> None:
     # the S-EPT tree (only a stepping one does), so busy_retry must leave these unresolved.
     counts = _counts(tmp_path, "fault-storm", 1, "run.duration_us=3000",
                      "faults.spurious_busy_leaf=mem.page.aug", "faults.spurious_busy_p=0.05")
-    assert counts["busy"] > 0 and counts["true"] == 0 and counts["right"] == 0
-    assert counts["unowned"] == counts["busy"] and counts["unowned_named"] == 0, counts
+    # A real BUSY in the same run (a TRACK behind a VP.ENTER) must still get its holder.
+    assert counts["unowned"] > 50 and counts["right"] == counts["true"], counts
+    assert counts["unowned"] + counts["true"] == counts["busy"], counts
+    assert counts["unowned_named"] == 0, counts
 
 
 def test_injected_and_real_busys_in_one_corr_meet_their_own_truth_rows(tmp_path: Path) -> None:

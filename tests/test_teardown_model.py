@@ -126,11 +126,16 @@ def test_every_trace_starts_with_creation_and_ends_with_a_complete_teardown() ->
     events, truth = run("fault-storm", "td.vcpus=2", "run.duration_us=500")
     seamcalls = events.filter(pl.col("kind") == Kind.SEAMCALL)
     first_entry = events.filter(pl.col("kind") == Kind.TD_ENTRY)["seq"].min()
-    create = seamcalls.filter(pl.col("seq") < first_entry)["leaf"].to_list()
+    before_run = seamcalls.filter(pl.col("seq") < first_entry)
+    create = before_run.filter(pl.col("flow") == Flow.CREATE)["leaf"].to_list()
     per_vcpu = [Leaf.TDH_VP_CREATE] + [Leaf.TDH_VP_ADDCX] * 5 + [Leaf.TDH_VP_INIT]
     assert create == ([Leaf.TDH_MNG_CREATE] + [Leaf.TDH_MNG_KEY_CONFIG] * 2
                       + [Leaf.TDH_MNG_ADDCX] * 4 + [Leaf.TDH_MNG_INIT] + per_vcpu * 2
                       + [Leaf.TDH_MR_FINALIZE])
+    # The rest: the first run's VP.FLUSH of each vCPU off the VMM's LP (VP.INIT ran there).
+    first_runs = before_run.filter(pl.col("flow") != Flow.CREATE)
+    assert first_runs["leaf"].to_list() == [Leaf.TDH_VP_FLUSH] * first_runs.height
+    assert first_runs.height >= 1 and (first_runs["lp"] == 9).all()
     key_config = seamcalls.filter(pl.col("leaf") == Leaf.TDH_MNG_KEY_CONFIG)
     assert key_config["lp"].to_list() == [0, 5]  # the first LP of each of the 2 packages
     assert (seamcalls.filter(pl.col("seq") < first_entry)["status"] == 0).all()

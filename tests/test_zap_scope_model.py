@@ -184,4 +184,8 @@ def test_an_invalidated_root_is_replaced_on_next_entry_and_freed_after_the_last_
     assert world.roots is not None
     for v in world.tds[0].vcpus:
         loaded = world.roots.loaded_root(v)
-        assert loaded is not None and loaded.valid
+        assert loaded is not None
+        if not loaded.valid:  # invalidated since the vCPU last entered: it reloads next time
+            at = roots.filter((pl.col("sub") == RootEvent.INVALIDATED)
+                              & (pl.col("arg2") == loaded.root_id))["seq"].item()
+            assert entries.filter(pl.col("vcpu") == v.index)["seq"].max() < at

@@ -9,17 +9,27 @@ leaves the vCPU associated with the old LP, so VP.ENTER on the new one returns
 TDX_VCPU_ASSOCIATED: KVM sees an unexpected exit and the vCPU stops.
 
 Migrations arrive per vCPU as a Poisson process of ``migration.rate_hz`` (random stream
-``migration``); one takes effect at the vCPU's next entry, i.e. when its thread is next
-scheduled, never while it is in guest mode.
+``migration``) and move it to an idle LP (:meth:`VcpuPlacement._idle_lps`); one takes effect
+at the vCPU's next entry, i.e. when its thread is next scheduled, never while it is in guest
+mode. KVM_TDX_INIT_VCPU loads the vCPU on the VMM's LP, where TDH.VP.INIT associates it, so
+its first run elsewhere flushes that LP the same way.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tdxtrace.codes import EXIT_REASON_INVALID, ExitReason, Leaf, Status, is_busy
+from tdxtrace.codes import (
+    EXIT_QUAL_ZERO_STEP,
+    EXIT_REASON_INVALID,
+    ExitReason,
+    Leaf,
+    Status,
+    is_busy,
+)
 from tdxtrace.events import Flow, IpiPurpose, Kind
 from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_teardown import LifecycleLeaves
@@ -32,6 +42,7 @@ VP_FLUSH = int(Leaf.TDH_VP_FLUSH)
 VP_ENTER = int(Leaf.TDH_VP_ENTER)
 NOT_ASSOCIATED = int(Status.VCPU_NOT_ASSOCIATED)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
+EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 
 
 class VcpuPlacement:
@@ -47,6 +58,8 @@ class VcpuPlacement:
         self._rng = world.rng.stream("migration")
         self._skip_rng = world.rng.stream("faults.skip_flush_on_migrate")
         self.vcpu_lps = max(1, world.lps - 1)  # the LPs vCPUs run on (the last is the VMM's)
+        # Per LP, the IPI functions waiting to run there, the running one first.
+        self._ipi_queues: dict[int, deque[Callable[[Callable[[], None]], None]]] = {}
 
     # --- IPIs -----------------------------------------------------------------------------
     def send_ipi(self, purpose: IpiPurpose, td: int, vcpu: int | None, target: int, source: int,
@@ -78,21 +91,40 @@ class VcpuPlacement:
         def call(now: int, until: int, me: tuple[int, int, int]) -> int:
             return self.leaves.vp_flush(mtd, v.index, target, now, until, me)
 
-        def flushed(status: int) -> None:
-            if status not in (SUCCESS, NOT_ASSOCIATED):
-                self.kvm.bug_on(td, VP_FLUSH, status, corr, flow)  # TDX_BUG_ON in the caller
-            self.log.count("vp_flushes")
-            v.cpu = -1
-            self.sim.after(back, then, status)
+        def handler(done: Callable[[], None]) -> None:
+            def flushed(status: int) -> None:
+                if status not in (SUCCESS, NOT_ASSOCIATED):
+                    self.kvm.bug_on(td, VP_FLUSH, status, corr, flow)  # TDX_BUG_ON, caller
+                self.log.count("vp_flushes")
+                v.cpu = -1
+                done()
+                self.sim.after(back, then, status)
 
-        self.sim.after(there, partial(self.kvm.seamcall, td, VP_FLUSH, target, corr, flow, call,
-                                      flushed, vcpu=v.index))
+            self.kvm.seamcall(td, VP_FLUSH, target, corr, flow, call, flushed, vcpu=v.index)
+
+        self.sim.after(there, self._run_on_lp, target, handler)
+
+    def _run_on_lp(self, lp: int, handler: Callable[[Callable[[], None]], None]) -> None:
+        """An IPI's function on ``lp``, after those queued before it: a CPU runs its
+        smp_call_function queue one function at a time (the first runs of several vCPUs all
+        flush the VMM's LP at once)."""
+        queue = self._ipi_queues.setdefault(lp, deque())
+        queue.append(handler)
+        if len(queue) == 1:
+            handler(partial(self._handler_done, lp))
+
+    def _handler_done(self, lp: int) -> None:
+        queue = self._ipi_queues[lp]
+        queue.popleft()
+        if queue:
+            queue[0](partial(self._handler_done, lp))
 
     # --- tdx_vcpu_load() --------------------------------------------------------------------
     def load(self, v: Vcpu) -> None:
         """The vCPU's thread runs on ``v.lp`` (or moves to ``v.migrate_to``): load, then enter."""
         old = v.cpu
-        if v.migrate_to >= 0:
+        moving = v.migrate_to >= 0
+        if moving:
             v.lp, v.migrate_to = v.migrate_to, -1
         new = v.lp
         if old == new:
@@ -104,7 +136,8 @@ class VcpuPlacement:
             self.kvm.enter(v)
             return
         corr = self.log.new_corr()
-        self.log.count("migrations")
+        # Not moving: the first run after KVM_TDX_INIT_VCPU, which loaded it on the VMM's LP.
+        self.log.count("migrations" if moving else "first_run_flushes")
         self.log.emit(Kind.VCPU_LOAD, flow=Flow.MIGRATION, corr=corr, td=v.td.index,
                       vcpu=v.index, lp=new, arg0=old)
         if self.skip_p and self._skip_rng.random() < self.skip_p:
@@ -116,6 +149,17 @@ class VcpuPlacement:
     def _loaded(self, v: Vcpu, lp: int) -> None:
         v.cpu = lp
         self.kvm.enter(v)
+
+    def init_load(self, v: Vcpu, lp: int, corr: int) -> None:
+        """KVM_TDX_INIT_VCPU is a vCPU ioctl: vcpu_load() on the VMM's LP before VP.CREATE.
+
+        TDH.VP.INIT then associates the vCPU with that LP (the module's
+        associate_vcpu_initial(), beyond tdx-reference.md §4(d), which names VP.ENTER only), so
+        KVM must remember it: the first KVM_RUN elsewhere flushes it there (:meth:`load`).
+        """
+        self.log.emit(Kind.VCPU_LOAD, flow=Flow.CREATE, corr=corr, td=v.td.index, vcpu=v.index,
+                      lp=lp)
+        v.cpu = lp
 
     # --- migrations -----------------------------------------------------------------------
     def start(self) -> None:
@@ -133,10 +177,28 @@ class VcpuPlacement:
     def _fire(self, v: Vcpu) -> None:
         if self.world.stopping or v.stopped or v.td.bugged:
             return
-        current = v.migrate_to if v.migrate_to >= 0 else v.lp
-        target = self._rng.randrange(self.vcpu_lps - 1)
-        v.migrate_to = target + 1 if target >= current else target
+        idle = self._idle_lps(v)
+        if idle:
+            v.migrate_to = idle[self._rng.randrange(len(idle))]
+        else:
+            self.log.count("migrations_no_idle_lp")
         self._arm(v)
+
+    def _idle_lps(self, v: Vcpu) -> list[int]:
+        """The LPs ``v`` may move to, in LP order: none that another vCPU's thread runs on or
+        is bound for, nor one another vCPU is still associated with (its flush pending).
+
+        The model has no host scheduler, so a thread owns its LP: a move onto a busy LP would
+        let two vCPUs run on one LP at once, and the flush IPI to the old LP would land where
+        another vCPU is in guest mode without interrupting it. With as many vCPUs as vCPU LPs
+        no LP is idle and no vCPU moves.
+        """
+        taken = {v.migrate_to if v.migrate_to >= 0 else v.lp}
+        for td in self.world.tds:
+            for u in td.vcpus:
+                if u is not v:
+                    taken.update((u.lp, u.migrate_to, u.cpu))
+        return [lp for lp in range(self.vcpu_lps) if lp not in taken]
 
     # --- the teardown race (seed 001) -----------------------------------------------------
     def reload_and_enter(self, v: Vcpu, then: Callable[[None], None]) -> None:
@@ -160,19 +222,27 @@ class VcpuPlacement:
         self.log.emit(Kind.TD_ENTRY, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index, lp=lp,
                       leaf=VP_ENTER, rip=rip)
         dur = self.costs.seamcall(VP_ENTER)
-        status, _ = self.kvm.vp_enter(v, rip, dur, corr)
+        status, synthesized = self.kvm.vp_enter(v, rip, dur, corr)
         busy = is_busy(status)
         if busy:
             self.kvm.note_busy(td, VP_ENTER, status, corr)
+        elif synthesized is not None:  # zero-step still armed: exit 48, the guest never ran
+            self.log.emit(Kind.T_SYNTHESIZED_EXIT, td=td.index, vcpu=v.index, gpa=synthesized,
+                          rip=rip)
+            self.log.count("synthesized_exits")
 
         def exited() -> None:
-            if status == SUCCESS:
+            qual = None
+            if synthesized is not None:
+                reason, rax, qual = EPT_VIOLATION, SUCCESS | EPT_VIOLATION, EXIT_QUAL_ZERO_STEP
+            elif status == SUCCESS:
                 self.kvm.module.td_exit(td.module, v.index, rip, None)
                 reason, rax = EXTERNAL_INTERRUPT, SUCCESS | EXTERNAL_INTERRUPT
             else:
                 reason, rax = EXIT_REASON_INVALID, status
             self.log.emit(Kind.TD_EXIT, flow=Flow.RUN, corr=corr, td=td.index, vcpu=v.index,
-                          lp=lp, leaf=VP_ENTER, status=rax, exit_reason=reason, rip=rip)
+                          lp=lp, leaf=VP_ENTER, status=rax, exit_reason=reason, rip=rip,
+                          gpa=synthesized, arg0=qual)
             if busy and self.sim.now < leave_at:  # tdx_exit_handlers_fastpath(): enter again
                 self.sim.after(self.costs.step("fastpath_loop"), self._race_enter, v, corr,
                                leave_at, then)

@@ -163,8 +163,11 @@ class LifecycleLeaves:
         ctl.vcpu_pages[vcpu] += 1
         return SUCCESS
 
-    def vp_init(self, td: ModuleTd, vcpu: int, now: int, until: int, me: Holder) -> int:
-        """TDH.VP.INIT, x2APIC version: TDR exclusive (why KVM holds mmu_lock for write)."""
+    def vp_init(self, td: ModuleTd, vcpu: int, lp: int, now: int, until: int,
+                me: Holder) -> int:
+        """TDH.VP.INIT on ``lp``, x2APIC version: TDR exclusive (why KVM holds mmu_lock for
+        write). The vCPU is associated with ``lp`` and counted in num_assoc_vcpus
+        (associate_vcpu_initial() in the module source; the reference names VP.ENTER only)."""
         status = self._take(((td.tdr, True),), now, until, me)
         if status:
             return status
@@ -172,6 +175,8 @@ class LifecycleLeaves:
         if ctl.vcpu_pages[vcpu] != TDVPS_PAGES or ctl.vcpu_ready[vcpu]:
             return int(Status.VCPU_STATE_INCORRECT)
         ctl.vcpu_ready[vcpu] = True
+        td.vcpus[vcpu].assoc_lp = lp
+        td.num_assoc += 1
         return SUCCESS
 
     def mr_finalize(self, td: ModuleTd, now: int, until: int, me: Holder) -> int:

@@ -1,8 +1,9 @@
 """TD creation as KVM drives it (tdx-reference.md §4(c)), flow CREATE; one process per TD.
 
 MNG.CREATE under the global ``tdx_lock``, KEY.CONFIG on the first LP of every package (IPI),
-MNG.ADDCX per TDCS page, MNG.INIT, then per vCPU VP.CREATE, VP.ADDCX per TDCX page, VP.INIT
-(under mmu_lock write), then MR.FINALIZE. A failing step ends the creation and marks the VM
+MNG.ADDCX per TDCS page, MNG.INIT, then per vCPU a vcpu_load() on the VMM's LP, VP.CREATE,
+VP.ADDCX per TDCX page, VP.INIT (under mmu_lock write; it associates the vCPU with that LP),
+then MR.FINALIZE. A failing step ends the creation and marks the VM
 bugged. Helper of :mod:`.lifecycle` (same conventions).
 
 Not modelled: KVM_TDX_INIT_MEM_REGION (TDH.MEM.PAGE.ADD plus 16 TDH.MR.EXTEND per page,
@@ -50,11 +51,13 @@ def create_td(life: Lifecycle, td: KvmTd) -> Process:
     for i in range(len(td.vcpus)):
         steps.append((L.TDH_VP_CREATE, partial(lv.vp_create, mtd, i), i))
         steps += [(L.TDH_VP_ADDCX, partial(lv.vp_addcx, mtd, i), i)] * (TDVPS_PAGES - 1)
-        steps.append((L.TDH_VP_INIT, partial(lv.vp_init, mtd, i), i))
+        steps.append((L.TDH_VP_INIT, partial(lv.vp_init, mtd, i, job.lp), i))
     for step, fn, vcpu in steps:
         if status:
             break  # ``leaf`` stays the call that failed, for the VM_BUGGED row
         leaf = step
+        if leaf == L.TDH_VP_CREATE and vcpu is not None:
+            life.placement.init_load(td.vcpus[vcpu], job.lp, job.corr)
         if leaf == L.TDH_VP_INIT:
             yield life.mmu_write(td)  # VP.INIT takes the TDR exclusively
         status = yield life.call(job, leaf, fn, vcpu=vcpu)
