@@ -219,6 +219,7 @@ class FaultPath:
 
     def _spte(self, f: Fault, level: int, old: int, new: int) -> None:
         td = f.vcpu.td
+        gpa = level_gpa(f.gfn, level) if level else f.gfn << 12  # the leaf: no call, hot
         self.log.row(0, _KIND_SPTE_CHANGED, FLOW, MIRROR, f.corr, td.index, f.vcpu.index, None,
-                     None, None, None, level_gpa(f.gfn, level), level, None, old, new,
+                     None, None, None, gpa, level, None, old, new,
                      td.mirror.root_id)  # row order (EventLog.row): two per fault level
