@@ -8,7 +8,8 @@ from emulator_helpers import run
 
 from tdxtrace.codes import EXIT_REASON_INVALID, Leaf, OperandId, Status, with_operand
 from tdxtrace.events import FaultOutcome, KickReason, Kind, RetryCause, SeptState
-from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdxModule
+from tdxtrace.sim.module import TdxModule
+from tdxtrace.sim.module_state import ModuleTd, ModuleVcpu
 
 BUSY_SEPT = with_operand(int(Status.OPERAND_BUSY), OperandId.SEPT_TREE)
 BUSY_EPOCH = with_operand(int(Status.OPERAND_BUSY), OperandId.TD_EPOCH)

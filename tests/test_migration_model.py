@@ -7,7 +7,8 @@ from emulator_helpers import run
 
 from tdxtrace.codes import EXIT_REASON_INVALID, Leaf, Status
 from tdxtrace.events import Flow, Kind
-from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdLifecycle, TdxModule
+from tdxtrace.sim.module import TdxModule
+from tdxtrace.sim.module_state import ModuleTd, ModuleVcpu, TdLifecycle
 from tdxtrace.sim.module_teardown import LifecycleLeaves
 
 QUICK = ("run.duration_us=4000", "td.memory_mb=8")

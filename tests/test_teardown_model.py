@@ -16,8 +16,9 @@ from emulator_helpers import run
 from tdxtrace.codes import Leaf, OperandId, Status, with_operand
 from tdxtrace.errors import ScenarioError
 from tdxtrace.events import Flow, Kind, Phase, SeptState
-from tdxtrace.sim.module import ModuleTd, ModuleVcpu, SeptEntry, TdLifecycle, TdxModule
-from tdxtrace.sim.module_teardown import LifecycleLeaves, PageKind
+from tdxtrace.sim.module import TdxModule
+from tdxtrace.sim.module_state import ModuleTd, ModuleVcpu, PageKind, SeptEntry, TdLifecycle
+from tdxtrace.sim.module_teardown import LifecycleLeaves
 from tdxtrace.testing import run_analyzer
 from tdxtrace.trace import Trace
 

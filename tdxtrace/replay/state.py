@@ -19,7 +19,7 @@ from tdxtrace.codes import STEPPING_EPF_THRESHOLD, leaf_name, operand_name, tdca
 from tdxtrace.events import GUEST_LEAF_BASE, SeptState
 from tdxtrace.sim.kvm_state import KvmTd
 from tdxtrace.sim.locks import Holder, SharexLock
-from tdxtrace.sim.module import ModuleTd
+from tdxtrace.sim.module_state import ModuleTd
 from tdxtrace.sim.world import World
 
 PAGE_SHIFT = 12

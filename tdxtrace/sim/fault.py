@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from tdxtrace.codes import Leaf, is_busy
 from tdxtrace.events import FaultOutcome, Flow, Kind, RetryCause, RootKind
 from tdxtrace.sim.mmu import FROZEN, NONPRESENT, level_gpa, present_spte
-from tdxtrace.sim.module import SUCCESS, nonleaf_keys
+from tdxtrace.sim.module import SUCCESS
+from tdxtrace.sim.module_state import nonleaf_keys
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm import Kvm

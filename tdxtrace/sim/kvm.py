@@ -26,7 +26,8 @@ from tdxtrace.codes import (
 )
 from tdxtrace.events import Flow, KickReason, Kind
 from tdxtrace.sim.kvm_state import KvmTd, Vcpu
-from tdxtrace.sim.module import SUCCESS, Busy, TdxModule
+from tdxtrace.sim.module import SUCCESS, TdxModule
+from tdxtrace.sim.module_state import Busy
 from tdxtrace.sim.roots_guest import SHARED_BIT
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from tdxtrace.sim.guest import ACCEPT_RIP, Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
-from tdxtrace.sim.module import ModuleTd
+from tdxtrace.sim.module_state import ModuleTd
 
 
 @dataclass(slots=True)  # slotted: its fields are read on every simulation step

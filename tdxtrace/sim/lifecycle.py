@@ -33,8 +33,8 @@ from tdxtrace.codes import ExitReason, Leaf
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 from tdxtrace.sim.migration import VcpuPlacement
 from tdxtrace.sim.module import SUCCESS
+from tdxtrace.sim.module_state import PageKind as P
 from tdxtrace.sim.module_teardown import LifecycleLeaves
-from tdxtrace.sim.module_teardown import PageKind as P
 from tdxtrace.sim.process import FOREVER, KvmMutex, Op, Process, spawn
 from tdxtrace.sim.release_hkid import HkidRelease
 from tdxtrace.sim.td_create import create_td

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Holder = tuple[int, int, int]  # (lp, leaf, corr) of the SEAMCALL holding the lock
+LockState = tuple[int, Holder, int, Holder]  # a SharexLock's fields, in order
 
 
 @dataclass(slots=True)  # slotted: several try_take() per SEAMCALL
@@ -36,3 +37,10 @@ class SharexLock:
             self.shared_until = until
             self.shared_holder = holder
         return None
+
+    def snapshot(self) -> LockState:
+        return self.excl_until, self.excl_holder, self.shared_until, self.shared_holder
+
+    def restore(self, state: LockState) -> None:
+        """Undo the takes since ``state`` (a call that failed releases what it took)."""
+        self.excl_until, self.excl_holder, self.shared_until, self.shared_holder = state

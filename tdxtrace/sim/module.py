@@ -7,13 +7,10 @@ Other calls cannot observe the difference because the entry/tree locks are held 
 interval and make them fail with OPERAND_BUSY instead.
 
 Teardown leaves (VP.FLUSH, VPFLUSHDONE, CACHE.WB, FREEID, RECLAIM) live in
-:mod:`tdxtrace.sim.module_teardown`, which works on the same :class:`ModuleTd` state.
+:mod:`tdxtrace.sim.module_teardown`; both work on the state of :mod:`.module_state`.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from enum import IntEnum
 
 from tdxtrace.codes import (
     EPF_GPA_LIST_SIZE,
@@ -26,6 +23,12 @@ from tdxtrace.codes import (
 )
 from tdxtrace.events import SeptState
 from tdxtrace.sim.locks import Holder, SharexLock
+from tdxtrace.sim.module_state import (
+    Busy,
+    ModuleTd,
+    SeptEntry,
+    nonleaf_keys,
+)
 
 BUSY = int(Status.OPERAND_BUSY)
 SUCCESS = int(Status.SUCCESS)
@@ -54,70 +57,6 @@ _STATUS_TLB_TRACKING_NOT_DONE = Status.TLB_TRACKING_NOT_DONE
 _STATUS_VCPU_ASSOCIATED = Status.VCPU_ASSOCIATED
 
 
-class TdLifecycle(IntEnum):
-    CREATED = 0  # MNG.CREATE done (HKID assigned)
-    KEYS_CONFIGURED = 1
-    INITIALIZED = 2  # MNG.INIT done, not finalized
-    RUNNABLE = 3  # MR.FINALIZE done
-    BLOCKED = 4  # VPFLUSHDONE done
-    TEARDOWN = 5  # KEY.FREEID done: pages may be reclaimed
-
-
-@dataclass(slots=True)  # slotted: read and written by every fault, zap and accept
-class SeptEntry:
-    """A leaf S-EPT entry (4K): its state, blocking epoch and entry lock."""
-
-    state: SeptState = SeptState.FREE
-    bepoch: int = -1
-    lock_until: int = -1
-    lock_holder: Holder = (-1, -1, -1)
-
-
-@dataclass(slots=True)
-class ModuleVcpu:
-    assoc_lp: int = -1
-    in_guest: bool = False
-    entered_epoch: int = 0
-    rip_on_entry: int = -1
-    zs_count: int = 0  # possibly_epf_stepping
-    zs_gpas: list[int] = field(default_factory=list)  # last_epf_gpa_list
-
-
-@dataclass
-class ModuleTd:
-    td: int
-    hkid: int
-    lifecycle: TdLifecycle = TdLifecycle.CREATED
-    tdr: SharexLock = field(default_factory=lambda: SharexLock(OperandId.TDR))
-    epoch_lock: SharexLock = field(default_factory=lambda: SharexLock(OperandId.TD_EPOCH))
-    sept_tree: SharexLock = field(default_factory=lambda: SharexLock(OperandId.SEPT_TREE))
-    epoch: int = 1
-    refcount: list[int] = field(default_factory=lambda: [0, 0])
-    entries: dict[int, SeptEntry] = field(default_factory=dict)  # gfn -> leaf entry
-    nonleaf: set[tuple[int, int]] = field(default_factory=set)  # (tdx level, index)
-    vcpus: list[ModuleVcpu] = field(default_factory=list)
-    num_assoc: int = 0
-
-    def entry(self, gfn: int) -> SeptEntry:
-        found = self.entries.get(gfn)
-        if found is None:
-            found = self.entries[gfn] = SeptEntry()
-        return found
-
-
-@dataclass(frozen=True)
-class Busy:
-    """An OPERAND_BUSY outcome and who held the lock (for truth rows)."""
-
-    status: int
-    holder: Holder
-
-
-def nonleaf_keys(gfn: int) -> tuple[tuple[int, int], ...]:
-    """The non-leaf S-EPT entries a 4K mapping of ``gfn`` needs, top level first."""
-    return ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9))
-
-
 class TdxModule:
     """SEAMCALL semantics. Methods take the call's start time and end time (``until``)."""
 
@@ -139,12 +78,16 @@ class TdxModule:
 
     def _take_td(self, td: ModuleTd, lock: SharexLock, exclusive: bool, now: int, until: int,
                  me: Holder) -> int:
-        """TDR shared, then ``lock``: what every TD-scope TDH.MEM.* call takes first (§6.2)."""
-        held_by = td.tdr.try_take(now, until, False, me)
+        """TDR shared, then ``lock``: what every TD-scope TDH.MEM.* call takes first (§6.2).
+        On a conflict the call releases what it took (the module's error path)."""
+        tdr = td.tdr
+        before = tdr.shared_until, tdr.shared_holder
+        held_by = tdr.try_take(now, until, False, me)
         if held_by is not None:
-            return self._busy(td.tdr, held_by)
+            return self._busy(tdr, held_by)
         held_by = lock.try_take(now, until, exclusive, me)
         if held_by is not None:
+            tdr.shared_until, tdr.shared_holder = before
             return self._busy(lock, held_by)
         return SUCCESS
 
@@ -155,14 +98,24 @@ class TdxModule:
         entry = td.entries.get(gfn)
         if entry is None:
             entry = td.entries[gfn] = SeptEntry()
-        held_by = td.tdr.try_take(now, until, False, me)
+        tdr, tree = td.tdr, td.sept_tree
+        # A conflict releases what the call took so far (the module's error path).
+        tdr_before = tdr.shared_until, tdr.shared_holder
+        held_by = tdr.try_take(now, until, False, me)
         if held_by is not None:
-            return self._busy(td.tdr, held_by), entry
-        tree = td.sept_tree
+            return self._busy(tdr, held_by), entry
+        tree_before = ((tree.excl_until, tree.excl_holder) if tree_exclusive
+                       else (tree.shared_until, tree.shared_holder))
         held_by = tree.try_take(now, until, tree_exclusive, me)
         if held_by is not None:
+            tdr.shared_until, tdr.shared_holder = tdr_before
             return self._busy(tree, held_by), entry
         if entry.lock_until > now:
+            tdr.shared_until, tdr.shared_holder = tdr_before
+            if tree_exclusive:
+                tree.excl_until, tree.excl_holder = tree_before
+            else:
+                tree.shared_until, tree.shared_holder = tree_before
             self.last_busy = Busy(with_operand(BUSY, _OPERANDID_RCX), entry.lock_holder)
             return self.last_busy.status, entry
         entry.lock_until = until
@@ -250,16 +203,21 @@ class TdxModule:
         mv = td.vcpus[vcpu]
         if mv.assoc_lp not in (-1, lp):
             return int(_STATUS_VCPU_ASSOCIATED), None
-        status = self._take_td(td, td.epoch_lock, False, now, until, me)
+        tdr, epoch = td.tdr, td.epoch_lock
+        before = tdr.shared_until, tdr.shared_holder, epoch.shared_until, epoch.shared_holder
+        status = self._take_td(td, epoch, False, now, until, me)
         if status:
             return status, None
         if mv.assoc_lp == -1:
             mv.assoc_lp = lp
             td.num_assoc += 1
         if mv.zs_gpas:
-            # Zero-step enforcement: the S-EPT tree lock, exclusively, before entering.
+            # Zero-step enforcement: the S-EPT tree lock, exclusively, before entering. BUSY
+            # on it releases the TDR and the epoch again (the association stays).
             status = self._take(td.sept_tree, now, until, True, me)
             if status:
+                (tdr.shared_until, tdr.shared_holder, epoch.shared_until,
+                 epoch.shared_holder) = before
                 return status, None
             for gpa in mv.zs_gpas:
                 if td.entry(gpa >> 12).state not in MAPPED_STATES:

@@ -23,13 +23,11 @@ Like :mod:`.module`, a call's outcome is decided when it starts and its locks ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import IntEnum
-
 from tdxtrace.codes import OperandId, Status
 from tdxtrace.events import SeptState
-from tdxtrace.sim.locks import Holder, SharexLock
-from tdxtrace.sim.module import SUCCESS, ModuleTd, TdLifecycle, TdxModule
+from tdxtrace.sim.locks import Holder, LockState, SharexLock
+from tdxtrace.sim.module import SUCCESS, TdxModule
+from tdxtrace.sim.module_state import ModuleTd, PageKey, PageKind, TdControl, TdLifecycle
 
 # Control-page counts a 1.5 module reports in its global metadata (tdcs_base_size and
 # tdvps_base_size / PAGE_SIZE); KVM adds exactly these many pages (reference §4(c)).
@@ -38,32 +36,6 @@ TDVPS_PAGES = 6  # the TDVPR page and 5 TDCX pages
 
 LIFECYCLE_INCORRECT = int(Status.LIFECYCLE_STATE_INCORRECT)
 NOT_THIS_PAGE = int(Status.PAGE_METADATA_INCORRECT)  # the page is not what the caller says
-
-
-class PageKind(IntEnum):
-    """What a reclaimed page is; the module reads it from the PAMT, the model is told."""
-
-    PRIVATE = 1  # guest memory (key: gfn)
-    SEPT = 2  # a non-leaf S-EPT page (key: (tdx level, index))
-    TDCX = 3  # a vCPU's TDCX page (key: vCPU index)
-    TDVPR = 4  # a vCPU's root page (key: vCPU index)
-    TDCS = 5
-    TDR = 6
-
-
-PageKey = int | tuple[int, int] | None
-
-
-@dataclass
-class TdControl:
-    """Per-TD state of the lifecycle leaves that :class:`ModuleTd` does not carry."""
-
-    keys_on: int = 0  # bitmap of packages where KEY.CONFIG programmed the HKID
-    tdcs: int = 0  # TDCS pages added and not reclaimed
-    vcpu_pages: list[int] = field(default_factory=list)  # TDVPR + TDCX pages per vCPU
-    vcpu_ready: list[bool] = field(default_factory=list)  # VP.INIT done
-    wbinvd_bitmap: int = 0  # packages whose caches still hold this HKID's lines
-    tdr_reclaimed: bool = False
 
 
 class LifecycleLeaves:
@@ -87,11 +59,17 @@ class LifecycleLeaves:
 
     def _take(self, locks: tuple[tuple[SharexLock, bool], ...], now: int, until: int,
               me: Holder) -> int:
-        """Try-lock each (lock, exclusive) in order; the first conflict is the status."""
+        """Try-lock each (lock, exclusive) in order; the first conflict is the status, and
+        the locks taken before it are released (the module's error path)."""
+        taken: list[tuple[SharexLock, LockState]] = []
         for lock, exclusive in locks:
+            before = lock.snapshot()
             status = self.module._take(lock, now, until, exclusive, me)
             if status:
+                for held, state in taken:
+                    held.restore(state)
                 return status
+            taken.append((lock, before))
         return SUCCESS
 
     # --- creation ---------------------------------------------------------------------------

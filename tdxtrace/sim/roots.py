@@ -43,7 +43,7 @@ from tdxtrace.events import (
     ZapScope,
 )
 from tdxtrace.sim.mmu import NONPRESENT, level_gpa, present_spte
-from tdxtrace.sim.module import nonleaf_keys
+from tdxtrace.sim.module_state import nonleaf_keys
 from tdxtrace.sim.roots_guest import SHARED_BIT, SHARED_GFN, SharedMix
 from tdxtrace.sim.roots_zap import RootZap
 

@@ -30,9 +30,9 @@ from tdxtrace.codes import Leaf, leaf_name
 from tdxtrace.errors import ScenarioError
 from tdxtrace.events import KickReason, Kind, Phase, RootKind, SeptState, ZapReason
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
-from tdxtrace.sim.module import SUCCESS, SeptEntry, nonleaf_keys
-from tdxtrace.sim.module_teardown import PageKey
-from tdxtrace.sim.module_teardown import PageKind as P
+from tdxtrace.sim.module import SUCCESS
+from tdxtrace.sim.module_state import PageKey, SeptEntry, nonleaf_keys
+from tdxtrace.sim.module_state import PageKind as P
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm import Preset

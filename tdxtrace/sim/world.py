@@ -27,7 +27,8 @@ from tdxtrace.sim.lifecycle import Lifecycle
 from tdxtrace.sim.mapgpa import MapGpa
 from tdxtrace.sim.mem_attrs import MemoryAttributes
 from tdxtrace.sim.mmu import MirrorRoot
-from tdxtrace.sim.module import ModuleTd, ModuleVcpu, TdxModule
+from tdxtrace.sim.module import TdxModule
+from tdxtrace.sim.module_state import ModuleTd, ModuleVcpu
 from tdxtrace.sim.recorder import BatchSink, EventLog
 from tdxtrace.sim.roots import Roots
 from tdxtrace.sim.roots_guest import SHARED_GFN
