@@ -19,8 +19,8 @@ from ._zero_step_runs import NOT_SHARED, assign_segments, u64
 # one invocation longer than this is "slow" enough for the guest to notice.
 DEFAULT_SLOW_FAULT_NS = 100_000
 
-CAUSES = ("frozen_spte_contention", "busy_on_fault_path", "memory_fault_exit",
-          "slow_fault_handling", "other")
+CAUSES = ("frozen_spte_contention", "busy_on_fault_path", "stale_after_zap",
+          "memory_fault_exit", "slow_fault_handling", "other")
 _BUSY_CLASSES = [int(Status.OPERAND_BUSY), int(Status.OPERAND_BUSY_HOST_PRIORITY)]
 _RESOLVED = [int(FaultOutcome.MAPPED), int(FaultOutcome.ALREADY_MAPPED)]
 
@@ -53,7 +53,7 @@ def _page_faults(observable: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _invocations(observable: pl.LazyFrame, page_faults: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per corr of ``page_faults``: start/end, outcome, FROZEN and BUSY evidence."""
+    """One row per corr of ``page_faults``: start/end, outcome, FROZEN, BUSY, STALE evidence."""
     kind, sub = pl.col("kind"), pl.col("sub")
     busy = busy_call()
     retry, done = kind == int(Kind.FAULT_RETRY), kind == int(Kind.FAULT_DONE)
@@ -64,10 +64,11 @@ def _invocations(observable: pl.LazyFrame, page_faults: pl.LazyFrame) -> pl.Lazy
             "corr", "seq", "ts_ns", sub.alias("outcome"), done.alias("_done"),
             (retry & (sub == int(RetryCause.FROZEN_SPTE))).alias("frozen"),
             ((retry & (sub == int(RetryCause.SEAMCALL_BUSY))) | busy).alias("busy"),
+            (retry & (sub == int(RetryCause.STALE))).alias("stale"),
         )
     )
     evidence = handling.group_by("corr").agg(
-        pl.col("frozen", "busy").sum(), pl.col("ts_ns").max().alias("_last")
+        pl.col("frozen", "busy", "stale").sum(), pl.col("ts_ns").max().alias("_last")
     )
     outcome = (
         handling.filter("_done")
@@ -83,7 +84,7 @@ def _invocations(observable: pl.LazyFrame, page_faults: pl.LazyFrame) -> pl.Lazy
         .with_columns(
             pl.col("ts_ns").alias("start_ns"),
             pl.coalesce("_done_ns", "_last", "ts_ns").alias("end_ns"),
-            pl.col("frozen", "busy").fill_null(0),
+            pl.col("frozen", "busy", "stale").fill_null(0),
         )
         .drop("_done_ns", "_last", "ts_ns")
     )
@@ -179,6 +180,7 @@ def incident_causes(
             ((pl.col("frozen") > 0) | (resume & pl.col("contended")).fill_null(False))
             .any().alias("_frozen"),
             (pl.col("busy") > 0).any().alias("_busy"),
+            (pl.col("stale") > 0).any().alias("_stale"),
             (pl.col("outcome") == int(FaultOutcome.MEMORY_FAULT_EXIT)).fill_null(False)
             .any().alias("_attr"),
             (pl.col("refault") | ((pl.col("end_ns") - pl.col("start_ns")) > slow_fault_ns))
@@ -189,9 +191,10 @@ def incident_causes(
     cause = (
         pl.when("_frozen").then(pl.lit(CAUSES[0]))
         .when("_busy").then(pl.lit(CAUSES[1]))
-        .when("_attr").then(pl.lit(CAUSES[2]))
-        .when("_slow").then(pl.lit(CAUSES[3]))
-        .otherwise(pl.lit(CAUSES[4]))
+        .when("_stale").then(pl.lit(CAUSES[2]))
+        .when("_attr").then(pl.lit(CAUSES[3]))
+        .when("_slow").then(pl.lit(CAUSES[4]))
+        .otherwise(pl.lit(CAUSES[5]))
     )
     # KVM caused it if it handed a fault back to the guest unresolved (RESUME_GUEST) or the
     # run shows the contention it could have retried through in the host.

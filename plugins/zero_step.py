@@ -35,13 +35,16 @@ Rules:
   1. ``frozen_spte_contention``: a FAULT_RETRY(FROZEN_SPTE), or a FAULT_DONE(RESUME_GUEST)
      while another vCPU's fault on the same TD and GFN was in flight (intervals overlap).
   2. ``busy_on_fault_path``: a FAULT_RETRY(SEAMCALL_BUSY) or an OPERAND_BUSY SEAMCALL.
-  3. ``memory_fault_exit``: a FAULT_DONE(MEMORY_FAULT_EXIT): the GFN's attribute was shared,
+  3. ``stale_after_zap``: a FAULT_RETRY(STALE): a zap (or an attribute change) ended while
+     the fault was in flight, so KVM dropped its work (is_page_fault_stale()); under
+     resume_guest the guest faults again at the same RIP.
+  4. ``memory_fault_exit``: a FAULT_DONE(MEMORY_FAULT_EXIT): the GFN's attribute was shared,
      KVM exited to userspace and re-entered the guest on the unresolved fault (§5.2 names it;
      KVM accepts it: the VMM, not KVM, changed the page under the guest).
-  4. ``slow_fault_handling``: a GFN resolved (MAPPED / ALREADY_MAPPED) earlier in the run
+  5. ``slow_fault_handling``: a GFN resolved (MAPPED / ALREADY_MAPPED) earlier in the run
      faulted again (it was unmapped again), or one invocation took longer than
      ``slow_fault_ns`` (default 100 µs; ~8 µs typical, ~153 µs under heavy load, §8).
-  5. ``other``: e.g. one instruction touching more than 6 pages (a case KVM's comment
+  6. ``other``: e.g. one instruction touching more than 6 pages (a case KVM's comment
      accepts).
 
 Tables: ``incidents`` (one row per incident, columns above); ``runs_hist`` (run length ->

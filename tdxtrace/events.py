@@ -82,7 +82,10 @@ class RetryCause(IntEnum):
 
     FROZEN_SPTE = 1  # the mirror SPTE was FROZEN_SPTE: another vCPU is mid-update
     SEAMCALL_BUSY = 2  # SEPT.ADD / PAGE.AUG returned TDX_OPERAND_BUSY; SPTE restored
-    MMU_LOCK = 3  # a zap held mmu_lock for write; the fault waited for it
+    MMU_LOCK = 3  # a zap held mmu_lock for write; the fault waited for it (not written)
+    # is_page_fault_stale(): an invalidation (a zap, an attribute change) ended after the
+    # fault read mmu_invalidate_seq, so the pfn it found may be the one just zapped
+    STALE = 4
 
 
 class FaultOutcome(IntEnum):
@@ -105,6 +108,9 @@ class KickReason(IntEnum):
     NO_VCPUS_RETRY = 2  # tdh_do_no_vcpus(): a BUSY zap SEAMCALL, before its one retry
     ROOT_RELOAD = 3  # root invalidation: vCPUs must load a new root
     VM_DEAD = 4  # kvm_vm_dead() after KVM_BUG_ON: vCPUs in the guest leave, never re-enter
+    # kvm_flush_remote_tlbs() after a zap removed SPTEs from a valid root: with no TDX hook
+    # it is kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH), a kick that waits for the acks
+    TLB_FLUSH = 5
 
 
 class IpiPurpose(IntEnum):

@@ -22,7 +22,7 @@ from tdxtrace.codes import (
     TdvmcallStatus,
 )
 from tdxtrace.events import GuestMapGpa, Kind, ZapReason
-from tdxtrace.sim.mapgpa import validate
+from tdxtrace.sim.mapgpa import MAP_GPA, validate
 from tdxtrace.sim.roots_guest import SHARED_BIT
 from tdxtrace.sim.scenario import Scenario, resolve
 from tdxtrace.sim.world import PRIVATE_BASE_GFN, World
@@ -145,7 +145,8 @@ def test_five_mib_to_shared_is_three_userspace_exits_then_success() -> None:
     assert set(exits["arg1"]) == {KVM_MAP_GPA_RANGE_DECRYPTED}
     calls = rows_of(frame, Kind.TDVMCALL)
     assert (calls["gpa"].to_list(), calls["arg1"].to_list()) == ([start], [5 * MIB])
-    assert answers(frame) == [(SUCCESS, end)]
+    # On success KVM writes no R11: it keeps the guest's sub-function (TDG.VP.VMCALL<MapGPA>).
+    assert answers(frame) == [(SUCCESS, MAP_GPA)]
     assert guest_steps(frame) == [GuestMapGpa.START, GuestMapGpa.DONE]
     attrs = rows_of(frame, Kind.MEM_ATTR)
     assert attrs["arg0"].to_list() == [512, 512, 256] and set(attrs["arg1"]) == {0}
@@ -204,7 +205,7 @@ def test_partial_progress_is_not_counted_against_the_budget() -> None:
     start, end = BASE | SHARED_BIT, (BASE + 8 * MIB) | SHARED_BIT
     frame, truth = convert(world(vmm="partial", partial_pages=512), start, end)
     assert answers(frame) == [(RETRY, start + 2 * MIB), (RETRY, start + 4 * MIB),
-                              (RETRY, start + 6 * MIB), (SUCCESS, end)]
+                              (RETRY, start + 6 * MIB), (SUCCESS, MAP_GPA)]
     assert guest_steps(frame) == [GuestMapGpa.START, *[GuestMapGpa.RETRY_PROGRESS] * 3,
                                   GuestMapGpa.DONE]
     assert rows_of(frame, Kind.TDVMCALL)["gpa"].to_list() == [
@@ -248,7 +249,7 @@ def test_an_injected_interrupt_after_each_chunk_makes_kvm_answer_retry_with_the_
     start = BASE | SHARED_BIT
     frame, truth = convert(world({"mapgpa_interrupt_p": 1.0}), start, start + 6 * MIB)
     assert answers(frame) == [(RETRY, start + 2 * MIB), (RETRY, start + 4 * MIB),
-                              (SUCCESS, start + 6 * MIB)]
+                              (SUCCESS, MAP_GPA)]
     assert rows_of(frame, Kind.USERSPACE_RETURN)["status"].to_list() == [0, 0, 0]
     assert truth["mapgpa_retries_interrupt"] == 2
 
@@ -269,7 +270,7 @@ def test_a_due_timer_is_a_pending_interrupt_too() -> None:
         vmm.handle = handle  # type: ignore[method-assign,assignment]
 
     frame, _ = convert(world(), start, start + 4 * MIB, prepare=timer_due_after_first_exit)
-    assert answers(frame) == [(RETRY, start + 2 * MIB), (SUCCESS, start + 4 * MIB)]
+    assert answers(frame) == [(RETRY, start + 2 * MIB), (SUCCESS, MAP_GPA)]
     # The guest takes the interrupt (an EXTERNAL_INTERRUPT exit) before it re-issues.
     retry_seq = rows_of(frame, Kind.TDVMCALL_DONE)["seq"][0]
     second_call = rows_of(frame, Kind.TDVMCALL)["seq"][1]

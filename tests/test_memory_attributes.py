@@ -69,11 +69,13 @@ def test_the_vmm_converting_behind_the_guests_back_causes_memory_fault_exits() -
 
 
 def test_an_exit_after_local_retries_counts_them() -> None:
-    # Hot pages and large conversions: faults retry locally on frozen SPTEs while the pages
-    # they wait for are converted under them.
+    # Hot pages and large conversions: faults retry locally (frozen SPTEs, or stale after a
+    # zap ended while they waited for mmu_lock) while their pages are converted under them.
+    # A slow guest timer: at the scenario's 50 kHz a tick is due after any wait for a zap,
+    # and the retry loop leaves for it (PENDING_EVENT) before it can see the new attribute.
     events, _ = run("zap-under-load", *CONTENDED, "policy.frozen_spte=local_retry",
                     "guest.workload='hot'", "guest.hot_pages=16", "guest.hot_fraction=0.95",
-                    "vmm.zap_pages=1024", "td.memory_mb=4", seed=1)
+                    "vmm.zap_pages=1024", "td.memory_mb=4", "guest.timer_hz=250", seed=1)
     exits = events.filter((pl.col("kind") == Kind.FAULT_DONE)
                           & (pl.col("sub") == FaultOutcome.MEMORY_FAULT_EXIT))
     retries = events.filter(pl.col("kind") == Kind.FAULT_RETRY).group_by("corr").len()

@@ -78,6 +78,22 @@ def test_cause_busy_on_fault_path_and_frozen_wins_over_busy() -> None:
     assert result.metrics["kvm_caused_incidents"] == result.metrics["incidents"] == 2
 
 
+def test_cause_stale_after_zap_comes_after_busy_and_before_memory_fault_exit() -> None:
+    # Zaps keep ending while the faults wait for mmu_lock: each is stale, and resume_guest
+    # hands it back to the guest, which faults again at the same RIP.
+    rows = Rows()
+    rows.fault_handled(0, 6, outcome=FaultOutcome.RESUME_GUEST, retries=(RetryCause.STALE,))
+    rows.fault_handled(1, 5, outcome=FaultOutcome.RESUME_GUEST, retries=(RetryCause.STALE,))
+    rows.fault_handled(1, 1, outcome=FaultOutcome.PENDING_EVENT,
+                       retries=(RetryCause.SEAMCALL_BUSY,))
+    rows.fault_handled(2, 5, outcome=FaultOutcome.RESUME_GUEST, retries=(RetryCause.STALE,))
+    rows.fault_handled(2, 1, outcome=FaultOutcome.MEMORY_FAULT_EXIT)
+    result = rows.analyze()
+    causes = incidents(result).get_column("cause").to_list()
+    assert causes == ["stale_after_zap", "busy_on_fault_path", "stale_after_zap"]
+    assert result.metrics["kvm_caused_incidents"] == 3  # each was resumed unresolved
+
+
 def test_cause_memory_fault_exit_before_slow_handling() -> None:
     # A VMM that keeps making the page shared: each fault exits to userspace (the VMM converts
     # it back), the guest re-enters on the unresolved fault, and the GFN keeps coming back.

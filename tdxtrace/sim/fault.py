@@ -53,6 +53,7 @@ _KIND_PAGE_FAULT = Kind.PAGE_FAULT
 _KIND_SPTE_CHANGED = Kind.SPTE_CHANGED
 _RETRYCAUSE_FROZEN_SPTE = RetryCause.FROZEN_SPTE
 _RETRYCAUSE_SEAMCALL_BUSY = RetryCause.SEAMCALL_BUSY
+_RETRYCAUSE_STALE = RetryCause.STALE
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class Fault:
     gfn: int
     corr: int
     retries: int = 0
+    mmu_seq: int = 0  # kvm->mmu_invalidate_seq when this attempt began (fault->mmu_seq)
 
 
 class FaultPath:
@@ -104,7 +106,9 @@ class FaultPath:
         self._attempt(fault)
 
     def _attempt(self, f: Fault) -> None:
-        mmu = f.vcpu.td.mmu
+        td = f.vcpu.td
+        f.mmu_seq = td.mmu_invalidate_seq  # kvm_mmu_faultin_pfn(), before mmu_lock
+        mmu = td.mmu
         if mmu.try_read():  # the usual case, without acquire_read's callback
             self.sim.after(self._walk_ns(), self._walk, f, 0)
         else:
@@ -112,11 +116,14 @@ class FaultPath:
 
     def _walk(self, f: Fault, level_index: int) -> None:
         td = f.vcpu.td
+        if not level_index and f.mmu_seq != td.mmu_invalidate_seq:
+            # mmu_lock is held now: is_page_fault_stale(). An invalidation ended since the
+            # attempt began (it waited for the lock behind a zap, or one ran in between).
+            self._retry(f, _RETRYCAUSE_STALE)
+            return
         if not level_index and self._attrs.is_shared(td, f.gfn):
-            # mmu_lock is held now: a conversion that changed the attribute since the fault
-            # began (while it waited for the lock, or between local retries) makes it stale
-            # (is_page_fault_stale); KVM retries it, and the retry takes the exit. Modelled as
-            # that exit at once.
+            # A retried attempt whose GFN became shared: the faultin of the retry takes the
+            # exit (its attribute check comes before mmu_lock; modelled here, under it).
             td.mmu.release_read()
             self._attrs.private_fault_on_shared(f.vcpu, f.gfn, f.corr, f.retries)
             return

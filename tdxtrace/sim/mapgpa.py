@@ -271,8 +271,8 @@ class MapGpa:
                          conv.next if bogus is None else bogus)
             return
         conv.next += TDX_MAP_GPA_MAX_LEN
-        if conv.next >= conv.host_end:
-            self._answer(v, conv, SUCCESS, conv.host_end)
+        if conv.next >= conv.host_end:  # KVM writes no R11: the guest's sub-function stays
+            self._answer(v, conv, SUCCESS, MAP_GPA)
         elif self._interrupt_pending(v):  # let the guest take it, then re-issue
             self.log.count("mapgpa_retries_interrupt")
             self._answer(v, conv, RETRY, conv.next)

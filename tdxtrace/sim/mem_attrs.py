@@ -69,7 +69,7 @@ class MemoryAttributes:
     def _private_now(self, td: KvmTd, first_gfn: int, pages: int,
                      then: Callable[[], None]) -> None:
         self._set_private(td, first_gfn, pages)
-        td.mmu.release_write()
+        td.end_zap()  # kvm_mmu_invalidate_end(): faults that began before are stale
         roots = self.world.roots
         if roots is None:  # no direct roots in this scenario: no shared mapping to zap
             then()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tdxtrace.events import Flow, Kind, RootKind, ZapReason, ZapScope
+from tdxtrace.events import Flow, KickReason, Kind, RootKind, ZapReason, ZapScope
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.roots_guest import SHARED_BIT, SHARED_GFN
 
@@ -50,6 +50,7 @@ class RootZap:
         self.corr = self.log.new_corr()
         self.zapped = 0  # SPTEs, both roots
         self.private = 0  # private leaves
+        self.valid_leaves = 0  # leaves zapped from a root that stays valid: a TLB flush
 
     def begin(self) -> None:
         self.log.count("zaps")
@@ -80,6 +81,7 @@ class RootZap:
                 root.leaves.discard(gfn)
                 if not everything:  # else counted as zapped when the root was invalidated
                     td.zapped_gfns.add(gfn | SHARED_GFN)
+                    self.valid_leaves += 1
                 emit(Kind.SPTE_CHANGED, sub=DIRECT, flow=ZAP_FLOW, corr=corr, td=td.index,
                      gpa=(gfn << 12) | SHARED_BIT, level=0, arg0=present_spte(gfn, 0),
                      arg1=NONPRESENT, arg2=root.root_id)
@@ -124,6 +126,7 @@ class RootZap:
         td.zapped_gfns.add(gfn)
         self.zapped += 1
         self.private += 1
+        self.valid_leaves += 1  # the mirror root is never invalidated
         log.count("sptes_zapped")
         log.emit(Kind.SPTE_CHANGED, sub=MIRROR, flow=ZAP_FLOW, corr=self.corr, td=td.index,
                  gpa=gfn << 12, level=0, arg0=present_spte(gfn, 0), arg1=NONPRESENT,
@@ -137,6 +140,15 @@ class RootZap:
                                          lambda: self._next_private(gfns, i + 1))
 
     def _finish(self) -> None:
+        """kvm_flush_remote_tlbs() if a valid root lost a leaf (zapping an invalid root's
+        SPTEs needs none), then the end of the invalidation."""
+        if self.valid_leaves:
+            self.roots.kvm.kick_all(self.td, KickReason.TLB_FLUSH, self.corr, ZAP_FLOW,
+                                    self.roots.lp, self._done)
+        else:
+            self._done()
+
+    def _done(self) -> None:
         self.td.end_zap()
         self.log.emit(Kind.ZAP_DONE, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
                       td=self.td.index, lp=self.roots.lp, arg0=self.zapped, arg1=self.private)

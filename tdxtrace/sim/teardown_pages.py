@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from tdxtrace.codes import Leaf, leaf_name
 from tdxtrace.errors import ScenarioError
-from tdxtrace.events import KickReason, Kind, Phase, RootKind, SeptState, ZapReason
+from tdxtrace.events import KickReason, Kind, Phase, RootKind, SeptState, ZapReason, ZapScope
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_state import PageKey, SeptEntry, nonleaf_keys
@@ -115,7 +115,7 @@ class PageWork:
     def _zap_row(self, job: Job, kind: Kind, gfn: int | None, pages: int) -> None:
         if kind == Kind.ZAP:
             self.log.count("zaps")
-            arg1 = self.world.policy.zap_scope_code
+            arg1 = int(ZapScope.EVERYTHING)  # the whole mirror, whatever the policy
         else:
             arg1 = pages
         self.log.emit(kind, sub=ZapReason.TEARDOWN, flow=job.flow, corr=job.corr,

@@ -30,7 +30,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import Leaf, is_busy
-from tdxtrace.events import Flow, KickReason, Kind, RootKind, ZapReason
+from tdxtrace.events import Flow, KickReason, Kind, RootKind, ZapReason, ZapScope
 from tdxtrace.sim.mmu import NONPRESENT, present_spte
 from tdxtrace.sim.module import SUCCESS
 
@@ -59,6 +59,10 @@ def _no_call(now: int, until: int, me: tuple[int, int, int]) -> int:
 # which the hot paths below pay many times per event.
 _KICKREASON_NO_VCPUS_RETRY = KickReason.NO_VCPUS_RETRY
 _KICKREASON_TRACK = KickReason.TRACK
+_KICKREASON_TLB_FLUSH = KickReason.TLB_FLUSH
+_ZAPREASON_TEARDOWN = ZapReason.TEARDOWN
+_ZAPSCOPE_EVERYTHING = ZapScope.EVERYTHING
+_ZAPSCOPE_RANGE = ZapScope.RANGE_LEAFS
 _KIND_SPTE_CHANGED = Kind.SPTE_CHANGED
 _KIND_ZAP = Kind.ZAP
 _KIND_ZAP_DONE = Kind.ZAP_DONE
@@ -90,16 +94,27 @@ class ZapPath:
         corr = self.log.new_corr() if corr is None else corr
         self.log.count("zaps")
         start = gfns[0] << 12 if gfns else 0
+        # What this zap covers (the zap_scope policy is for memslot and notifier zaps only):
+        # a conversion or truncation the range's private leaves, a teardown the whole mirror.
+        scope = _ZAPSCOPE_EVERYTHING if reason == _ZAPREASON_TEARDOWN else _ZAPSCOPE_RANGE
         self.log.emit(_KIND_ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=self.lp,
-                      gpa=start, arg0=len(gfns), arg1=self.world.policy.zap_scope_code)
+                      gpa=start, arg0=len(gfns), arg1=scope)
         state = {"zapped": 0}
 
-        def finish() -> None:
+        def done() -> None:
             td.end_zap()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=self.lp, arg0=state["zapped"], arg1=state["zapped"])
             if then is not None:
                 then()
+
+        def finish() -> None:
+            # Leaves left a valid root: kvm_flush_remote_tlbs() before mmu_lock is dropped.
+            # Not at teardown, where KVM zaps roots it has invalidated first (no flush).
+            if state["zapped"] and flow != _FLOW_TEARDOWN:
+                self.kvm.kick_all(td, _KICKREASON_TLB_FLUSH, corr, flow, self.lp, done)
+            else:
+                done()
 
         def next_page(i: int) -> None:
             while i < len(gfns) and gfns[i] not in td.mirror.leaves:
