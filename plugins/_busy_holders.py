@@ -5,7 +5,8 @@ TDX module (tdx-reference.md section 6.2): a BUSY call is attributed to a call o
 takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [start, end)
 covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT, and a VP.ENTER
 holds the S-EPT tree only when ``stepping`` (its vCPU's zero-step GPA list was non-empty: the
-module takes the tree lock on entry then, §5.1). A call that
+module takes the tree lock on entry then, §5.1; not for an entry that ended in a synthesized
+exit, before which the module releases it). A call that
 returned BUSY or PREVIOUS_TLB_EPOCH_BUSY took no lock and holds nothing; one that returned
 INTERRUPTED_RESUMABLE (a CACHE.WB sub-block) took its locks and did part of its work, so it
 holds like any other call. When several candidates cover the BUSY, the rule's order decides,

@@ -177,7 +177,10 @@ def incident_causes(
         mine.with_columns((before - before_group > 0).alias("refault"))
         .group_by("seg")
         .agg(
-            ((pl.col("frozen") > 0) | (resume & pl.col("contended")).fill_null(False))
+            # A resumed fault that overlapped another vCPU's on its page was frozen out,
+            # unless it had gone stale (then the zap, not the other vCPU, sent it back).
+            ((pl.col("frozen") > 0)
+             | (resume & pl.col("contended") & (pl.col("stale") == 0)).fill_null(False))
             .any().alias("_frozen"),
             (pl.col("busy") > 0).any().alias("_busy"),
             (pl.col("stale") > 0).any().alias("_stale"),

@@ -41,7 +41,9 @@ takes the resource, in the same scope (TD, GPA, vCPU, or host), whose interval [
 covers the BUSY call's start. VP.ENTER intervals run from TD_ENTRY to TD_EXIT; a VP.ENTER
 holds the S-EPT tree only while its vCPU is *stepping* (its zero-step GPA list is non-empty,
 as zero_step reconstructs it: from the 7th private EPT violation at one RIP until progress),
-since only then does the module take that lock on entry. A call that returned
+since only then does the module take that lock on entry, and not when its exit is a
+synthesized one (exit qualification 0x2: the module released the lock before emulating it).
+A call that returned
 INTERRUPTED_RESUMABLE took its locks, so it can be a holder; a BUSY call cannot.
 """
 
@@ -53,6 +55,7 @@ import polars as pl
 
 from tdxtrace import hookimpl
 from tdxtrace.analysis import Analyzer, AnalyzerResult
+from tdxtrace.codes import EXIT_QUAL_ZERO_STEP, ExitReason
 from tdxtrace.codes import Leaf as L
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
@@ -103,10 +106,16 @@ def calls(trace: Trace, events: pl.LazyFrame) -> pl.DataFrame:
         "td", "vcpu", "corr", "flow",
         pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
         pl.lit(None, pl.UInt64).alias("gpa"), pl.lit(None, pl.UInt64).alias("target"),
+        # A synthesized exit (its qualification is the module's zero-step one): the module
+        # released the tree before it emulated the exit, so that entry holds no tree.
+        ((pl.col("exit_reason") == int(ExitReason.EPT_VIOLATION))
+         & (pl.col("arg0") == EXIT_QUAL_ZERO_STEP)).fill_null(False).alias("_synthesized"),
     ).collect()
     # Under the zero-step mitigation VP.ENTER takes the S-EPT tree lock (the holder rules).
     seamcalls = seamcalls.with_columns(pl.lit(False).alias("stepping"))
-    vp_enters = vp_enters.with_columns(stepping_at(vp_enters, exit_segments(trace)[1]))
+    vp_enters = vp_enters.with_columns(
+        stepping_at(vp_enters, exit_segments(trace)[1]) & ~vp_enters.get_column("_synthesized")
+    ).drop("_synthesized")
     cls = status_class(pl.col("status"))
     return pl.concat([seamcalls, vp_enters], rechunk=False).with_columns(
         cls.is_in(CONTENTION_CLASSES).fill_null(False).alias("contended"),
@@ -235,7 +244,8 @@ class BusyRetry(Analyzer):
             "Holders are inferred from the contention matrix and call intervals; VP.ENTER "
             "holds from TD_ENTRY to TD_EXIT, the S-EPT tree only while its vCPU is stepping "
             "(7+ private EPT violations at one RIP, no progress since: the module's zero-step "
-            "GPA list is non-empty and entry takes the tree lock). The trace cannot show how "
+            "GPA list is non-empty and entry takes the tree lock), unless its exit was a "
+            "synthesized one (arg0 0x2: the lock was released first). The trace cannot show how "
             "long entry held it, so a SEPT_TREE holder VP.ENTER means a stepping vCPU was "
             "between entry and exit. Of several calls holding the S-EPT tree shared at once, "
             "the one ending last is named.",

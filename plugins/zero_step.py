@@ -33,7 +33,8 @@ Rules:
 * ``cause``, the first that holds over the fault-handler invocations (PAGE_FAULT .. FAULT_DONE
   of one corr) that the run's exits triggered:
   1. ``frozen_spte_contention``: a FAULT_RETRY(FROZEN_SPTE), or a FAULT_DONE(RESUME_GUEST)
-     while another vCPU's fault on the same TD and GFN was in flight (intervals overlap).
+     of a fault that did not go stale while another vCPU's fault on the same TD and GFN was
+     in flight (intervals overlap).
   2. ``busy_on_fault_path``: a FAULT_RETRY(SEAMCALL_BUSY) or an OPERAND_BUSY SEAMCALL.
   3. ``stale_after_zap``: a FAULT_RETRY(STALE): a zap (or an attribute change) ended while
      the fault was in flight, so KVM dropped its work (is_page_fault_stale()); under

@@ -132,7 +132,8 @@ class ZapReason(IntEnum):
 
 
 class ZapScope(IntEnum):
-    """What a zap covered (``arg1`` of ZAP); the policy ``zap_scope`` chooses it."""
+    """What a zap covered (``arg1`` of ZAP). The policy ``zap_scope`` chooses it for memslot
+    and notifier zaps; conversion and truncation zaps cover RANGE_LEAFS, teardown EVERYTHING."""
 
     RANGE_LEAFS = 1  # only the leaves of the changed range, in the roots that map it
     ALL_ROOTS = 2  # the changed range in every root, shared and mirror

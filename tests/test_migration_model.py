@@ -187,3 +187,14 @@ def test_teardown_flushes_every_vcpu_on_the_lp_it_last_ran_on() -> None:
     got = flushes.select("vcpu", "lp").sort("vcpu")
     assert got.rows() == last_lp.sort("vcpu").rows()
     assert (flushes["status"] == Status.SUCCESS).all()
+
+
+def test_the_first_run_counts_as_a_first_run_flush_even_with_a_migration_pending() -> None:
+    # At 50 kHz some vCPUs are bound for another LP before they ever run: their first load
+    # still flushes the VMM's LP, where KVM_TDX_INIT_VCPU loaded them.
+    events, truth = run("migration", *QUICK, "migration.rate_hz=50000")
+    flushes = events.filter((pl.col("leaf") == Leaf.TDH_VP_FLUSH)
+                            & (pl.col("flow") == Flow.MIGRATION))
+    off_vmm_lp = flushes.filter(pl.col("lp") == HOST_LP)
+    assert truth["first_run_flushes"] == off_vmm_lp.height == 8
+    assert truth["migrations"] == flushes.height - 8

@@ -25,8 +25,19 @@ def test_a_stepping_vp_enter_busy_on_the_tree_leaves_the_epoch_free() -> None:
     assert td.sept_tree.try_take(0, 100, True, OTHER) is None  # someone holds the tree
     status, _ = module.vp_enter(td, 0, 1, 0x1000, 10, 60, ME)
     assert status == with_operand(BUSY, OperandId.SEPT_TREE)
-    # TDH.MEM.TRACK takes the epoch exclusively: the failed entry does not hold it.
+    # TDH.MEM.TRACK takes the epoch exclusively: the failed entry does not hold it, nor the
+    # TDR (an exclusive probe).
     assert module.track(td, 20, 30, OTHER) == Status.SUCCESS
+    assert td.tdr.try_take(40, 45, True, OTHER) is None
+
+
+def test_a_synthesized_zero_step_exit_releases_the_tree_before_it_returns() -> None:
+    # §5.1: a listed GPA still unmapped: release the S-EPT lock, emulate an EPT violation.
+    module, td = _td()
+    td.vcpus[0].zs_gpas = [0x5000]
+    status, gpa = module.vp_enter(td, 0, 1, 0x1000, 10, 60, ME)
+    assert (status, gpa) == (Status.SUCCESS | 48, 0x5000)
+    assert td.sept_tree.try_take(20, 30, True, OTHER) is None  # RANGE.BLOCK, TRACK could go
 
 
 def test_a_busy_entry_lock_leaves_the_tree_and_the_tdr_free() -> None:
@@ -39,6 +50,8 @@ def test_a_busy_entry_lock_leaves_the_tree_and_the_tdr_free() -> None:
     # (It gets past every lock to the entry's state: nothing to block on a free entry.)
     assert module.range_block(td, 6, 20, 30, OTHER) == with_operand(
         int(Status.EPT_ENTRY_FREE), OperandId.RCX)
+    # The block held the TDR until 30; the failed AUG (until 60) holds it no longer.
+    assert td.tdr.try_take(35, 40, True, OTHER) is None
 
 
 def test_a_lifecycle_leaf_busy_on_its_second_lock_releases_the_first() -> None:

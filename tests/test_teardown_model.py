@@ -136,7 +136,7 @@ def test_every_trace_starts_with_creation_and_ends_with_a_complete_teardown() ->
     # The rest: the first run's VP.FLUSH of each vCPU off the VMM's LP (VP.INIT ran there).
     first_runs = before_run.filter(pl.col("flow") != Flow.CREATE)
     assert first_runs["leaf"].to_list() == [Leaf.TDH_VP_FLUSH] * first_runs.height
-    assert first_runs.height >= 1 and (first_runs["lp"] == 9).all()
+    assert first_runs.height == 2 and (first_runs["lp"] == 9).all()  # one per vCPU
     key_config = seamcalls.filter(pl.col("leaf") == Leaf.TDH_MNG_KEY_CONFIG)
     assert key_config["lp"].to_list() == [0, 5]  # the first LP of each of the 2 packages
     assert (seamcalls.filter(pl.col("seq") < first_entry)["status"] == 0).all()

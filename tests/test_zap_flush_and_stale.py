@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 from emulator_helpers import run
 
 from tdxtrace.codes import KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -82,11 +83,14 @@ def test_under_resume_guest_a_stale_fault_goes_back_to_the_guest() -> None:
     assert (done["sub"] == FaultOutcome.RESUME_GUEST).all()
 
 
-def test_conversion_and_truncation_zaps_report_the_range_whatever_the_policy() -> None:
-    events, _ = run("zap-under-load", "run.duration_us=3000", "policy.zap_scope=everything")
+@pytest.mark.parametrize(("scenario", "reason"), [("zap-under-load", ZapReason.CONVERSION),
+                                                  ("demo", ZapReason.TRUNCATION)])
+def test_conversion_and_truncation_zaps_report_the_range_whatever_the_policy(
+        scenario: str, reason: ZapReason) -> None:
+    events, _ = run(scenario, "run.duration_us=3000", "policy.zap_scope=everything")
     zaps = events.filter(pl.col("kind") == Kind.ZAP)
-    conversion = zaps.filter(pl.col("sub") == ZapReason.CONVERSION)
-    assert conversion.height >= 3
-    assert (conversion["arg1"] == ZapScope.RANGE_LEAFS).all()
+    ranged = zaps.filter(pl.col("sub") == reason)
+    assert ranged.height >= 3
+    assert (ranged["arg1"] == ZapScope.RANGE_LEAFS).all()
     teardown = zaps.filter(pl.col("sub") == ZapReason.TEARDOWN)
     assert teardown.height >= 1 and (teardown["arg1"] == ZapScope.EVERYTHING).all()

@@ -28,6 +28,7 @@ class Vcpu:
     stopped: bool = False
     cpu: int = -1  # KVM's vcpu->cpu: the LP it was last loaded on (-1: never, or flushed)
     migrate_to: int = -1  # an LP its thread moves to before the next entry (migration.py)
+    never_run: bool = False  # loaded by KVM_TDX_INIT_VCPU on the VMM's LP, not run since
     # guest.accept = before_touch: the guest is running TDG.MEM.PAGE.ACCEPT on its current
     # touch's page (at ACCEPT_RIP) before touching it.
     accepting: bool = False

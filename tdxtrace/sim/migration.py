@@ -122,9 +122,9 @@ class VcpuPlacement:
     # --- tdx_vcpu_load() --------------------------------------------------------------------
     def load(self, v: Vcpu) -> None:
         """The vCPU's thread runs on ``v.lp`` (or moves to ``v.migrate_to``): load, then enter."""
-        old = v.cpu
-        moving = v.migrate_to >= 0
-        if moving:
+        old, first_run = v.cpu, v.never_run
+        v.never_run = False
+        if v.migrate_to >= 0:
             v.lp, v.migrate_to = v.migrate_to, -1
         new = v.lp
         if old == new:
@@ -136,8 +136,9 @@ class VcpuPlacement:
             self.kvm.enter(v)
             return
         corr = self.log.new_corr()
-        # Not moving: the first run after KVM_TDX_INIT_VCPU, which loaded it on the VMM's LP.
-        self.log.count("migrations" if moving else "first_run_flushes")
+        # The first run flushes the VMM's LP, where KVM_TDX_INIT_VCPU loaded it (whether or not
+        # a migration was pending too); any later load elsewhere is a migration.
+        self.log.count("first_run_flushes" if first_run else "migrations")
         self.log.emit(Kind.VCPU_LOAD, flow=Flow.MIGRATION, corr=corr, td=v.td.index,
                       vcpu=v.index, lp=new, arg0=old)
         if self.skip_p and self._skip_rng.random() < self.skip_p:
@@ -159,7 +160,7 @@ class VcpuPlacement:
         """
         self.log.emit(Kind.VCPU_LOAD, flow=Flow.CREATE, corr=corr, td=v.td.index, vcpu=v.index,
                       lp=lp)
-        v.cpu = lp
+        v.cpu, v.never_run = lp, True
 
     # --- migrations -----------------------------------------------------------------------
     def start(self) -> None:
@@ -209,7 +210,7 @@ class VcpuPlacement:
         """
         td, lp = v.td, v.lp
         self.log.emit(Kind.VCPU_LOAD, flow=Flow.RUN, td=td.index, vcpu=v.index, lp=lp)
-        v.cpu = lp
+        v.cpu, v.never_run = lp, False
         # A BUSY VP.ENTER loops back through the fastpath as in the run loop (kvm.py), until
         # the vCPU's next timer tick, when the model lets a vCPU thread leave KVM (as
         # Lifecycle.teardown_all assumes): an injected BUSY of probability 1 cannot stall it.

@@ -214,13 +214,17 @@ class TdxModule:
         if mv.zs_gpas:
             # Zero-step enforcement: the S-EPT tree lock, exclusively, before entering. BUSY
             # on it releases the TDR and the epoch again (the association stays).
-            status = self._take(td.sept_tree, now, until, True, me)
+            tree = td.sept_tree
+            tree_before = tree.excl_until, tree.excl_holder
+            status = self._take(tree, now, until, True, me)
             if status:
                 (tdr.shared_until, tdr.shared_holder, epoch.shared_until,
                  epoch.shared_holder) = before
                 return status, None
             for gpa in mv.zs_gpas:
                 if td.entry(gpa >> 12).state not in MAPPED_STATES:
+                    # §5.1: release the tree lock, then emulate an EPT-violation TD exit.
+                    tree.excl_until, tree.excl_holder = tree_before
                     return SUCCESS | EPT_VIOLATION, gpa
         td.refcount[td.epoch & 1] += 1
         mv.in_guest = True

@@ -63,8 +63,9 @@ class Clock(Protocol):
     now: int
 
 # Counters every trace's truth carries, 0 when nothing happened (issues 3 and 4).
-TRUTH_COUNTERS = ("busy_total", "cache_wb_resumes", "faults", "hkid_leaks", "local_retries",
-                  "mapgpa_bad_r11", "mapgpa_conversions", "mapgpa_giveups", "mapgpa_retries",
+TRUTH_COUNTERS = ("busy_total", "cache_wb_resumes", "faults", "first_run_flushes", "hkid_leaks",
+                  "local_retries", "mapgpa_bad_r11", "mapgpa_conversions", "mapgpa_giveups",
+                  "mapgpa_retries",
                   "memory_fault_exits", "migrations", "pages_leaked",
                   "private_zaps_unexpected", "refaults", "sptes_zapped", "synthesized_exits",
                   "teardown_pages_leaked", "teardowns", "vms_bugged", "zaps",

@@ -110,8 +110,9 @@ class ZapPath:
 
         def finish() -> None:
             # Leaves left a valid root: kvm_flush_remote_tlbs() before mmu_lock is dropped.
-            # Not at teardown, where KVM zaps roots it has invalidated first (no flush).
-            if state["zapped"] and flow != _FLOW_TEARDOWN:
+            # Not at teardown: kvm_tdp_mmu_zap_all() skips it, as KVM_RUN is unreachable then
+            # and no vCPU would service the request.
+            if state["zapped"] and reason != _ZAPREASON_TEARDOWN:
                 self.kvm.kick_all(td, _KICKREASON_TLB_FLUSH, corr, flow, self.lp, done)
             else:
                 done()
