@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from zero_step_helpers import OTHER_RIP, RIP, Rows, incidents
 
 from tdxtrace.events import FaultOutcome, Flow, Kind, RetryCause
@@ -14,28 +15,22 @@ def test_cause_frozen_spte_retry() -> None:
     assert incidents(rows.analyze()).get_column("cause").to_list() == ["frozen_spte_contention"]
 
 
-def test_cause_frozen_spte_from_resume_guest_while_another_vcpu_is_in_flight() -> None:
+@pytest.mark.parametrize(("retries", "cause"), [
+    ((), "frozen_spte_contention"),
+    # Each of vCPU 0's faults went stale (a zap ended while it waited): the zap sent it back
+    # to the guest, not the other vCPU's frozen SPTE.
+    ((RetryCause.STALE,), "stale_after_zap"),
+])
+def test_resume_guest_while_another_vcpu_is_in_flight(
+        retries: tuple[RetryCause, ...], cause: str) -> None:
     rows = Rows()
     rows.exit(1, OTHER_RIP, 0x5000)
     rows.corr += 1
     winner = {"flow": Flow.FAULT, "corr": rows.corr, "td": 0, "vcpu": 1, "gpa": 0x5000}
     rows.add(Kind.PAGE_FAULT, rip=OTHER_RIP, **winner)
-    rows.fault_handled(0, 6, outcome=FaultOutcome.RESUME_GUEST)
+    rows.fault_handled(0, 6, outcome=FaultOutcome.RESUME_GUEST, retries=retries)
     rows.add(Kind.FAULT_DONE, **{**winner, "sub": FaultOutcome.MAPPED})
-    assert incidents(rows.analyze()).get_column("cause").to_list() == ["frozen_spte_contention"]
-
-
-def test_a_stale_fault_resumed_while_another_vcpu_is_in_flight_is_not_frozen_out() -> None:
-    # The same overlap as above, but each of vCPU 0's faults went stale (a zap ended while it
-    # waited): the zap sent it back to the guest, not the other vCPU's frozen SPTE.
-    rows = Rows()
-    rows.exit(1, OTHER_RIP, 0x5000)
-    rows.corr += 1
-    winner = {"flow": Flow.FAULT, "corr": rows.corr, "td": 0, "vcpu": 1, "gpa": 0x5000}
-    rows.add(Kind.PAGE_FAULT, rip=OTHER_RIP, **winner)
-    rows.fault_handled(0, 6, outcome=FaultOutcome.RESUME_GUEST, retries=(RetryCause.STALE,))
-    rows.add(Kind.FAULT_DONE, **{**winner, "sub": FaultOutcome.MAPPED})
-    assert incidents(rows.analyze()).get_column("cause").to_list() == ["stale_after_zap"]
+    assert incidents(rows.analyze()).get_column("cause").to_list() == [cause]
 
 
 def test_cause_frozen_spte_when_the_winner_starts_during_the_fault() -> None:
