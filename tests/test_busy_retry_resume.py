@@ -181,7 +181,7 @@ def _record_cli(path: Path, scenario: str, seed: int, *settings: str) -> None:
 
 
 def test_cli_policy_comparison_shows_the_contention_difference(tmp_path: Path) -> None:
-    """README's A/B: the ~640 µs CACHE.WB flush no longer hides ~25 µs vs ~7 µs of BUSY."""
+    """README's A/B: the ~640 µs CACHE.WB flush no longer hides ~26 µs vs ~7 µs of BUSY."""
     docs = {}
     for policy in ("resume_guest", "local_retry"):
         path = tmp_path / f"{policy}.arrow"

@@ -49,3 +49,13 @@ def test_injected_and_real_busys_in_one_corr_meet_their_own_truth_rows(tmp_path:
                      "faults.spurious_busy_p=0.05")
     assert counts["unowned"] > 0 and counts["true"] > 0
     assert counts["right"] == counts["true"], counts
+
+
+def test_a_vcpu_still_entering_at_teardown_holds_its_locks_until_it_exits(
+        tmp_path: Path) -> None:
+    # Seed 18 ends its run while a stepping vCPU is inside VP.ENTER (holding the S-EPT tree):
+    # its exit comes once the entry is done, as a kick's does. An exit at once made a zap's
+    # BLOCK at that instant BUSY on a VP.ENTER whose interval had already ended.
+    counts = _counts(tmp_path, "zap-under-load", 18)
+    assert counts["busy"] > 100
+    assert counts["right"] == counts["named"] == counts["true"] == counts["busy"], counts
