@@ -94,3 +94,18 @@ def test_conversion_and_truncation_zaps_report_the_range_whatever_the_policy(
     assert (ranged["arg1"] == ZapScope.RANGE_LEAFS).all()
     teardown = zaps.filter(pl.col("sub") == ZapReason.TEARDOWN)
     assert teardown.height >= 1 and (teardown["arg1"] == ZapScope.EVERYTHING).all()
+
+
+def test_a_conversion_for_a_vcpu_exit_runs_in_that_vcpus_thread() -> None:
+    # QEMU converts for a MapGPA exit in the vCPU's thread: the zap's rows and SEAMCALLs are
+    # on that vCPU's LP, never on the VMM's (LP 5 of mapgpa-convert's 6).
+    events, _ = run("mapgpa-convert", "run.duration_us=6000")
+    zaps = events.filter((pl.col("kind") == Kind.ZAP) & (pl.col("sub") == ZapReason.CONVERSION))
+    assert zaps.height >= 3 and (zaps["lp"] != 5).all()
+    calls = events.filter(pl.col("kind") == Kind.SEAMCALL).join(
+        zaps.select("corr", zap_lp="lp"), on="corr")
+    assert calls.height >= 10 and (calls["lp"] == calls["zap_lp"]).all()
+    # The VMM's own conversions (zap-under-load) stay on the VMM's LP (9 of 10).
+    vmm, _ = run("zap-under-load", "run.duration_us=2000")
+    own = vmm.filter((pl.col("kind") == Kind.ZAP) & (pl.col("sub") == ZapReason.CONVERSION))
+    assert own.height >= 3 and (own["lp"] == 9).all()

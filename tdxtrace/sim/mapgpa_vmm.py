@@ -111,7 +111,7 @@ class MapGpaVmm:
         self.log.emit(Kind.MEM_ATTR, flow=Flow.MAPGPA, corr=conv.corr, td=td.index,
                       vcpu=v.index, lp=v.lp, gpa=gpa, arg0=pages,
                       arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0)
-        if to_private:
-            self.world.attrs.make_private(td, gpa >> 12, pages, then)
+        if to_private:  # in the vCPU's thread, as QEMU handles the exit
+            self.world.attrs.make_private(td, gpa >> 12, pages, then, v.lp)
         else:
-            self.world.attrs.make_shared(td, gpa >> 12, pages, then)
+            self.world.attrs.make_shared(td, gpa >> 12, pages, then, v.lp)

@@ -53,28 +53,31 @@ class MemoryAttributes:
     # --- KVM_SET_MEMORY_ATTRIBUTES ----------------------------------------------------------
     # Changes take effect in the order userspace asked for them, as KVM's serialized ioctl
     # does: each is applied under mmu_lock for write, whose queue is first in, first out.
+    # ``lp``: the LP of the thread that asks, -1 for the VMM's; QEMU converts for a vCPU's
+    # exit (MapGPA, KVM_EXIT_MEMORY_FAULT) in that vCPU's thread.
     def make_shared(self, td: KvmTd, first_gfn: int, pages: int,
-                    then: Callable[[], None] | None = None) -> None:
+                    then: Callable[[], None] | None = None, lp: int = -1) -> None:
         """To shared: KVM zaps the range's private leaves, and the new attribute takes effect
         once that zap holds mmu_lock (ZapPath.zap's ``locked``)."""
         self.world.zap.zap(td, list(range(first_gfn, first_gfn + pages)), ZapReason.CONVERSION,
-                           ZAP_FLOW, then, locked=partial(self._set_shared, td, first_gfn, pages))
+                           ZAP_FLOW, then, locked=partial(self._set_shared, td, first_gfn, pages),
+                           lp=lp)
 
     def make_private(self, td: KvmTd, first_gfn: int, pages: int,
-                     then: Callable[[], None]) -> None:
+                     then: Callable[[], None], lp: int = -1) -> None:
         """To private: the attribute changes under mmu_lock, then KVM zaps the range's shared
         mappings when the scenario has direct roots (§4(e))."""
-        td.mmu.acquire_write(partial(self._private_now, td, first_gfn, pages, then))
+        td.mmu.acquire_write(partial(self._private_now, td, first_gfn, pages, then, lp))
 
     def _private_now(self, td: KvmTd, first_gfn: int, pages: int,
-                     then: Callable[[], None]) -> None:
+                     then: Callable[[], None], lp: int) -> None:
         self._set_private(td, first_gfn, pages)
         td.end_zap()  # kvm_mmu_invalidate_end(): faults that began before are stale
         roots = self.world.roots
         if roots is None:  # no direct roots in this scenario: no shared mapping to zap
             then()
         else:
-            roots.zap(td, ZapReason.CONVERSION, first_gfn, pages, ZapScope.RANGE_LEAFS, then)
+            roots.zap(td, ZapReason.CONVERSION, first_gfn, pages, ZapScope.RANGE_LEAFS, then, lp)
 
     def _set_shared(self, td: KvmTd, first_gfn: int, pages: int) -> None:
         self._shared.setdefault(td.index, set()).update(range(first_gfn, first_gfn + pages))
@@ -111,7 +114,8 @@ class MemoryAttributes:
             return
         self.log.emit(Kind.MEM_ATTR, flow=FLOW, corr=corr, td=td.index, vcpu=v.index,
                       lp=v.lp, gpa=gfn << 12, arg0=1, arg1=KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        self.make_private(td, gfn, 1, partial(self.sim.after, half, self._reenter, v, corr))
+        self.make_private(td, gfn, 1, partial(self.sim.after, half, self._reenter, v, corr),
+                          v.lp)
 
     def _reenter(self, v: Vcpu, corr: int) -> None:
         td = v.td

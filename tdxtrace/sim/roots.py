@@ -264,6 +264,7 @@ class Roots:
         self.sim.after(self.world.scenario.vmm.notifier_interval_us * 1000, self._notifier, td)
 
     def zap(self, td: KvmTd, reason: ZapReason, first_gfn: int, pages: int, scope: ZapScope,
-            then: Done | None = None) -> None:
-        """One zap operation: what ``scope`` says, in the direct and the mirror roots."""
-        RootZap(self, td, reason, first_gfn, pages, scope, then).begin()
+            then: Done | None = None, lp: int = -1) -> None:
+        """One zap operation: what ``scope`` says, in the direct and the mirror roots, from
+        the thread on ``lp`` (-1: the VMM's)."""
+        RootZap(self, td, reason, first_gfn, pages, scope, then, lp).begin()

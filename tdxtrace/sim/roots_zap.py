@@ -38,8 +38,9 @@ def _in_range(members: set[int], first: int, pages: int) -> list[int]:
 
 class RootZap:
     def __init__(self, roots: Roots, td: KvmTd, reason: ZapReason, first_gfn: int, pages: int,
-                 scope: ZapScope, then: Callable[[], None] | None) -> None:
+                 scope: ZapScope, then: Callable[[], None] | None, lp: int = -1) -> None:
         self.roots = roots
+        self.lp = roots.lp if lp < 0 else lp  # the thread's; the VMM's by default
         self.log = roots.log
         self.td = td
         self.reason = reason
@@ -55,11 +56,12 @@ class RootZap:
     def begin(self) -> None:
         self.log.count("zaps")
         self.log.emit(Kind.ZAP, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
-                      td=self.td.index, lp=self.roots.lp, gpa=self.first << 12,
+                      td=self.td.index, lp=self.lp, gpa=self.first << 12,
                       arg0=self.pages, arg1=self.scope)
         self.td.mmu.acquire_write(self._locked)
 
     def _locked(self) -> None:
+        self.td.zap_lp = self.lp  # the mirror's per-page calls (ZapPath.remove_leaf) run here
         if self.scope == ZapScope.EVERYTHING:
             self.roots.invalidate(self.td, self.corr, self._invalidated)
         else:
@@ -144,13 +146,14 @@ class RootZap:
         SPTEs needs none), then the end of the invalidation."""
         if self.valid_leaves:
             self.roots.kvm.kick_all(self.td, KickReason.TLB_FLUSH, self.corr, ZAP_FLOW,
-                                    self.roots.lp, self._done)
+                                    self.lp, self._done)
         else:
             self._done()
 
     def _done(self) -> None:
+        self.td.zap_lp = -1
         self.td.end_zap()
         self.log.emit(Kind.ZAP_DONE, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
-                      td=self.td.index, lp=self.roots.lp, arg0=self.zapped, arg1=self.private)
+                      td=self.td.index, lp=self.lp, arg0=self.zapped, arg1=self.private)
         if self.then is not None:
             self.then()

@@ -82,14 +82,14 @@ class ZapPath:
 
     def zap(self, td: KvmTd, gfns: list[int], reason: ZapReason, flow: int,
             then: Done | None = None, corr: int | None = None,
-            locked: Done | None = None) -> None:
+            locked: Done | None = None, lp: int = -1) -> None:
         """Zap the private leaves of ``gfns`` (kvm_unmap_gfn_range on the mirror root).
 
         ``corr``: the operation this zap is part of (a teardown); by default a new one.
         ``locked``: run once mmu_lock is held for write, before the first page: where a
         conversion's new attribute takes effect (KVM changes it inside the invalidation, so
         a fault that already holds the lock for read finishes first, and one that takes it
-        later sees the new attribute).
+        later sees the new attribute). ``lp``: the thread's LP, -1 for the VMM's.
         """
         corr = self.log.new_corr() if corr is None else corr
         self.log.count("zaps")
@@ -97,14 +97,16 @@ class ZapPath:
         # What this zap covers (the zap_scope policy is for memslot and notifier zaps only):
         # a conversion or truncation the range's private leaves, a teardown the whole mirror.
         scope = _ZAPSCOPE_EVERYTHING if reason == _ZAPREASON_TEARDOWN else _ZAPSCOPE_RANGE
-        self.log.emit(_KIND_ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=self.lp,
+        on = self.lp if lp < 0 else lp
+        self.log.emit(_KIND_ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=on,
                       gpa=start, arg0=len(gfns), arg1=scope)
         state = {"zapped": 0}
 
         def done() -> None:
+            td.zap_lp = -1
             td.end_zap()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
-                          lp=self.lp, arg0=state["zapped"], arg1=state["zapped"])
+                          lp=on, arg0=state["zapped"], arg1=state["zapped"])
             if then is not None:
                 then()
 
@@ -113,7 +115,7 @@ class ZapPath:
             # Not at teardown: kvm_tdp_mmu_zap_all() skips it, as KVM_RUN is unreachable then
             # and no vCPU would service the request.
             if state["zapped"] and reason != _ZAPREASON_TEARDOWN:
-                self.kvm.kick_all(td, _KICKREASON_TLB_FLUSH, corr, flow, self.lp, done)
+                self.kvm.kick_all(td, _KICKREASON_TLB_FLUSH, corr, flow, on, done)
             else:
                 done()
 
@@ -136,6 +138,7 @@ class ZapPath:
             self.remove_leaf(td, gfn, corr, flow, partial(next_page, i + 1))
 
         def begin() -> None:
+            td.zap_lp = lp
             if locked is not None:
                 locked()
             next_page(0)
@@ -157,14 +160,15 @@ class ZapPath:
         # Steps chained with partial, not closures and lambdas: one Python frame less at each
         # of the ~6 steps of every zapped page (a third of the rows of a 1M-event fault storm).
         module, mtd = self.module, td.module
+        lp = self.lp if td.zap_lp < 0 else td.zap_lp
         gpa = gfn << 12
         leaked = partial(self._leaked, flow, then)
         wbinvd = partial(self._check, td, WBINVD, corr, flow, then, then)
         if step == STEP_WBINVD:
-            self.kvm.seamcall(td, WBINVD, self.lp, corr, flow, _no_call, wbinvd, arg0=gfn,
+            self.kvm.seamcall(td, WBINVD, lp, corr, flow, _no_call, wbinvd, arg0=gfn,
                               preset=preset)
             return
-        after_remove = partial(self.kvm.seamcall, td, WBINVD, self.lp, corr, flow, _no_call,
+        after_remove = partial(self.kvm.seamcall, td, WBINVD, lp, corr, flow, _no_call,
                                wbinvd, arg0=gfn)
         remove = partial(module.page_remove, mtd, gfn)
         if step == STEP_REMOVE:
@@ -188,7 +192,8 @@ class ZapPath:
         tdx_track() returns nothing: after a TDX_BUG_ON on TRACK the kick (and the caller's
         PAGE.REMOVE) still follow, hence ``kick`` on both outcomes.
         """
-        kick = partial(self.kvm.kick_all, td, _KICKREASON_TRACK, corr, flow, self.lp, then)
+        lp = self.lp if td.zap_lp < 0 else td.zap_lp
+        kick = partial(self.kvm.kick_all, td, _KICKREASON_TRACK, corr, flow, lp, then)
         self.no_vcpus(td, TRACK, partial(self.module.track, td.module), corr, flow, kick, kick,
                       preset=preset)
 
@@ -201,6 +206,7 @@ class ZapPath:
         ``preset``: the outcome of the first attempt, already run (see resume_leaf()).
         """
         level = 0 if gpa is not None else None
+        lp = self.lp if td.zap_lp < 0 else td.zap_lp
 
         def result(status: int) -> None:
             # Any other status bugs the VM, GPA_RANGE_ALREADY_BLOCKED included: KVM's
@@ -219,7 +225,7 @@ class ZapPath:
                     self._bug(td, leaf, status, corr, flow, bail)
                     return
                 td.wait_for_sept_zap = True
-                self.kvm.kick_all(td, _KICKREASON_NO_VCPUS_RETRY, corr, flow, self.lp,
+                self.kvm.kick_all(td, _KICKREASON_NO_VCPUS_RETRY, corr, flow, lp,
                                   lambda: self.no_vcpus(td, leaf, call, corr, flow, then, bail,
                                                         gpa=gpa, attempt=1))
                 return
@@ -229,7 +235,7 @@ class ZapPath:
             self.sim.after(self.world.costs.step("retry_resched"), lambda: self.no_vcpus(
                 td, leaf, call, corr, flow, then, bail, gpa=gpa, attempt=attempt + 1))
 
-        self.kvm.seamcall(td, leaf, self.lp, corr, flow, call, result, gpa=gpa, level=level,
+        self.kvm.seamcall(td, leaf, lp, corr, flow, call, result, gpa=gpa, level=level,
                           preset=preset)
 
     def _check(self, td: KvmTd, leaf: int, corr: int, flow: int, then: Done, bail: Done,
