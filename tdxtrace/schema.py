@@ -62,7 +62,8 @@ FIELDS: tuple[Field, ...] = (
           "The KVM operation the row belongs to (tdxtrace.events.Flow); 0 when none."),
     Field("sub", pa.uint16(), False, "enum, per kind",
           "A kind-specific sub-code (retry cause, fault outcome, zap reason, phase, ...); "
-          "0 when the kind has none. tdxtrace.events.SUB_ENUMS names them."),
+          "0 when the kind has none. The schema's sub-codes section (`tdxtrace schema`) names "
+          "them (tdxtrace.events.SUB_ENUMS)."),
     Field("corr", pa.int64(), True, "id",
           "Correlation id: every row of one KVM operation (a fault with its retries, a zap, a "
           "teardown, a MapGPA conversion, a chain of BUSY-retried VP.ENTERs) shares it. "
@@ -184,6 +185,10 @@ def schema_text() -> str:
 
     for kind in Kind:
         lines.append(f"{int(kind):3d} {kind.name}: {KIND_ARGS[kind.name]}")
+    lines += ["", "## Sub-codes (column sub) of the kinds that have them", ""]
+    for kind_name, codes in sub_codes().items():
+        named = ", ".join(f"{value} {name}" for value, name in codes.items())
+        lines.append(f"{kind_name}: {named}")
     lines += ["", "## Run metadata keys (schema custom metadata)", ""]
     for key in (META_FORMAT, META_SCHEMA_VERSION, META_VERSION, META_PRODUCER,
                 META_SCENARIO_NAME, META_SCENARIO, META_SEED, META_POLICIES):
@@ -191,3 +196,11 @@ def schema_text() -> str:
     lines += ["", "## Summary keys (custom metadata of the final, empty record batch)", ""]
     lines += [SUMMARY_EVENTS, SUMMARY_DIGEST, SUMMARY_TRUTH]
     return "\n".join(lines) + "\n"
+
+
+def sub_codes() -> dict[str, dict[int, str]]:
+    """Per kind with sub-codes, each code's name (tdxtrace.events.SUB_ENUMS), in kind order."""
+    from tdxtrace.events import SUB_ENUMS, Kind  # local, as in schema_text()
+
+    return {kind.name: {int(m): m.name for m in SUB_ENUMS[kind]}
+            for kind in Kind if kind in SUB_ENUMS}

@@ -63,3 +63,19 @@ def test_readme_documents_every_metadata_and_summary_key() -> None:
             META_SCENARIO, META_SEED, META_POLICIES, SUMMARY_EVENTS, SUMMARY_DIGEST,
             SUMMARY_TRUTH]
     assert [key for key in keys if f"`{key}`" not in readme] == []
+
+
+def test_every_sub_code_is_named_in_the_text_and_the_json() -> None:
+    # A reader of a trace must be able to decode `sub` without the Python sources.
+    from tdxtrace.commands.schema_cmd import schema_json
+    from tdxtrace.events import SUB_ENUMS
+
+    text, doc = schema_text(), schema_json()
+    for kind, enum in SUB_ENUMS.items():
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{kind.name}: 1 ")
+                    or ln.startswith(f"{kind.name}: 0 "))
+        for member in enum:
+            assert f"{int(member)} {member.name}" in line, (kind.name, member.name)
+            assert doc["sub_codes"][kind.name][str(int(member))] == member.name
+    assert doc["sub_codes"]["FAULT_RETRY"]["4"] == "STALE"
+    assert doc["sub_codes"]["KICK"]["5"] == "TLB_FLUSH"

@@ -34,6 +34,7 @@ from tdxtrace.schema import (
     SUMMARY_TRUTH,
     arrow_schema,
     schema_text,
+    sub_codes,
 )
 
 TEXT_FILE = f"trace-v{SCHEMA_VERSION}.txt"
@@ -41,7 +42,7 @@ ARROW_FILE = f"trace-v{SCHEMA_VERSION}.arrow-schema"
 
 
 def schema_json() -> dict[str, Any]:
-    """The schema as JSON-able data: columns, kinds, metadata and summary keys."""
+    """The schema as JSON-able data: columns, kinds, sub-codes, metadata and summary keys."""
     return {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -55,6 +56,8 @@ def schema_json() -> dict[str, Any]:
              "columns": KIND_ARGS[kind.name]}
             for kind in Kind
         ],
+        "sub_codes": {kind: {str(value): name for value, name in codes.items()}
+                      for kind, codes in sub_codes().items()},
         "metadata_keys": [META_FORMAT, META_SCHEMA_VERSION, META_VERSION, META_PRODUCER,
                           META_SCENARIO_NAME, META_SCENARIO, META_SEED, META_POLICIES],
         "summary_keys": [SUMMARY_EVENTS, SUMMARY_DIGEST, SUMMARY_TRUTH],
