@@ -151,7 +151,7 @@ class RootZap:
             self._done()
 
     def _done(self) -> None:
-        self.td.zap_lp = -1
+        self.td.zap_lp = self.roots.lp
         self.td.end_zap()
         self.log.emit(Kind.ZAP_DONE, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
                       td=self.td.index, lp=self.lp, arg0=self.zapped, arg1=self.private)

@@ -124,7 +124,7 @@ class World:
         mtd = ModuleTd(td=index, hkid=index + 1,
                        vcpus=[ModuleVcpu() for _ in range(cfg.vcpus)])
         self.module.tds.append(mtd)
-        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1))
+        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1), zap_lp=self.host_lp)
         vcpu_lps = max(1, self.lps - 1)  # the last LP runs the VMM / zap thread
         for i in range(cfg.vcpus):
             workload = Workload(guest.workload, i, cfg.vcpus, PRIVATE_BASE_GFN, self.pages,

@@ -103,7 +103,7 @@ class ZapPath:
         state = {"zapped": 0}
 
         def done() -> None:
-            td.zap_lp = -1
+            td.zap_lp = self.lp
             td.end_zap()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=on, arg0=state["zapped"], arg1=state["zapped"])
@@ -138,7 +138,7 @@ class ZapPath:
             self.remove_leaf(td, gfn, corr, flow, partial(next_page, i + 1))
 
         def begin() -> None:
-            td.zap_lp = lp
+            td.zap_lp = on
             if locked is not None:
                 locked()
             next_page(0)
@@ -160,7 +160,7 @@ class ZapPath:
         # Steps chained with partial, not closures and lambdas: one Python frame less at each
         # of the ~6 steps of every zapped page (a third of the rows of a 1M-event fault storm).
         module, mtd = self.module, td.module
-        lp = self.lp if td.zap_lp < 0 else td.zap_lp
+        lp = td.zap_lp
         gpa = gfn << 12
         leaked = partial(self._leaked, flow, then)
         wbinvd = partial(self._check, td, WBINVD, corr, flow, then, then)
@@ -192,8 +192,7 @@ class ZapPath:
         tdx_track() returns nothing: after a TDX_BUG_ON on TRACK the kick (and the caller's
         PAGE.REMOVE) still follow, hence ``kick`` on both outcomes.
         """
-        lp = self.lp if td.zap_lp < 0 else td.zap_lp
-        kick = partial(self.kvm.kick_all, td, _KICKREASON_TRACK, corr, flow, lp, then)
+        kick = partial(self.kvm.kick_all, td, _KICKREASON_TRACK, corr, flow, td.zap_lp, then)
         self.no_vcpus(td, TRACK, partial(self.module.track, td.module), corr, flow, kick, kick,
                       preset=preset)
 
@@ -206,7 +205,7 @@ class ZapPath:
         ``preset``: the outcome of the first attempt, already run (see resume_leaf()).
         """
         level = 0 if gpa is not None else None
-        lp = self.lp if td.zap_lp < 0 else td.zap_lp
+        lp = td.zap_lp
 
         def result(status: int) -> None:
             # Any other status bugs the VM, GPA_RANGE_ALREADY_BLOCKED included: KVM's
