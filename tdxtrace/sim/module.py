@@ -81,13 +81,13 @@ class TdxModule:
         """TDR shared, then ``lock``: what every TD-scope TDH.MEM.* call takes first (§6.2).
         On a conflict the call releases what it took (the module's error path)."""
         tdr = td.tdr
-        before = tdr.shared_until, tdr.shared_holder
+        before = tdr.snapshot()
         held_by = tdr.try_take(now, until, False, me)
         if held_by is not None:
             return self._busy(tdr, held_by)
         held_by = lock.try_take(now, until, exclusive, me)
         if held_by is not None:
-            tdr.shared_until, tdr.shared_holder = before
+            tdr.restore(before)
             return self._busy(lock, held_by)
         return SUCCESS
 
@@ -100,22 +100,17 @@ class TdxModule:
             entry = td.entries[gfn] = SeptEntry()
         tdr, tree = td.tdr, td.sept_tree
         # A conflict releases what the call took so far (the module's error path).
-        tdr_before = tdr.shared_until, tdr.shared_holder
+        tdr_before, tree_before = tdr.snapshot(), tree.snapshot()
         held_by = tdr.try_take(now, until, False, me)
         if held_by is not None:
             return self._busy(tdr, held_by), entry
-        tree_before = ((tree.excl_until, tree.excl_holder) if tree_exclusive
-                       else (tree.shared_until, tree.shared_holder))
         held_by = tree.try_take(now, until, tree_exclusive, me)
         if held_by is not None:
-            tdr.shared_until, tdr.shared_holder = tdr_before
+            tdr.restore(tdr_before)
             return self._busy(tree, held_by), entry
         if entry.lock_until > now:
-            tdr.shared_until, tdr.shared_holder = tdr_before
-            if tree_exclusive:
-                tree.excl_until, tree.excl_holder = tree_before
-            else:
-                tree.shared_until, tree.shared_holder = tree_before
+            tdr.restore(tdr_before)
+            tree.restore(tree_before)
             self.last_busy = Busy(with_operand(BUSY, _OPERANDID_RCX), entry.lock_holder)
             return self.last_busy.status, entry
         entry.lock_until = until
@@ -204,7 +199,7 @@ class TdxModule:
         if mv.assoc_lp not in (-1, lp):
             return int(_STATUS_VCPU_ASSOCIATED), None
         tdr, epoch = td.tdr, td.epoch_lock
-        before = tdr.shared_until, tdr.shared_holder, epoch.shared_until, epoch.shared_holder
+        tdr_before, epoch_before = tdr.snapshot(), epoch.snapshot()
         status = self._take_td(td, epoch, False, now, until, me)
         if status:
             return status, None
@@ -215,16 +210,16 @@ class TdxModule:
             # Zero-step enforcement: the S-EPT tree lock, exclusively, before entering. BUSY
             # on it releases the TDR and the epoch again (the association stays).
             tree = td.sept_tree
-            tree_before = tree.excl_until, tree.excl_holder
+            tree_before = tree.snapshot()
             status = self._take(tree, now, until, True, me)
             if status:
-                (tdr.shared_until, tdr.shared_holder, epoch.shared_until,
-                 epoch.shared_holder) = before
+                tdr.restore(tdr_before)
+                epoch.restore(epoch_before)
                 return status, None
             for gpa in mv.zs_gpas:
                 if td.entry(gpa >> 12).state not in MAPPED_STATES:
                     # §5.1: release the tree lock, then emulate an EPT-violation TD exit.
-                    tree.excl_until, tree.excl_holder = tree_before
+                    tree.restore(tree_before)
                     return SUCCESS | EPT_VIOLATION, gpa
         td.refcount[td.epoch & 1] += 1
         mv.in_guest = True
