@@ -38,6 +38,14 @@ def u64(value: int) -> pl.Expr:
     return pl.lit(value, dtype=pl.UInt64)
 
 
+def synthesized_exit() -> pl.Expr:
+    """True for an EPT-violation exit with the module's zero-step qualification, write access
+    alone (hardware always adds the linear-address bits): one the module synthesized. False
+    when the row carries no qualification."""
+    return ((pl.col("exit_reason") == int(ExitReason.EPT_VIOLATION))
+            & (pl.col("arg0") == u64(EXIT_QUAL_ZERO_STEP))).fill_null(False)
+
+
 def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
     """Every TD_EXIT of a known vCPU, classified, sorted by (vkey, seq).
 
@@ -47,9 +55,8 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
     (the only exits the module counts);
     ``busy_sept``: VP.ENTER returned TDX_OPERAND_BUSY|SEPT_TREE;
     ``accept_fault``: an EPT violation the guest's ACCEPT caused (left out of ``private_ept``);
-    ``zero_step_qual``: an EPT violation whose exit qualification (arg0) is the module's
-    zero-step exit's, write access alone (hardware always adds the linear-address bits), and
-    ``qual_known``: the row carries an exit qualification at all.
+    ``zero_step_qual``: :func:`synthesized_exit`, and ``qual_known``: the row carries an exit
+    qualification (arg0) at all.
     """
     reason = pl.col("exit_reason")
     # The extended exit qualification (arg1) names an EPT violation the guest's ACCEPT caused:
@@ -72,7 +79,7 @@ def td_exits(pairs: pl.LazyFrame) -> pl.LazyFrame:
             (pl.col("status") == u64(BUSY_SEPT)).fill_null(False).alias("busy_sept"),
             ((reason == int(ExitReason.EPT_VIOLATION)) & caused_by_accept).fill_null(False)
             .alias("accept_fault"),
-            (pl.col("arg0") == u64(EXIT_QUAL_ZERO_STEP)).fill_null(False).alias("zero_step_qual"),
+            synthesized_exit().alias("zero_step_qual"),
             pl.col("arg0").is_not_null().alias("qual_known"),
         )
         # Rows come in seq order, so a stable sort on the vCPU alone is (vkey, seq) order, at

@@ -55,7 +55,6 @@ import polars as pl
 
 from tdxtrace import hookimpl
 from tdxtrace.analysis import Analyzer, AnalyzerResult
-from tdxtrace.codes import EXIT_QUAL_ZERO_STEP, ExitReason
 from tdxtrace.codes import Leaf as L
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
@@ -75,7 +74,7 @@ from ._status import (
 )
 from ._values import unsigned
 from ._vp_enter import vp_enter_pairs
-from ._zero_step_runs import exit_segments, stepping_at
+from ._zero_step_runs import exit_segments, stepping_at, synthesized_exit
 
 MAX_ROWS = 100
 
@@ -106,10 +105,9 @@ def calls(trace: Trace, events: pl.LazyFrame) -> pl.DataFrame:
         "td", "vcpu", "corr", "flow",
         pl.lit(int(L.TDH_VP_ENTER), pl.Int64).alias("leaf_id"), "status",
         pl.lit(None, pl.UInt64).alias("gpa"), pl.lit(None, pl.UInt64).alias("target"),
-        # A synthesized exit (its qualification is the module's zero-step one): the module
-        # released the tree before it emulated the exit, so that entry holds no tree.
-        ((pl.col("exit_reason") == int(ExitReason.EPT_VIOLATION))
-         & (pl.col("arg0") == EXIT_QUAL_ZERO_STEP)).fill_null(False).alias("_synthesized"),
+        # The module released the tree before it emulated a synthesized exit, so that entry
+        # holds no tree.
+        synthesized_exit().alias("_synthesized"),
     ).collect()
     # Under the zero-step mitigation VP.ENTER takes the S-EPT tree lock (the holder rules).
     seamcalls = seamcalls.with_columns(pl.lit(False).alias("stepping"))
