@@ -262,7 +262,7 @@ class Kvm:
         else:
             self.sim.after(delay, self.enter, v)
 
-    def _kicked(self, v: Vcpu, token: int) -> None:
+    def kicked(self, v: Vcpu, token: int) -> None:  # an IPI lands: out, if still in
         if v.in_guest and v.token == token:
             self.exit_guest(v, EXTERNAL_INTERRUPT, None)
 
@@ -296,5 +296,5 @@ class Kvm:
             acked = max(acked, lands)
             if v.in_guest:  # one still in a failed VP.ENTER returns by itself
                 v.token += 1
-                self.sim.after(lands, self._kicked, v, v.token)
+                self.sim.after(lands, self.kicked, v, v.token)
         return acked

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from tdxtrace.codes import ExitReason, Leaf
+from tdxtrace.codes import Leaf
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 from tdxtrace.sim.migration import VcpuPlacement
 from tdxtrace.sim.module import SUCCESS
@@ -42,7 +42,7 @@ from tdxtrace.sim.teardown_pages import Page, PageWork
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm import Preset
-    from tdxtrace.sim.kvm_state import KvmTd, Vcpu
+    from tdxtrace.sim.kvm_state import KvmTd
     from tdxtrace.sim.world import World
 
 L = Leaf
@@ -143,7 +143,7 @@ class Lifecycle:
         vcpus = [v for td in self.world.tds for v in td.vcpus]
         for v in vcpus:
             if v.in_guest:  # kicked; interrupts are off until its VP.ENTER is done entering
-                self.sim.at(max(self.sim.now, v.entering_until), self._leave_guest, v, v.token)
+                self.sim.at(max(self.sim.now, v.entering_until), self.kvm.kicked, v, v.token)
             v.stopped = True
         # A fault in its local-retry loop leaves at the vCPU's next pending event (the timer)
         # at the latest: after that no vCPU thread is left in KVM.
@@ -151,10 +151,6 @@ class Lifecycle:
         if quiet > self.sim.now:
             self.sim.run(quiet)
         self.run_all(self._teardown)
-
-    def _leave_guest(self, v: Vcpu, token: int) -> None:
-        if v.in_guest and v.token == token:  # not gone already (an exit of its own)
-            self.kvm.exit_guest(v, int(ExitReason.EXTERNAL_INTERRUPT), None)
 
     def _teardown(self, td: KvmTd) -> Process:
         job = self.new_job(td, Flow.TEARDOWN)
