@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -235,6 +236,34 @@ def test_an_exception_after_some_batches_leaves_an_unfinished_trace(tmp_path: Pa
         raise KeyboardInterrupt
     trace = open_trace(path)
     assert not trace.finished and trace.num_events() == 4
+
+
+class _CtrlCWhileWriting:
+    """The Arrow writer, with a Ctrl-C arriving while each batch is being written."""
+
+    def __init__(self, writer: ipc.RecordBatchFileWriter) -> None:
+        self._writer = writer
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # pending until this C-level write returns
+        self._writer.write_batch(batch)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._writer, name)
+
+
+@pytest.mark.usefixtures("sigint_delivered")
+def test_ctrl_c_while_the_first_batch_is_written_keeps_that_batch(tmp_path: Path) -> None:
+    # Python ran the handler as soon as the write returned, before the batch was counted: the
+    # writer believed nothing was on disk and removed a trace holding a complete batch.
+    path = tmp_path / "run.arrow"
+    with pytest.raises(KeyboardInterrupt), TraceWriter(path, META) as writer:
+        writer._writer = _CtrlCWhileWriting(writer._writer)  # type: ignore[assignment]
+        writer.write_batch(_batch(0, 4))
+        pytest.fail("the Ctrl-C was lost")
+    trace = open_trace(path)
+    assert not trace.finished and trace.num_events() == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.arrow"]
 
 
 def test_an_exception_before_any_batch_leaves_nothing(tmp_path: Path) -> None:

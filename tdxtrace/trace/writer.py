@@ -100,15 +100,20 @@ class TraceWriter:
             return  # a zero-row batch is reserved for the summary
         # Re-attach the writer's schema (run metadata, field docs): zero-copy.
         batch = pa.RecordBatch.from_arrays(batch.columns, schema=self._schema)
-        for start in range(0, batch.num_rows, self.batch_rows):
-            chunk = batch.slice(start, self.batch_rows)
-            try:
-                self._writer.write_batch(chunk)
-            except OSError as err:
-                self._fail(err)
-            self._batches += 1
-        self._digest.update(batch)
-        self._events += batch.num_rows
+        # Ctrl-C and SIGTERM wait for the batch (a few ms): Python runs a signal handler as
+        # soon as the C call that wrote the batch returns, before the batch is counted, and
+        # an interrupted run that believes nothing was written removes a trace that holds a
+        # complete batch.
+        with signals_held():
+            for start in range(0, batch.num_rows, self.batch_rows):
+                chunk = batch.slice(start, self.batch_rows)
+                try:
+                    self._writer.write_batch(chunk)
+                except OSError as err:
+                    self._fail(err)
+                self._batches += 1
+            self._digest.update(batch)
+            self._events += batch.num_rows
 
     def close(self, truth: dict[str, Any] | None = None) -> Summary:
         """Write the summary, close, fsync and publish the temporary file as ``NAME``."""
