@@ -13,7 +13,7 @@ import polars as pl
 from tdxtrace.codes import Leaf, Status, status_name
 from tdxtrace.events import Flow, IpiPurpose, Kind, Phase
 
-from ._values import count
+from ._values import count, u64
 
 # Phases drawn in the waterfall: the ones that do work themselves. TEARDOWN and RELEASE_HKID
 # only contain other phases, so including them would count the same time twice.
@@ -45,11 +45,6 @@ COLUMNS: tuple[str, ...] = (
     "seq", "ts_ns", "dur_ns", "kind", "flow", "sub", "corr", "td", "vcpu", "lp", "leaf",
     "status", "gpa", "level", "arg0", "arg1",
 )
-
-
-def u64(value: int) -> pl.Expr:
-    """A UInt64 literal, so comparisons with the 64-bit status column never overflow Int64."""
-    return pl.lit(value, dtype=pl.UInt64)
 
 
 def status_class(col: str = "status") -> pl.Expr:

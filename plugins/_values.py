@@ -26,6 +26,12 @@ def signed(value: pl.Expr) -> pl.Expr:
     return value.cast(pl.Int64, strict=False)
 
 
+def u64(value: int) -> pl.Expr:
+    """A UInt64 literal, so comparisons with a 64-bit column (a status, a GPA) never overflow
+    Int64."""
+    return pl.lit(value, dtype=pl.UInt64)
+
+
 def unsigned(value: pl.Expr) -> pl.Expr:
     """An int32 id (an LP) as UInt64, null when negative (unknown)."""
     return value.cast(pl.UInt64, strict=False)

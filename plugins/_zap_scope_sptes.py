@@ -11,7 +11,7 @@ import polars as pl
 from tdxtrace.codes import FROZEN_SPTE, SHADOW_NONPRESENT_VALUE
 from tdxtrace.events import Kind, RootEvent, RootKind, ZapReason, ZapScope
 
-from ._values import count
+from ._values import count, u64
 
 SHARED_BIT = 1 << 47  # 4-level S-EPT shared bit; stripped so a GFN names one page of the TD
 NOT_SHARED = 0xFFFF_FFFF_FFFF_FFFF ^ SHARED_BIT
@@ -21,10 +21,6 @@ UNLISTED_ROOT = "unlisted"  # SPTEs a ZAP_DONE reports beyond its SPTE_CHANGED r
 REASON_NAMES = {int(m): m.name.lower() for m in ZapReason}
 SCOPE_NAMES = {int(m): m.name.lower() for m in ZapScope}
 ROOT_NAMES = {int(m): m.name.lower() for m in RootKind}
-
-
-def u64(value: int) -> pl.Expr:
-    return pl.lit(value, dtype=pl.UInt64)
 
 
 def name_of(column: str, names: dict[int, str]) -> pl.Expr:

@@ -13,7 +13,8 @@ import polars as pl
 from tdxtrace.codes import STATUS_MASK, Status
 from tdxtrace.events import FaultOutcome, Kind, RetryCause
 
-from ._zero_step_runs import NOT_SHARED, assign_segments, u64
+from ._values import u64
+from ._zero_step_runs import NOT_SHARED, assign_segments
 
 # A private 4K fault takes ~8 µs typically and ~153 µs under heavy load (tdx-reference §8);
 # one invocation longer than this is "slow" enough for the guest to notice.

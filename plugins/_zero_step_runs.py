@@ -22,6 +22,7 @@ from tdxtrace.codes import (
 )
 from tdxtrace.trace import Trace
 
+from ._values import u64
 from ._vp_enter import vcpu_key, vp_enter_pairs
 
 # Bit 47 is the shared bit of a TD with 4-level S-EPT (GPAW 48); a GPA with it clear is private.
@@ -32,10 +33,6 @@ PAGE_MASK = 0xFFFF_FFFF_FFFF_F000  # a GPA's 4K page (the module lists pages)
 # S-EPT tree lock; also what concurrent TDH.MEM.* calls get while such a VP.ENTER holds it.
 BUSY_SEPT = int(Status.OPERAND_BUSY) | int(OperandId.SEPT_TREE)
 VCPU = ("td", "vcpu")
-
-
-def u64(value: int) -> pl.Expr:
-    return pl.lit(value, dtype=pl.UInt64)
 
 
 def synthesized_exit() -> pl.Expr:

@@ -31,9 +31,9 @@ from ._teardown_phases import (
     phases_table,
     status_class,
     teardown_rows,
-    u64,
     vp_flush_table,
 )
+from ._values import u64
 
 MODEL_NOTE = (
     "seconds_per_gb and the extrapolation fit teardown_ns = fixed + slope * private bytes per "

@@ -83,6 +83,7 @@ from tdxtrace.codes import STEPPING_EPF_THRESHOLD, Leaf
 from tdxtrace.events import Kind
 from tdxtrace.trace import Trace
 
+from ._values import u64
 from ._zero_step_cause import (
     DEFAULT_SLOW_FAULT_NS,
     busy_call,
@@ -96,7 +97,6 @@ from ._zero_step_runs import (
     listed_gpas,
     longest_run,
     runs,
-    u64,
 )
 from ._zero_step_tables import by_vcpu, runs_hist, timeline
 from ._zero_step_windows import count_points_in_windows, windows_open_at_points
