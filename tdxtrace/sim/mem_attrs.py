@@ -49,16 +49,45 @@ class MemoryAttributes:
         self.log = world.log
         self.sim = world.sim
         self._shared: dict[int, set[int]] = {}  # td index -> GFNs (no shared bit) not private
+        # The same once every conversion asked for so far has taken effect: what the next
+        # KVM_SET_MEMORY_ATTRIBUTES compares with (below).
+        self._requested: dict[int, set[int]] = {}
 
     # --- KVM_SET_MEMORY_ATTRIBUTES ----------------------------------------------------------
     # Changes take effect in the order userspace asked for them, as KVM's serialized ioctl
     # does: each is applied under mmu_lock for write, whose queue is first in, first out.
     # ``lp``: the LP of the thread that asks, -1 for the VMM's; QEMU converts for a vCPU's
     # exit (MapGPA, KVM_EXIT_MEMORY_FAULT) in that vCPU's thread.
+    #
+    # kvm_vm_set_mem_attributes() returns 0 at once, with no invalidation (no zap, no
+    # mmu_invalidate_seq bump), when the whole range already has the attributes asked for.
+    # It checks under slots_lock, held for the whole ioctl, so it sees every earlier
+    # conversion done. Here conversions take effect in the order they were asked for (the
+    # mmu_lock queue), so the check reads ``_requested``: the attributes once all of those
+    # have, whether or not they hold mmu_lock yet.
+    def _unchanged(self, td: KvmTd, first_gfn: int, pages: int, private: bool) -> bool:
+        """Whether converting the range changes nothing; records the change if it does."""
+        requested = self._requested.setdefault(td.index, set())
+        gfns = range(first_gfn, first_gfn + pages)
+        if private:
+            if requested.isdisjoint(gfns):
+                return True
+            requested.difference_update(gfns)
+        else:
+            if requested.issuperset(gfns):
+                return True
+            requested.update(gfns)
+        return False
+
     def make_shared(self, td: KvmTd, first_gfn: int, pages: int,
                     then: Callable[[], None] | None = None, lp: int = -1) -> None:
         """To shared: KVM zaps the range's private leaves, and the new attribute takes effect
         once that zap holds mmu_lock (ZapPath.zap's ``locked``)."""
+        if self._unchanged(td, first_gfn, pages, private=False):
+            self.log.count("mem_attr_unchanged")
+            if then is not None:
+                then()
+            return
         self.world.zap.zap(td, list(range(first_gfn, first_gfn + pages)), ZapReason.CONVERSION,
                            ZAP_FLOW, then, locked=partial(self._set_shared, td, first_gfn, pages),
                            lp=lp)
@@ -67,6 +96,10 @@ class MemoryAttributes:
                      then: Callable[[], None], lp: int = -1) -> None:
         """To private: the attribute changes under mmu_lock, then KVM zaps the range's shared
         mappings when the scenario has direct roots (§4(e))."""
+        if self._unchanged(td, first_gfn, pages, private=True):
+            self.log.count("mem_attr_unchanged")
+            then()
+            return
         td.mmu.acquire_write(partial(self._private_now, td, first_gfn, pages, then, lp))
 
     def _private_now(self, td: KvmTd, first_gfn: int, pages: int,
