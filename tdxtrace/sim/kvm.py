@@ -2,11 +2,11 @@
 
 The private fault path is in :mod:`.fault`, the zap path in :mod:`.zap`; both call
 :meth:`Kvm.seamcall`, the one place that runs a SEAMCALL against the module model, writes its
-row and counts BUSY. VP.ENTER handling follows tdx-reference.md §4(b): a BUSY VP.ENTER is
-reported by kvm_exit with exit reason -1u and the fastpath loops back without re-entering at
-once; while ``wait_for_sept_zap`` is set the loop returns before VP.ENTER (and before
-kvm_entry, so no row is written). An injected spurious BUSY (:mod:`.faults`) replaces the
-module's answer in both places, so KVM handles it exactly as it would a real one.
+row and counts BUSY. VP.ENTER follows tdx-reference.md §4(b): a BUSY VP.ENTER is reported by
+kvm_exit with exit reason -1u and the fastpath loops back without re-entering at once; while
+``wait_for_sept_zap`` is set the loop returns before VP.ENTER (and kvm_entry: no row). An
+injected spurious BUSY (:mod:`.faults`) replaces the module's answer in both places, so KVM
+handles it exactly as it would a real one.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
 TDCALL = int(ExitReason.TDCALL)
 SEAMCALL = int(Kind.SEAMCALL)
-# A call already run against the module by a batched teardown row (teardown_pages.py), handed
-# over with its outcome: (status, duration in ns, the lock holder behind a BUSY or None).
+# A call a batched teardown row (teardown_pages.py) already ran, handed over with its outcome:
+# (status, duration in ns, the lock holder behind a BUSY or None).
 Preset = tuple[int, int, Busy | None]
 
 
@@ -168,7 +168,7 @@ class Kvm:
             self.before_entry(v)
         if v.run_corr is None:
             v.run_corr = self.log.new_corr()
-        log, sim = self.log, self.sim
+        sim = self.sim
         rip = v.rip()
         # Positional (EventLog.row, in row order): one per entry, a hot path.
         self.log.row(0, _KIND_TD_ENTRY, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp,
@@ -180,23 +180,19 @@ class Kvm:
             self.note_busy(td, VP_ENTER, status, v.run_corr)
             sim.after(dur, self._busy_exit, v, status)
         elif synthesized is not None:
-            log.emit(_KIND_T_SYNTHESIZED_EXIT, td=td.index, vcpu=v.index, gpa=synthesized,
-                     rip=rip)
-            log.count("synthesized_exits")
             sim.after(dur, self._exit, v, EPT_VIOLATION, synthesized, False)
         elif status != SUCCESS:
             sim.after(dur, self._busy_exit, v, status)
             v.stopped = True  # unexpected VP.ENTER status: exit to userspace, vCPU stops
-            log.count("vcpus_stopped_unexpected")
+            self.log.count("vcpus_stopped_unexpected")
         else:
             v.in_guest = True
             v.token += 1
             sim.after(dur, self.world.guest_step, v, v.token)
 
     def spurious_busy(self, leaf: int, now: int) -> int:
-        """0, or the BUSY the fault plan answers this call of ``leaf`` with instead of the
-        module (no lock holder behind it). Every path that issues a call of the leaf draws
-        here, once per call, in call order (see :mod:`.faults`)."""
+        """0, or the BUSY (no lock holder) the fault plan answers this call of ``leaf`` with
+        instead of the module: every call of the leaf draws here once, in order (:mod:`.faults`)."""
         if not self._faults.injects_busy:
             return 0
         injected = self._faults.maybe_spurious_busy(leaf, now)
@@ -205,13 +201,18 @@ class Kvm:
         return injected
 
     def vp_enter(self, v: Vcpu, rip: int, dur: int, corr: int) -> tuple[int, int | None]:
-        """TDH.VP.ENTER in the module, or the spurious BUSY the fault plan injects instead."""
+        """TDH.VP.ENTER, or an injected BUSY; a GPA back is a synthesized exit (truth row here)."""
         now = self.sim.now
         injected = self.spurious_busy(VP_ENTER, now)
         if injected:
             return injected, None
-        return self.module.vp_enter(v.td.module, v.index, v.lp, rip, now, now + dur,
-                                    (v.lp, VP_ENTER, corr))
+        status, synthesized = self.module.vp_enter(v.td.module, v.index, v.lp, rip, now,
+                                                   now + dur, (v.lp, VP_ENTER, corr))
+        if synthesized is not None:
+            self.log.emit(_KIND_T_SYNTHESIZED_EXIT, td=v.td.index, vcpu=v.index,
+                          gpa=synthesized, rip=rip)
+            self.log.count("synthesized_exits")
+        return status, synthesized
 
     def _busy_exit(self, v: Vcpu, status: int) -> None:
         self.log.emit(_KIND_TD_EXIT, flow=_FLOW_RUN, corr=v.run_corr, td=v.td.index,
@@ -282,10 +283,9 @@ class Kvm:
 
     def _kick_out(self, td: KvmTd, reason: KickReason, corr: int | None, flow: int,
                   lp: int | None) -> int:
-        """The KICK row and an IPI to every vCPU in guest mode; the delay until the last ack.
-        Interrupts are off inside TDH.VP.ENTER: a vCPU still entering takes the IPI (exits)
-        once its entry is done, and the requester waits for that, so after a kick no VP.ENTER
-        holds the TD epoch or the S-EPT tree: tdh_do_no_vcpus()'s one retry can count on it."""
+        """The KICK row and an IPI to every vCPU in guest mode; the delay until the last ack. A
+        vCPU inside TDH.VP.ENTER (interrupts off) exits once its entry is done, and the kick
+        waits for it: then no VP.ENTER holds the epoch or tree (tdh_do_no_vcpus() counts on it)."""
         targets = self._in_guest_mode(td)
         self.log.row(0, _KIND_KICK, flow, reason, corr, td.index, None, lp, None, None, None,
                      None, None, None, len(targets), None, None)  # row order: one per zap page

@@ -227,10 +227,6 @@ class VcpuPlacement:
         busy = is_busy(status)
         if busy:
             self.kvm.note_busy(td, VP_ENTER, status, corr)
-        elif synthesized is not None:  # zero-step still armed: exit 48, the guest never ran
-            self.log.emit(Kind.T_SYNTHESIZED_EXIT, td=td.index, vcpu=v.index, gpa=synthesized,
-                          rip=rip)
-            self.log.count("synthesized_exits")
 
         def exited() -> None:
             qual = None
