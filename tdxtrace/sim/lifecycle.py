@@ -127,7 +127,9 @@ class Lifecycle:
         there, back = self.placement.send_ipi(purpose, job.td.index, vcpu, target, job.lp,
                                               job.corr, job.flow)
         yield self.sleep(there)
+        lp_free = yield partial(self.placement.run_on_lp, target)  # after what runs there
         status = yield self.call(job, leaf, fn, lp=target, vcpu=vcpu)
+        lp_free()
         yield self.sleep(back)
         return status
 

@@ -102,12 +102,13 @@ class VcpuPlacement:
 
             self.kvm.seamcall(td, VP_FLUSH, target, corr, flow, call, flushed, vcpu=v.index)
 
-        self.sim.after(there, self._run_on_lp, target, handler)
+        self.sim.after(there, self.run_on_lp, target, handler)
 
-    def _run_on_lp(self, lp: int, handler: Callable[[Callable[[], None]], None]) -> None:
-        """An IPI's function on ``lp``, after those queued before it: a CPU runs its
-        smp_call_function queue one function at a time (the first runs of several vCPUs all
-        flush the VMM's LP at once)."""
+    def run_on_lp(self, lp: int, handler: Callable[[Callable[[], None]], None]) -> None:
+        """A function sent to ``lp`` (an IPI's, or smp_call_on_cpu()'s) runs after those
+        queued before it, ``handler(done)``: a CPU runs one at a time, with interrupts off
+        (the first runs of several vCPUs all flush the VMM's LP at once; one TD's VP.FLUSH
+        waits for another's CACHE.WB on a package's first LP)."""
         queue = self._ipi_queues.setdefault(lp, deque())
         queue.append(handler)
         if len(queue) == 1:

@@ -123,6 +123,7 @@ class HkidRelease:
         there, back = self.life.placement.send_ipi(IpiPurpose.CACHE_WB, job.td.index, None, target,
                                               job.lp, job.corr, job.flow)
         yield self.life.sleep(there)
+        lp_free = yield partial(self.life.placement.run_on_lp, target)  # the whole loop is one
         status, resume = RESUMABLE, False
         for _ in range(TDX_SEAMCALL_RETRIES):
             status = yield self.life.call(job, L.TDH_PHYMEM_CACHE_WB,
@@ -132,6 +133,7 @@ class HkidRelease:
                 break
             resume = True
             self.log.count("cache_wb_resumes")
+        lp_free()
         if status not in (SUCCESS, NO_HKID_READY):  # WARN_ON_ONCE; FREEID will fail
             failures.append(status)
             self.world.note(f"TD {job.td.index}: TDH.PHYMEM.CACHE.WB on LP {target} "

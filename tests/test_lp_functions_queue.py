@@ -1,0 +1,50 @@
+"""Functions sent to one LP run there one at a time.
+
+VP.FLUSH (smp_call_function_single), CACHE.WB (on_each_cpu_mask, its whole resume loop in the
+IPI handler, interrupts off) and KEY.CONFIG (smp_call_on_cpu) each run on a target LP; a CPU
+runs such functions one after another. With two TDs torn down at once, one TD's VP.FLUSH IPI
+to a package's first LP lands while the other TD's CACHE.WB loop runs there, and waits for it.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from emulator_helpers import run
+
+from tdxtrace.codes import Leaf
+from tdxtrace.events import Kind
+
+SENT_TO_AN_LP = [int(Leaf.TDH_VP_FLUSH), int(Leaf.TDH_PHYMEM_CACHE_WB),
+                 int(Leaf.TDH_MNG_KEY_CONFIG)]
+
+
+def _calls_on_lps(events: pl.DataFrame) -> pl.DataFrame:
+    """The calls sent to an LP, in time order per LP, with the previous one's end there."""
+    return events.filter(
+        (pl.col("kind") == Kind.SEAMCALL) & pl.col("leaf").is_in(SENT_TO_AN_LP)
+    ).sort("lp", "ts_ns", "seq").with_columns(
+        (pl.col("ts_ns") + pl.col("dur_ns")).shift(1).over("lp").alias("previous_end"),
+        pl.col("leaf").shift(1).over("lp").alias("previous_leaf"),
+        pl.col("td").shift(1).over("lp").alias("previous_td"))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_functions_sent_to_one_lp_never_overlap(seed: int) -> None:
+    events, truth = run("teardown", seed=seed)
+    calls = _calls_on_lps(events)
+    assert calls.filter(pl.col("leaf") == Leaf.TDH_PHYMEM_CACHE_WB).height >= 4
+    assert calls.filter(pl.col("ts_ns") < pl.col("previous_end")).height == 0
+    assert truth["teardowns_finished"] == 2
+
+
+def test_a_vp_flush_waits_for_another_tds_cache_wb() -> None:
+    # Seed 1: TD 1's vCPU 1 last ran on LP 5, package 1's first LP, while TD 0 flushes the
+    # caches there: its VP.FLUSH starts the moment TD 0's last CACHE.WB call ends.
+    events, _ = run("teardown", seed=1)
+    waited = _calls_on_lps(events).filter(
+        (pl.col("leaf") == Leaf.TDH_VP_FLUSH)
+        & (pl.col("previous_leaf") == Leaf.TDH_PHYMEM_CACHE_WB)
+        & (pl.col("previous_td") != pl.col("td"))
+        & (pl.col("ts_ns") == pl.col("previous_end")))
+    assert waited.height >= 1
