@@ -5,9 +5,11 @@
 
 (a) The analysis: every built-in analyzer (``load_analyzers(make_plugin_manager())``) run
     together by ``run_analyzers`` on a trace opened with ``open_trace(FILE)``: they decode the
-    columns they read once and query that copy; events/s combined, against the target of
-    10 M events/s (issue 5), printed as a ratio. Opening the trace (which decodes and checks
-    every batch and its digest) is timed on its own.
+    columns they read once and query that copy, two analyzers at a time (the default
+    ``jobs``); events/s combined, against the target of 10 M events/s (issue 5), printed as
+    a ratio; and the same one analyzer after the other (``jobs=1``, ``--jobs 1``), in
+    alternating order. Opening the trace (which decodes and checks every batch and its
+    digest) is timed on its own.
 (a') What ``tdxtrace analyze`` does end to end: ``open_trace(FILE, keep_decoded=True)``
     (the batches decoded for the checks are kept, so the analyzers decode nothing again)
     then ``run_analyzers``.
@@ -48,10 +50,11 @@ import polars as pl
 import pyarrow as pa
 
 from tdxtrace.analysis import Analyzer, AnalyzerOutcome, run_analyzers
+from tdxtrace.analysis_threads import DEFAULT_JOBS
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.plugins import load_analyzers, make_plugin_manager
 from tdxtrace.schema import FIELDS
-from tdxtrace.trace import open_trace
+from tdxtrace.trace import Trace, open_trace
 
 TARGET_EVENTS_PER_S = 10e6
 TARGET_RATIO = 4.0
@@ -88,21 +91,27 @@ def decompressed_bytes(rows: int, columns: Sequence[str]) -> int:
     return rows * total_bits // 8
 
 
-def analyze_once(path: Path, analyzers: Sequence[Analyzer], breakdown: bool,
-                 ) -> tuple[int, float, float, float, dict[str, tuple[float, float]]]:
+def analyze_once(path: Path, analyzers: Sequence[Analyzer], breakdown: bool, serial_first: bool,
+                 ) -> tuple[int, float, float, float, dict[str, tuple[float, float]], float]:
     """(events, open s, analysis s, ``tdxtrace analyze`` pipeline s, if ``breakdown``:
-    name -> (analysis s, read-only s)).
+    name -> (analysis s, read-only s), analysis s with ``jobs=1``).
 
     The read-only time is ``trace.observable().select(columns).collect()`` with the
-    analyzer's columns: what decoding them once costs, before any analysis.
+    analyzer's columns: what decoding them once costs, before any analysis. The analysis runs
+    twice, as ``tdxtrace analyze`` does (two analyzers at a time, the default) and one
+    analyzer after the other (``--jobs 1``), in the order ``serial_first`` says.
     """
     start = time.perf_counter()
     trace = open_trace(path)
     opened = time.perf_counter()
-    _check(run_analyzers(trace, analyzers))
-    analyzed = time.perf_counter()
+    serial = 0.0
+    if serial_first:
+        serial = _timed_analysis(trace, analyzers, jobs=1)
+    analysis = _timed_analysis(trace, analyzers, jobs=DEFAULT_JOBS)
+    if not serial_first:
+        serial = _timed_analysis(trace, analyzers, jobs=1)
     each: dict[str, tuple[float, float]] = {}
-    if breakdown:  # a second pass, one analyzer at a time (run_analyzers runs them in turn)
+    if breakdown:  # one analyzer at a time
         for analyzer in analyzers:
             t0 = time.perf_counter()
             run_analyzers(trace, [analyzer])
@@ -114,7 +123,13 @@ def analyze_once(path: Path, analyzers: Sequence[Analyzer], breakdown: bool,
     t0 = time.perf_counter()
     _check(run_analyzers(open_trace(path, keep_decoded=True), analyzers))
     piped = time.perf_counter() - t0
-    return events, opened - start, analyzed - opened, piped, each
+    return events, opened - start, analysis, piped, each, serial
+
+
+def _timed_analysis(trace: Trace, analyzers: Sequence[Analyzer], jobs: int) -> float:
+    start = time.perf_counter()
+    _check(run_analyzers(trace, analyzers, jobs=jobs))
+    return time.perf_counter() - start
 
 
 def _check(outcomes: Sequence[AnalyzerOutcome]) -> None:
@@ -153,7 +168,7 @@ def time_it(path: Path, repeat: int, breakdown: bool) -> None:
     columns = columns_read(analyzers)
     runs, limits, commands = [], [], []
     for i in range(repeat):
-        runs.append(analyze_once(path, analyzers, breakdown and i == 0))
+        runs.append(analyze_once(path, analyzers, breakdown and i == 0, i % 2 == 1))
         limits.append(limit_once(path, columns))
         commands.append(command_once(path))
     events = runs[0][0]
@@ -173,6 +188,9 @@ def time_it(path: Path, repeat: int, breakdown: bool) -> None:
     ratio = t_analyze / t_limit
     print(f"  analyzers / limit = {ratio:.2f} (target <= {TARGET_RATIO:g}: "
           f"{'ok' if ratio <= TARGET_RATIO else 'over'})")
+    t_serial = min(r[5] for r in runs)
+    print(f"  all analyzers one after the other (--jobs 1): {t_serial:.2f} s = "
+          f"{rate(events, t_serial)}; / limit = {t_serial / t_limit:.2f}")
     t_total = t_open + t_analyze
     print(f"  open + analyzers: {t_total:.2f} s = {rate(events, t_total)}; "
           f"/ limit = {t_total / t_limit:.2f}")

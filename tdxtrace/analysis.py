@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import polars as pl
 
+from tdxtrace.analysis_threads import DEFAULT_JOBS, run_in_threads
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.schema import COLUMN_NAMES
 from tdxtrace.trace.budget import DECODE_BUDGET_ENV as DECODE_BUDGET_ENV  # re-exported
@@ -231,21 +232,34 @@ def run_one(analyzer: Analyzer, trace: Trace, timeout: float | None = None) -> A
 
 
 def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence[str] = (),
-                  timeout: float | None = None) -> list[AnalyzerOutcome]:
-    """Run analyzers over ``trace``, one after the other; outcomes ordered by analyzer name.
+                  timeout: float | None = None, jobs: int = DEFAULT_JOBS) -> list[AnalyzerOutcome]:
+    """Run analyzers over ``trace``; outcomes ordered by analyzer name.
 
     When the columns they read (``Analyzer.columns``) fit in the decode budget, they are
-    decoded once and every analyzer queries that copy; otherwise each analyzer streams the
-    file itself, trading time for memory (see :mod:`tdxtrace.trace.budget`). A trace opened
-    with ``open_trace(..., keep_decoded=True)`` within the budget is already decoded: nothing
-    is read again.
+    decoded once and every analyzer queries that copy, up to ``jobs`` of them at once in
+    threads (:mod:`tdxtrace.analysis_threads`); otherwise each analyzer streams the file
+    itself, one after the other, trading time for memory (see :mod:`tdxtrace.trace.budget`).
+    A trace opened with ``open_trace(..., keep_decoded=True)`` within the budget is already
+    decoded: nothing is read again.
     """
     selected = select_analyzers(analyzers, only)
     columns = _shared_columns(selected) if len(selected) > 1 else None
     if columns is not None and \
             decoded_bytes(trace.num_events(), columns) <= decode_budget_bytes():
         trace = trace.decoded(columns)
+    if jobs > 1 and len(selected) > 1 and trace.in_memory:
+        shared = trace
+        return run_in_threads(lambda a: _run_in_thread(a, shared, timeout), selected, jobs,
+                              lambda a: AnalyzerOutcome(a.name, None, "ended without a result", a))
     return [run_one(a, trace, timeout) for a in selected]
+
+
+def _run_in_thread(analyzer: Analyzer, trace: Trace, timeout: float | None) -> AnalyzerOutcome:
+    """run_one() from a thread other than the main one: a KeyboardInterrupt raised there is
+    the analyzer's own (Python delivers signals to the main thread only)."""
+    if timeout is None:
+        return _run_guarded(analyzer, trace, in_worker=True)
+    return run_one(analyzer, trace, timeout)
 
 
 def _declared_columns(analyzer: Analyzer) -> tuple[str, ...]:

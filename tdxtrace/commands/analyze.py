@@ -15,7 +15,7 @@ import polars as pl
 
 from tdxtrace.analysis import Analyzer, AnalyzerOutcome, guarded, run_analyzers
 from tdxtrace.commands.messages import failed_plugins, say, warn
-from tdxtrace.commands.options import path_param, timeout_option
+from tdxtrace.commands.options import jobs_option, path_param, timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TraceFormatError
 from tdxtrace.plugins import (
@@ -121,13 +121,14 @@ def outcomes_text(outcomes: Sequence[AnalyzerOutcome]) -> str:
               help="Run only this analyzer (repeatable; default: all).")
 @plugins_dir_option
 @timeout_option
+@jobs_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Text for people, or JSON for scripts and CI.")
 @click.option("--strict", is_flag=True,
               help="Refuse a trace with any warning (unfinished, damaged, suspect rows) "
                    "instead of analyzing what could be read: exit status 2.")
 def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequence[Path],
-                    fmt: str, timeout: float | None, strict: bool) -> None:
+                    fmt: str, timeout: float | None, jobs: int, strict: bool) -> None:
     """Run the analyzers over TRACE and print their metrics and tables.
 
     Analyzers come from the plugins (see `tdxtrace plugins`); results are ordered by analyzer
@@ -164,7 +165,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
     require_analyzers(loaded)
     # Reported first: a failed plugin may be why an --analyzer NAME is unknown.
     failed_plugins(loaded.failed)
-    outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout)
+    outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout, jobs=jobs)
     if fmt == "json":
         click.echo(json.dumps(outcomes_json(outcomes), indent=2, default=str))
     else:

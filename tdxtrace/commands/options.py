@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from tdxtrace.analysis_threads import DEFAULT_JOBS, MAX_JOBS
+
 # Any timeout longer than this is "no limit" in practice; a bigger number (1e300, inf) is far
 # more likely a typo than a wish, and cannot be waited for anyway (thread joins overflow).
 MAX_TIMEOUT_S = 7 * 24 * 3600
@@ -31,6 +33,13 @@ timeout_option = click.option(
     metavar="SECONDS",
     help="Fail an analyzer that runs longer than this (more than 0, at most "
          f"{MAX_TIMEOUT_S} = a week); the others still run [default: no limit].")
+
+
+jobs_option = click.option(
+    "--jobs", type=click.IntRange(1, MAX_JOBS), default=DEFAULT_JOBS, show_default=True,
+    metavar="N",
+    help="Analyzers run at once, in threads, over a trace that fits in memory (1: one after "
+         f"the other; at most {MAX_JOBS}). Results do not depend on it.")
 
 
 class PathParam(click.Path):

@@ -10,7 +10,7 @@ import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
 from tdxtrace.commands.messages import failed_plugins, say, warn
-from tdxtrace.commands.options import path_param, timeout_option
+from tdxtrace.commands.options import jobs_option, path_param, timeout_option
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.outputs import check_output
@@ -51,13 +51,14 @@ def check_thresholds(thresholds: ThresholdTable, outcomes: Sequence[AnalyzerOutc
               help="Report only this analyzer (repeatable; default: all).")
 @plugins_dir_option
 @timeout_option
+@jobs_option
 @click.option("--threshold", "threshold_specs", multiple=True,
               metavar="ANALYZER.METRIC=WARN:FAIL",
               help="Override a metric's warn/fail limits (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
                    plugins_dirs: Sequence[Path], threshold_specs: Sequence[str],
-                   force: bool, timeout: float | None) -> None:
+                   force: bool, timeout: float | None, jobs: int) -> None:
     """Analyze TRACE and write one self-contained HTML report.
 
     The page has the run's metadata, a summary table of each analyzer's key figures with an
@@ -91,7 +92,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))
     require_analyzers(loaded)
     failed_plugins(loaded.failed)
-    outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout)
+    outcomes = run_analyzers(trace, loaded.analyzers, only=only, timeout=timeout, jobs=jobs)
     check_thresholds(thresholds, outcomes)
     plugin_outcomes = [failed_plugin_outcome(f) for f in loaded.failed]
     rendered = render(trace, [*outcomes, *plugin_outcomes],

@@ -58,6 +58,12 @@ class Trace:
         state = "finished" if self.finished else "unfinished"
         return f"<Trace {where}: {self._num_events} events, {state}>"
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the events are held in memory (decoded, or built from a frame), not read
+        from the file on every query."""
+        return self._layout.kind in ("decoded", "memory")
+
     def num_events(self) -> int:
         """Events in the trace (for an unfinished trace: the events that could be read)."""
         return self._num_events
@@ -88,7 +94,7 @@ class Trace:
         value and how it was built (say ``"my_plugin.thing"``): one key, one ``build``.
         A ``build`` may itself ask for other shared values (not for its own key).
         """
-        if self._layout.kind not in ("decoded", "memory"):
+        if not self.in_memory:
             return build(self)
         with self._shared_lock:  # analyzers under --timeout run in threads
             if key not in self._shared:
