@@ -52,8 +52,10 @@ class KvmTd:
     # The first status a zap of this TD hit a TDX_BUG_ON with (0: none): a teardown's
     # PRIVATE_PAGES phase carries on past it, like KVM, and reports it in its PHASE_DONE.
     zap_error: int = 0
-    # The LP this TD's zaps run on: the VMM's (World sets it), or a vCPU's while a conversion
-    # QEMU does for that vCPU's exit runs in its thread. One zap at a time (mmu_lock write).
+    # The LP this TD's VMM thread runs on (each TD has its own QEMU; World assigns it).
+    vmm_lp: int = -1
+    # The LP this TD's zaps run on: the VMM's, or a vCPU's while a conversion QEMU does for
+    # that vCPU's exit runs in its thread. One zap at a time (mmu_lock write).
     zap_lp: int = -1
     # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
     # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).

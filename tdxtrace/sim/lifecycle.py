@@ -76,8 +76,8 @@ class Lifecycle:
 
     # --- operations ------------------------------------------------------------------------
     def new_job(self, td: KvmTd, flow: Flow) -> Job:
-        """A new operation on ``td``, run from the host's LP with a fresh ``corr``."""
-        return Job(td, self.log.new_corr(), flow, self.world.host_lp)
+        """A new operation on ``td``, run from its VMM's LP with a fresh ``corr``."""
+        return Job(td, self.log.new_corr(), flow, td.vmm_lp)
 
     def sleep(self, ns: int) -> Op:
         return lambda done: self.sim.after(ns, done, None)

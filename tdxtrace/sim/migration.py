@@ -57,7 +57,7 @@ class VcpuPlacement:
         self.skip_p = float(world.scenario.faults.skip_flush_on_migrate_p)
         self._rng = world.rng.stream("migration")
         self._skip_rng = world.rng.stream("faults.skip_flush_on_migrate")
-        self.vcpu_lps = max(1, world.lps - 1)  # the LPs vCPUs run on (the last is the VMM's)
+        self.vcpu_lps = world.vcpu_lps  # the LPs vCPUs run on (the last ones are the VMMs')
         # Per LP, the IPI functions waiting to run there, the running one first.
         self._ipi_queues: dict[int, deque[Callable[[Callable[[], None]], None]]] = {}
 

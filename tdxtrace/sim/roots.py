@@ -89,7 +89,6 @@ class Roots:
 
         self.world = world
         self.sim, self.log, self.kvm = world.sim, world.log, world.kvm
-        self.lp = world.host_lp
         self.touch_ns = world.costs.base("guest_touch")
         guest, vmm = world.scenario.guest, world.scenario.vmm
         # The shared window (swiotlb-like buffers, its own memslot) follows private memory.
@@ -168,13 +167,13 @@ class Roots:
             tr.current = None
             td.zapped_gfns.update(gfn | SHARED_GFN for gfn in root.leaves)
             self._root_row(td, RootEvent.INVALIDATED, DIRECT, root.root_id, corr)
-        self.kvm.kick_all(td, KickReason.ROOT_RELOAD, corr, ZAP_FLOW, self.lp,
+        self.kvm.kick_all(td, KickReason.ROOT_RELOAD, corr, ZAP_FLOW, td.vmm_lp,
                           lambda: then(root))
 
     def _root_row(self, td: KvmTd, event: RootEvent, kind: int, root_id: int,
                   corr: int | None) -> None:
         self.log.emit(Kind.ROOT, sub=event, flow=ZAP_FLOW if corr else 0, corr=corr,
-                      td=td.index, lp=self.lp, arg0=kind, arg2=root_id)
+                      td=td.index, lp=td.vmm_lp, arg0=kind, arg2=root_id)
 
     def loaded_root(self, v: Vcpu) -> DirectRoot | None:
         return self._tds[v.td.index].loaded[v.index]

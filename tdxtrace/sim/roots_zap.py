@@ -40,7 +40,7 @@ class RootZap:
     def __init__(self, roots: Roots, td: KvmTd, reason: ZapReason, first_gfn: int, pages: int,
                  scope: ZapScope, then: Callable[[], None] | None, lp: int = -1) -> None:
         self.roots = roots
-        self.lp = roots.lp if lp < 0 else lp  # the thread's; the VMM's by default
+        self.lp = td.vmm_lp if lp < 0 else lp  # the thread's; the VMM's by default
         self.log = roots.log
         self.td = td
         self.reason = reason
@@ -151,7 +151,7 @@ class RootZap:
             self._done()
 
     def _done(self) -> None:
-        self.td.zap_lp = self.roots.lp
+        self.td.zap_lp = self.td.vmm_lp
         self.td.end_zap()
         self.log.emit(Kind.ZAP_DONE, sub=self.reason, flow=ZAP_FLOW, corr=self.corr,
                       td=self.td.index, lp=self.lp, arg0=self.zapped, arg1=self.private)

@@ -42,7 +42,8 @@ SPEC: dict[str, dict[str, Key]] = {
                               "creation and teardown come on top"),
     },
     "host": {
-        "lps": Key(int, 8, low=1, high=4096, doc="logical processors"),
+        "lps": Key(int, 8, low=1, high=4096,
+                   doc="logical processors: the last td.count run the TDs' VMMs, the rest vCPUs"),
         "packages": Key(int, 2, low=1, high=64, doc="CPU packages (sockets)"),
     },
     "td": {

@@ -85,7 +85,10 @@ class World:
         self.module = TdxModule()
         host = scenario.host
         self.lps = host.lps
-        self.host_lp = host.lps - 1
+        # Each TD's VMM (a QEMU process of its own) runs on an LP of its own, the last ones;
+        # vCPUs run on the others. More TDs than spare LPs share the VMM LPs in turn.
+        self.vmm_lp_count = max(1, min(scenario.td.count, host.lps - 1))
+        self.vcpu_lps = max(1, host.lps - self.vmm_lp_count)
         self.timer_period_ns = 1_000_000_000 // scenario.guest.timer_hz
         self.stopping = False
         self.notes: list[str] = []
@@ -124,8 +127,9 @@ class World:
         mtd = ModuleTd(td=index, hkid=index + 1,
                        vcpus=[ModuleVcpu() for _ in range(cfg.vcpus)])
         self.module.tds.append(mtd)
-        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1), zap_lp=self.host_lp)
-        vcpu_lps = max(1, self.lps - 1)  # the last LP runs the VMM / zap thread
+        vmm_lp = self.lps - 1 - index % self.vmm_lp_count
+        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1), vmm_lp=vmm_lp, zap_lp=vmm_lp)
+        vcpu_lps = self.vcpu_lps
         for i in range(cfg.vcpus):
             workload = Workload(guest.workload, i, cfg.vcpus, PRIVATE_BASE_GFN, self.pages,
                                 guest.hot_pages, guest.hot_fraction,
@@ -218,7 +222,7 @@ class World:
         count = min(vmm.zap_pages, self.pages)
         start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
         if vmm.zap_reason == "conversion":  # a conversion the guest did not ask for
-            self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=self.host_lp,
+            self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=td.vmm_lp,
                           gpa=start << 12, arg0=count, arg1=0)
             self.attrs.make_shared(td, start, count)
         else:

@@ -78,7 +78,6 @@ class ZapPath:
         self.log = world.log
         self.module = world.module
         self.policy = world.policy.zap_busy
-        self.lp = world.host_lp
 
     def zap(self, td: KvmTd, gfns: list[int], reason: ZapReason, flow: int,
             then: Done | None = None, corr: int | None = None,
@@ -97,13 +96,13 @@ class ZapPath:
         # What this zap covers (the zap_scope policy is for memslot and notifier zaps only):
         # a conversion or truncation the range's private leaves, a teardown the whole mirror.
         scope = _ZAPSCOPE_EVERYTHING if reason == _ZAPREASON_TEARDOWN else _ZAPSCOPE_RANGE
-        on = self.lp if lp < 0 else lp
+        on = td.vmm_lp if lp < 0 else lp
         self.log.emit(_KIND_ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=on,
                       gpa=start, arg0=len(gfns), arg1=scope)
         state = {"zapped": 0}
 
         def done() -> None:
-            td.zap_lp = self.lp
+            td.zap_lp = td.vmm_lp
             td.end_zap()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=on, arg0=state["zapped"], arg1=state["zapped"])

@@ -1,9 +1,10 @@
-"""Functions sent to one LP run there one at a time.
+"""An LP runs one SEAMCALL at a time.
 
 VP.FLUSH (smp_call_function_single), CACHE.WB (on_each_cpu_mask, its whole resume loop in the
 IPI handler, interrupts off) and KEY.CONFIG (smp_call_on_cpu) each run on a target LP; a CPU
 runs such functions one after another. With two TDs torn down at once, one TD's VP.FLUSH IPI
 to a package's first LP lands while the other TD's CACHE.WB loop runs there, and waits for it.
+And each TD's VMM (a QEMU process of its own) runs on an LP of its own, where no vCPU runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from emulator_helpers import run
 
 from tdxtrace.codes import Leaf
-from tdxtrace.events import Kind
+from tdxtrace.events import Flow, Kind
 
 SENT_TO_AN_LP = [int(Leaf.TDH_VP_FLUSH), int(Leaf.TDH_PHYMEM_CACHE_WB),
                  int(Leaf.TDH_MNG_KEY_CONFIG)]
@@ -36,6 +37,28 @@ def test_functions_sent_to_one_lp_never_overlap(seed: int) -> None:
     assert calls.filter(pl.col("leaf") == Leaf.TDH_PHYMEM_CACHE_WB).height >= 4
     assert calls.filter(pl.col("ts_ns") < pl.col("previous_end")).height == 0
     assert truth["teardowns_finished"] == 2
+
+
+@pytest.mark.parametrize("tds", [2, 3])
+@pytest.mark.parametrize("release", ["late", "early"])
+def test_no_two_seamcalls_overlap_on_an_lp_when_tds_are_torn_down_at_once(
+        tds: int, release: str) -> None:
+    events, truth = run("teardown", f"td.count={tds}", f"policy.hkid_release={release}")
+    calls = events.filter(pl.col("kind") == Kind.SEAMCALL).sort("lp", "ts_ns", "seq")
+    previous_end = (pl.col("ts_ns") + pl.col("dur_ns")).shift(1).over("lp")
+    assert calls.filter(pl.col("ts_ns") < previous_end).height == 0
+    assert truth["teardowns_finished"] == tds
+
+
+def test_each_tds_vmm_runs_on_an_lp_of_its_own() -> None:
+    # teardown: 10 LPs, two TDs of 4 vCPUs: the VMMs on LPs 9 and 8, the vCPUs on 0-7.
+    events, _ = run("teardown")
+    vmm = events.filter((pl.col("kind") == Kind.SEAMCALL) & (pl.col("flow") == Flow.TEARDOWN)
+                        & (pl.col("leaf") == Leaf.TDH_PHYMEM_PAGE_RECLAIM))
+    assert vmm.group_by("td").agg(pl.col("lp").unique()).sort("td").rows() == [
+        (0, [9]), (1, [8])]
+    entries = events.filter(pl.col("kind") == Kind.TD_ENTRY)
+    assert entries.height > 0 and entries["lp"].max() <= 7
 
 
 def test_a_vp_flush_waits_for_another_tds_cache_wb() -> None:
