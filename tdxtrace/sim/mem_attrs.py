@@ -32,6 +32,7 @@ from tdxtrace.codes import (
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
 )
 from tdxtrace.events import FaultOutcome, Flow, Kind, ZapReason, ZapScope
+from tdxtrace.sim.process import KvmMutex
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm_state import KvmTd, Vcpu
@@ -49,58 +50,64 @@ class MemoryAttributes:
         self.log = world.log
         self.sim = world.sim
         self._shared: dict[int, set[int]] = {}  # td index -> GFNs (no shared bit) not private
-        # The same once every conversion asked for so far has taken effect: what the next
-        # KVM_SET_MEMORY_ATTRIBUTES compares with (below).
-        self._requested: dict[int, set[int]] = {}
+        self._slots: dict[int, KvmMutex] = {}  # td index -> its kvm->slots_lock
 
     # --- KVM_SET_MEMORY_ATTRIBUTES ----------------------------------------------------------
-    # Changes take effect in the order userspace asked for them, as KVM's serialized ioctl
-    # does: each is applied under mmu_lock for write, whose queue is first in, first out.
+    # kvm_vm_set_mem_attributes() holds kvm->slots_lock for the whole ioctl, zap included, so
+    # asks take effect one after the other, in the order userspace made them (the mutex's
+    # queue is first in, first out), and each sees every earlier one done. It returns 0 at
+    # once, with no invalidation (no zap, no mmu_invalidate_seq bump), when the whole range
+    # already has the attribute asked for. QEMU follows every conversion with a discard of the
+    # memory the range no longer uses (an invalidation of its own); that is not modelled.
     # ``lp``: the LP of the thread that asks, -1 for the VMM's; QEMU converts for a vCPU's
     # exit (MapGPA, KVM_EXIT_MEMORY_FAULT) in that vCPU's thread.
-    #
-    # kvm_vm_set_mem_attributes() returns 0 at once, with no invalidation (no zap, no
-    # mmu_invalidate_seq bump), when the whole range already has the attributes asked for.
-    # It checks under slots_lock, held for the whole ioctl, so it sees every earlier
-    # conversion done. Here conversions take effect in the order they were asked for (the
-    # mmu_lock queue), so the check reads ``_requested``: the attributes once all of those
-    # have, whether or not they hold mmu_lock yet.
-    def _unchanged(self, td: KvmTd, first_gfn: int, pages: int, private: bool) -> bool:
-        """Whether converting the range changes nothing; records the change if it does."""
-        requested = self._requested.setdefault(td.index, set())
-        gfns = range(first_gfn, first_gfn + pages)
-        if private:
-            if requested.isdisjoint(gfns):
-                return True
-            requested.difference_update(gfns)
-        else:
-            if requested.issuperset(gfns):
-                return True
-            requested.update(gfns)
-        return False
+    def slots_lock(self, td: KvmTd) -> KvmMutex:
+        """kvm->slots_lock: held for a whole KVM_SET_MEMORY_ATTRIBUTES or memslot update."""
+        lock = self._slots.get(td.index)
+        if lock is None:
+            lock = self._slots[td.index] = KvmMutex(self.sim)
+        return lock
 
     def make_shared(self, td: KvmTd, first_gfn: int, pages: int,
                     then: Callable[[], None] | None = None, lp: int = -1) -> None:
         """To shared: KVM zaps the range's private leaves, and the new attribute takes effect
         once that zap holds mmu_lock (ZapPath.zap's ``locked``)."""
-        if self._unchanged(td, first_gfn, pages, private=False):
-            self.log.count("mem_attr_unchanged")
-            if then is not None:
-                then()
+        self.slots_lock(td).acquire(partial(self._shared_locked, td, first_gfn, pages, then, lp))
+
+    def _shared_locked(self, td: KvmTd, first_gfn: int, pages: int,
+                       then: Callable[[], None] | None, lp: int, _: object) -> None:
+        done = partial(self._ioctl_done, td, then)
+        shared = self._shared.get(td.index)
+        if shared is not None and shared.issuperset(range(first_gfn, first_gfn + pages)):
+            self._unchanged(done)
             return
         self.world.zap.zap(td, list(range(first_gfn, first_gfn + pages)), ZapReason.CONVERSION,
-                           ZAP_FLOW, then, locked=partial(self._set_shared, td, first_gfn, pages),
+                           ZAP_FLOW, done, locked=partial(self._set_shared, td, first_gfn, pages),
                            lp=lp)
 
     def make_private(self, td: KvmTd, first_gfn: int, pages: int,
                      then: Callable[[], None], lp: int = -1) -> None:
         """To private: the attribute changes under mmu_lock, then KVM zaps the range's shared
         mappings when the scenario has direct roots (§4(e))."""
-        if self._unchanged(td, first_gfn, pages, private=True):
-            self.log.count("mem_attr_unchanged")
-            then()
+        self.slots_lock(td).acquire(partial(self._private_locked, td, first_gfn, pages, then, lp))
+
+    def _private_locked(self, td: KvmTd, first_gfn: int, pages: int,
+                        then: Callable[[], None], lp: int, _: object) -> None:
+        done = partial(self._ioctl_done, td, then)
+        shared = self._shared.get(td.index)
+        if not shared or shared.isdisjoint(range(first_gfn, first_gfn + pages)):
+            self._unchanged(done)
             return
-        td.mmu.acquire_write(partial(self._private_now, td, first_gfn, pages, then, lp))
+        td.mmu.acquire_write(partial(self._private_now, td, first_gfn, pages, done, lp))
+
+    def _unchanged(self, done: Callable[[], None]) -> None:
+        self.log.count("mem_attr_unchanged")
+        done()
+
+    def _ioctl_done(self, td: KvmTd, then: Callable[[], None] | None) -> None:
+        self.slots_lock(td).release()
+        if then is not None:
+            then()
 
     def _private_now(self, td: KvmTd, first_gfn: int, pages: int,
                      then: Callable[[], None], lp: int) -> None:

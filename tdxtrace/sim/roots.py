@@ -246,10 +246,13 @@ class Roots:
 
     # --- the VMM's changes ----------------------------------------------------------------
     def _memslot(self, td: KvmTd) -> None:
-        """The VMM deletes and re-creates (or re-flags) the shared slot."""
+        """The VMM deletes and re-creates (or re-flags) the shared slot, under kvm->slots_lock
+        (KVM_SET_USER_MEMORY_REGION holds it throughout, as attribute changes do)."""
         if self.world.stopping or td.bugged:
             return
-        self.zap(td, ZapReason.MEMSLOT, self.window_gfn, self.window_pages, self.policy_scope)
+        lock = self.world.attrs.slots_lock(td)
+        lock.acquire(lambda _: self.zap(td, ZapReason.MEMSLOT, self.window_gfn,
+                                        self.window_pages, self.policy_scope, lock.release))
         self.sim.after(self.world.scenario.vmm.memslot_interval_us * 1000, self._memslot, td)
 
     def _notifier(self, td: KvmTd) -> None:
