@@ -15,6 +15,7 @@ from emulator_helpers import run
 
 from tdxtrace.codes import Leaf
 from tdxtrace.events import Flow, Kind
+from tdxtrace.sim.world import lp_layout
 
 SENT_TO_AN_LP = [int(Leaf.TDH_VP_FLUSH), int(Leaf.TDH_PHYMEM_CACHE_WB),
                  int(Leaf.TDH_MNG_KEY_CONFIG)]
@@ -41,9 +42,15 @@ def test_functions_sent_to_one_lp_never_overlap(seed: int) -> None:
 
 @pytest.mark.parametrize("tds", [2, 3])
 @pytest.mark.parametrize("release", ["late", "early"])
+@pytest.mark.parametrize("host", [
+    ("host.lps=10", "host.packages=2"),
+    # Package 4's first LP is LP 8, where TD 1's VMM ran: its RECLAIMs met TD 0's CACHE.WB.
+    ("host.lps=10", "host.packages=5"),
+    ("host.lps=6", "host.packages=3", "td.vcpus=1"),
+])
 def test_no_two_seamcalls_overlap_on_an_lp_when_tds_are_torn_down_at_once(
-        tds: int, release: str) -> None:
-    events, truth = run("teardown", f"td.count={tds}", f"policy.hkid_release={release}")
+        tds: int, release: str, host: tuple[str, ...]) -> None:
+    events, truth = run("teardown", f"td.count={tds}", f"policy.hkid_release={release}", *host)
     calls = events.filter(pl.col("kind") == Kind.SEAMCALL).sort("lp", "ts_ns", "seq")
     previous_end = (pl.col("ts_ns") + pl.col("dur_ns")).shift(1).over("lp")
     assert calls.filter(pl.col("ts_ns") < previous_end).height == 0
@@ -59,6 +66,18 @@ def test_each_tds_vmm_runs_on_an_lp_of_its_own() -> None:
         (0, [9]), (1, [8])]
     entries = events.filter(pl.col("kind") == Kind.TD_ENTRY)
     assert entries.height > 0 and entries["lp"].max() <= 7
+
+
+@pytest.mark.parametrize(("lps", "packages", "tds", "layout"), [
+    (10, 2, 2, ([0, 5], [9, 8], [0, 1, 2, 3, 4, 5, 6, 7])),
+    (10, 5, 2, ([0, 2, 4, 6, 8], [9, 7], [0, 1, 2, 3, 4, 5, 6, 8])),
+    (4, 4, 2, ([0, 1, 2, 3], [3, 2], [0, 1])),  # every LP a first one: no way around them
+    (1, 2, 3, ([0], [0], [0])),  # one LP does everything
+])
+def test_vmm_lps_keep_off_the_packages_first_lps_while_others_are_left(
+        lps: int, packages: int, tds: int,
+        layout: tuple[list[int], list[int], list[int]]) -> None:
+    assert lp_layout(lps, packages, tds) == layout
 
 
 def test_a_vp_flush_waits_for_another_tds_cache_wb() -> None:

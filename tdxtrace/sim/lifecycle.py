@@ -65,9 +65,8 @@ class Lifecycle:
         self.world, self.kvm, self.sim, self.log = world, world.kvm, world.sim, world.log
         self.costs = world.costs
         self.cfg = world.scenario.teardown
-        packages = max(1, min(world.scenario.host.packages, world.lps))
-        self.first_lps = [-(-p * world.lps // packages) for p in range(packages)]
-        self.leaves = LifecycleLeaves(world.module, packages, self.cfg.cache_wb_blocks)
+        self.first_lps = world.first_lps  # where CACHE.WB and KEY.CONFIG run, one per package
+        self.leaves = LifecycleLeaves(world.module, len(self.first_lps), self.cfg.cache_wb_blocks)
         self.placement = VcpuPlacement(world, self.leaves)
         self.tdx_lock = KvmMutex(world.sim)
         self._active = 0

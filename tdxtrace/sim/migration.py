@@ -57,7 +57,7 @@ class VcpuPlacement:
         self.skip_p = float(world.scenario.faults.skip_flush_on_migrate_p)
         self._rng = world.rng.stream("migration")
         self._skip_rng = world.rng.stream("faults.skip_flush_on_migrate")
-        self.vcpu_lps = world.vcpu_lps  # the LPs vCPUs run on (the last ones are the VMMs')
+        self.vcpu_lps = world.vcpu_lps  # the LPs vCPUs run on (world.lp_layout)
         # Per LP, the IPI functions waiting to run there, the running one first.
         self._ipi_queues: dict[int, deque[Callable[[Callable[[], None]], None]]] = {}
 
@@ -166,7 +166,7 @@ class VcpuPlacement:
     # --- migrations -----------------------------------------------------------------------
     def start(self) -> None:
         """Arm every vCPU's migration clock (nothing when ``migration.rate_hz`` is 0)."""
-        if not self.rate_hz or self.vcpu_lps < 2:
+        if not self.rate_hz or len(self.vcpu_lps) < 2:
             return
         for td in self.world.tds:
             for v in td.vcpus:
@@ -200,7 +200,7 @@ class VcpuPlacement:
             for u in td.vcpus:
                 if u is not v:
                     taken.update((u.lp, u.migrate_to, u.cpu))
-        return [lp for lp in range(self.vcpu_lps) if lp not in taken]
+        return [lp for lp in self.vcpu_lps if lp not in taken]
 
     # --- the teardown race (seed 001) -----------------------------------------------------
     def reload_and_enter(self, v: Vcpu, then: Callable[[None], None]) -> None:

@@ -43,7 +43,8 @@ SPEC: dict[str, dict[str, Key]] = {
     },
     "host": {
         "lps": Key(int, 8, low=1, high=4096,
-                   doc="logical processors: the last td.count run the TDs' VMMs, the rest vCPUs"),
+                   doc="logical processors: one per TD runs its VMM (from the last down), "
+                       "the rest vCPUs"),
         "packages": Key(int, 2, low=1, high=64, doc="CPU packages (sockets)"),
     },
     "td": {

@@ -70,6 +70,23 @@ def _cost_models(scenario: Scenario, world_rng: RandomStreams) -> CostModel:
     return CostModel(world_rng.stream("costs"), leaf_costs, step_costs)
 
 
+def lp_layout(lps: int, packages: int, tds: int) -> tuple[list[int], list[int], list[int]]:
+    """Which LPs do what: (each package's first LP, the TDs' VMM LPs, the vCPUs' LPs).
+
+    The kernel runs CACHE.WB and KEY.CONFIG on each package's first online CPU. Each TD's
+    VMM (a QEMU process of its own) gets an LP of its own, from the last down, skipping those
+    first LPs (a function sent there would wait for the VMM's SEAMCALL in progress) while
+    others are left; the vCPUs run on the rest. More TDs than spare LPs share VMM LPs in turn.
+    """
+    packages = max(1, min(packages, lps))
+    first = [-(-p * lps // packages) for p in range(packages)]
+    top_down = [lp for lp in range(lps - 1, -1, -1) if lp not in first]
+    top_down += [lp for lp in range(lps - 1, -1, -1) if lp in first]
+    vmm = top_down[:max(1, min(tds, lps - 1))]
+    vcpus = [lp for lp in range(lps) if lp not in vmm] or vmm[:1]
+    return first, vmm, vcpus
+
+
 class World:
     def __init__(self, scenario: Scenario, seed: int, sink: BatchSink) -> None:
         self.scenario = scenario
@@ -85,10 +102,8 @@ class World:
         self.module = TdxModule()
         host = scenario.host
         self.lps = host.lps
-        # Each TD's VMM (a QEMU process of its own) runs on an LP of its own, the last ones;
-        # vCPUs run on the others. More TDs than spare LPs share the VMM LPs in turn.
-        self.vmm_lp_count = max(1, min(scenario.td.count, host.lps - 1))
-        self.vcpu_lps = max(1, host.lps - self.vmm_lp_count)
+        self.first_lps, self.vmm_lps, self.vcpu_lps = lp_layout(host.lps, host.packages,
+                                                                scenario.td.count)
         self.timer_period_ns = 1_000_000_000 // scenario.guest.timer_hz
         self.stopping = False
         self.notes: list[str] = []
@@ -127,14 +142,15 @@ class World:
         mtd = ModuleTd(td=index, hkid=index + 1,
                        vcpus=[ModuleVcpu() for _ in range(cfg.vcpus)])
         self.module.tds.append(mtd)
-        vmm_lp = self.lps - 1 - index % self.vmm_lp_count
+        vmm_lp = self.vmm_lps[index % len(self.vmm_lps)]
         td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1), vmm_lp=vmm_lp, zap_lp=vmm_lp)
         vcpu_lps = self.vcpu_lps
         for i in range(cfg.vcpus):
             workload = Workload(guest.workload, i, cfg.vcpus, PRIVATE_BASE_GFN, self.pages,
                                 guest.hot_pages, guest.hot_fraction,
                                 self.rng.stream(f"guest.td{index}.vcpu{i}"))
-            td.vcpus.append(Vcpu(td, i, (index * cfg.vcpus + i) % vcpu_lps, workload))
+            td.vcpus.append(Vcpu(td, i, vcpu_lps[(index * cfg.vcpus + i) % len(vcpu_lps)],
+                                 workload))
         return td
 
     # --- the guest ------------------------------------------------------------------------
