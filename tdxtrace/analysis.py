@@ -237,8 +237,9 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
 
     When the columns they read (``Analyzer.columns``) fit in the decode budget, they are
     decoded once and every analyzer queries that copy, up to ``jobs`` of them at once in
-    threads (:mod:`tdxtrace.analysis_threads`); otherwise each analyzer streams the file
-    itself, one after the other, trading time for memory (see :mod:`tdxtrace.trace.budget`).
+    threads (:mod:`tdxtrace.analysis_threads`; one at a time with a ``timeout``); otherwise
+    each analyzer streams the file itself, one after the other, trading time for memory (see
+    :mod:`tdxtrace.trace.budget`).
     A trace opened with ``open_trace(..., keep_decoded=True)`` within the budget is already
     decoded: nothing is read again.
     """
@@ -247,19 +248,15 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
     if columns is not None and \
             decoded_bytes(trace.num_events(), columns) <= decode_budget_bytes():
         trace = trace.decoded(columns)
-    if jobs > 1 and len(selected) > 1 and trace.in_memory:
+    # Not with a timeout: it is wall-clock time, which the analyzers running at once share,
+    # so whether one timed out would depend on ``jobs``.
+    if jobs > 1 and len(selected) > 1 and trace.in_memory and timeout is None:
         shared = trace
-        return run_in_threads(lambda a: _run_in_thread(a, shared, timeout), selected, jobs,
+        # In a thread other than the main one a KeyboardInterrupt is the analyzer's own:
+        # Python delivers signals to the main thread only.
+        return run_in_threads(lambda a: _run_guarded(a, shared, in_worker=True), selected, jobs,
                               lambda a: AnalyzerOutcome(a.name, None, "ended without a result", a))
     return [run_one(a, trace, timeout) for a in selected]
-
-
-def _run_in_thread(analyzer: Analyzer, trace: Trace, timeout: float | None) -> AnalyzerOutcome:
-    """run_one() from a thread other than the main one: a KeyboardInterrupt raised there is
-    the analyzer's own (Python delivers signals to the main thread only)."""
-    if timeout is None:
-        return _run_guarded(analyzer, trace, in_worker=True)
-    return run_one(analyzer, trace, timeout)
 
 
 def _declared_columns(analyzer: Analyzer) -> tuple[str, ...]:

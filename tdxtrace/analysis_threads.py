@@ -49,10 +49,21 @@ def run_in_threads(run: Callable[[T], U], items: Sequence[T], jobs: int,
                 return
             results[index] = run(item)
 
-    workers = [threading.Thread(target=worker, name=f"tdxtrace-analyzers-{i}", daemon=True)
-               for i in range(max(1, min(jobs, len(items))))]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()  # interruptible: a Ctrl-C raises KeyboardInterrupt here
+    workers: list[threading.Thread] = []
+    try:  # a Ctrl-C may land anywhere in here, even before the last thread has started
+        for i in range(max(1, min(jobs, len(items)))):
+            thread = threading.Thread(target=worker, name=f"tdxtrace-analyzers-{i}",
+                                      daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no more threads to be had: those started do the rest
+                break
+            workers.append(thread)
+        if not workers:
+            worker()  # not even one: all in this thread
+        for thread in workers:
+            thread.join()  # interruptible: a Ctrl-C raises KeyboardInterrupt here
+    except BaseException:
+        pending.clear()  # nothing starts after it; what is running is left behind
+        raise
     return [results[i] if i in results else missing(item) for i, item in enumerate(items)]

@@ -7,6 +7,8 @@ once: that is how these tests tell concurrency from a sequence, with no timing i
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from cli_helpers import invoke
 
 from tdxtrace.analysis import Analyzer, AnalyzerResult, run_analyzers
+from tdxtrace.analysis_threads import run_in_threads
 from tdxtrace.testing import make_trace
 from tdxtrace.trace import Trace, open_trace
 
@@ -64,6 +67,36 @@ def test_jobs_1_runs_them_one_after_the_other() -> None:
     outcomes = run_analyzers(make_trace(ROWS), _pair(timeout_s=0.2), jobs=1)
     assert [o.name for o in outcomes] == ["left", "right"]
     assert all(o.error is not None and "BrokenBarrierError" in o.error for o in outcomes)
+
+
+def test_with_a_timeout_they_run_one_after_the_other() -> None:
+    # A timeout counts wall-clock time, which analyzers running at once would share: whether
+    # one timed out would depend on --jobs. With one, --jobs is not used.
+    outcomes = run_analyzers(make_trace(ROWS), _pair(timeout_s=0.2), timeout=30)
+    assert all(o.error is not None and "BrokenBarrierError" in o.error for o in outcomes)
+
+
+@pytest.mark.usefixtures("sigint_delivered")
+def test_after_a_ctrl_c_no_other_analyzer_starts() -> None:
+    # The first item sends Ctrl-C and waits until the caller has seen it; the worker then
+    # finds nothing left to start.
+    seen = threading.Event()
+    ran: list[str] = []
+
+    def run(item: str) -> str:
+        ran.append(item)
+        if item == "first":
+            os.kill(os.getpid(), signal.SIGINT)  # to the main thread, waiting in join()
+            seen.wait(30)
+        return item
+
+    with pytest.raises(KeyboardInterrupt):
+        run_in_threads(run, ["first", "second", "third"], 1, lambda item: "missing")
+    seen.set()
+    for thread in threading.enumerate():
+        if thread.name.startswith("tdxtrace-analyzers-"):
+            thread.join(30)
+    assert ran == ["first"]
 
 
 def test_a_trace_streamed_from_its_file_is_analyzed_one_at_a_time(

@@ -238,15 +238,15 @@ def test_an_exception_after_some_batches_leaves_an_unfinished_trace(tmp_path: Pa
     assert not trace.finished and trace.num_events() == 4
 
 
-class _CtrlCWhileWriting:
-    """The Arrow writer, with a Ctrl-C arriving while each batch is being written."""
+class _CtrlCAsTheWriteReturns:
+    """The Arrow writer, with a Ctrl-C arriving just as each batch write returns."""
 
     def __init__(self, writer: ipc.RecordBatchFileWriter) -> None:
         self._writer = writer
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
-        os.kill(os.getpid(), signal.SIGINT)  # pending until this C-level write returns
         self._writer.write_batch(batch)
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler at once, right here
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._writer, name)
@@ -258,7 +258,7 @@ def test_ctrl_c_while_the_first_batch_is_written_keeps_that_batch(tmp_path: Path
     # writer believed nothing was on disk and removed a trace holding a complete batch.
     path = tmp_path / "run.arrow"
     with pytest.raises(KeyboardInterrupt), TraceWriter(path, META) as writer:
-        writer._writer = _CtrlCWhileWriting(writer._writer)  # type: ignore[assignment]
+        writer._writer = _CtrlCAsTheWriteReturns(writer._writer)  # type: ignore[assignment]
         writer.write_batch(_batch(0, 4))
         pytest.fail("the Ctrl-C was lost")
     trace = open_trace(path)

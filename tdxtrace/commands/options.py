@@ -39,7 +39,8 @@ jobs_option = click.option(
     "--jobs", type=click.IntRange(1, MAX_JOBS), default=DEFAULT_JOBS, show_default=True,
     metavar="N",
     help="Analyzers run at once, in threads, over a trace that fits in memory (1: one after "
-         f"the other; at most {MAX_JOBS}). Results do not depend on it.")
+         f"the other; at most {MAX_JOBS}; with --timeout always 1, as a timeout counts wall-clock "
+         "time). Results do not depend on it.")
 
 
 class PathParam(click.Path):

@@ -105,10 +105,12 @@ class VcpuPlacement:
         self.sim.after(there, self.run_on_lp, target, handler)
 
     def run_on_lp(self, lp: int, handler: Callable[[Callable[[], None]], None]) -> None:
-        """A function sent to ``lp`` (an IPI's, or smp_call_on_cpu()'s) runs after those
-        queued before it, ``handler(done)``: a CPU runs one at a time, with interrupts off
-        (the first runs of several vCPUs all flush the VMM's LP at once; one TD's VP.FLUSH
-        waits for another's CACHE.WB on a package's first LP)."""
+        """A function sent to ``lp`` runs after those queued before it, ``handler(done)``: an
+        IPI's runs with interrupts off, so a CPU runs them one at a time (the first runs of
+        several vCPUs all flush the VMM's LP at once; one TD's VP.FLUSH waits for another's
+        CACHE.WB loop on a package's first LP). smp_call_on_cpu() (KEY.CONFIG) runs in a
+        kworker instead, interrupts on; queued here too, as its one SEAMCALL cannot be
+        interrupted anyway."""
         queue = self._ipi_queues.setdefault(lp, deque())
         queue.append(handler)
         if len(queue) == 1:
