@@ -252,11 +252,17 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
     # so whether one timed out would depend on ``jobs``.
     if jobs > 1 and len(selected) > 1 and trace.in_memory and timeout is None:
         shared = trace
-        # In a thread other than the main one a KeyboardInterrupt is the analyzer's own:
-        # Python delivers signals to the main thread only.
-        return run_in_threads(lambda a: _run_guarded(a, shared, in_worker=True), selected, jobs,
+        return run_in_threads(lambda a: _run_guarded(a, shared, in_worker=_in_worker()),
+                              selected, jobs,
                               lambda a: AnalyzerOutcome(a.name, None, "ended without a result", a))
     return [run_one(a, trace, timeout) for a in selected]
+
+
+def _in_worker() -> bool:
+    """Whether this is a thread other than the main one, where a KeyboardInterrupt is the
+    analyzer's own (Python delivers signals to the main thread only). run_in_threads runs in
+    the main thread when it cannot start one."""
+    return threading.current_thread() is not threading.main_thread()
 
 
 def _declared_columns(analyzer: Analyzer) -> tuple[str, ...]:

@@ -99,6 +99,26 @@ def test_after_a_ctrl_c_no_other_analyzer_starts() -> None:
     assert ran == ["first"]
 
 
+def test_without_threads_a_keyboard_interrupt_still_stops_the_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # When no thread can start, the analyzers run in the main thread, where a
+    # KeyboardInterrupt may be the user's Ctrl-C: it stops the run, as one at a time does.
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    ran: list[str] = []
+
+    class Records(Fixed):
+        def analyze(self, trace: Trace) -> AnalyzerResult:
+            ran.append(self.name)
+            return super().analyze(trace)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_analyzers(make_trace(ROWS), [Records("a", raises=True), Records("b")])
+    assert ran == ["a"]
+
+
 def test_a_trace_streamed_from_its_file_is_analyzed_one_at_a_time(
         trace_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Over the decode budget each analyzer streams the file: the low-memory path keeps one

@@ -11,13 +11,15 @@ from __future__ import annotations
 from functools import partial
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from emulator_helpers import run
 from test_mapgpa_model import world
 
 from tdxtrace.codes import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from tdxtrace.events import Flow, Kind, Phase, RetryCause, ZapReason
-from tdxtrace.sim.world import PRIVATE_BASE_GFN
+from tdxtrace.sim.scenario import Scenario, resolve
+from tdxtrace.sim.world import PRIVATE_BASE_GFN, World
 
 SHORT = "run.duration_us=20000"
 
@@ -74,6 +76,49 @@ def test_an_ask_returns_once_the_range_has_the_attribute() -> None:
     w.run()
     assert returned == [("shared", True), ("first", False), ("second", False)]
     assert w.log.truth()["mem_attr_unchanged"] == 1
+
+
+def test_a_memslot_update_waits_for_the_conversion_in_flight() -> None:
+    # KVM_SET_USER_MEMORY_REGION takes slots_lock too: while a conversion waits for mmu_lock
+    # (a writer holds it), the memslot update waits for the conversion, zap included.
+    batches: list[pa.RecordBatch] = []
+    raw = {"run": {"duration_us": 4000}, "host": {"lps": 2, "packages": 1},
+           "td": {"vcpus": 1, "memory_mb": 16}, "guest": {"timer_hz": 1},
+           "vmm": {"memslot_interval_us": 1_000_000}, "teardown": {"enabled": False}}
+    w = World(Scenario(resolve(raw, "test")), 1, batches.append)
+    td = w.tds[0]
+    assert w.roots is not None
+
+    def asks() -> None:
+        td.mmu.acquire_write(lambda: w.sim.after(50_000, td.mmu.release_write))
+        w.attrs.make_shared(td, PRIVATE_BASE_GFN, 8)
+        w.roots._memslot(td)  # the VMM's next memslot change, due now
+
+    w.sim.after(100_000, asks)
+    w.run()
+    zaps = pl.from_arrow(pa.Table.from_batches(batches)).filter(  # type: ignore[union-attr]
+        pl.col("kind").is_in([Kind.ZAP, Kind.ZAP_DONE])).sort("seq")
+    assert zaps.select("kind", "sub").rows() == [
+        (Kind.ZAP, ZapReason.CONVERSION), (Kind.ZAP_DONE, ZapReason.CONVERSION),
+        (Kind.ZAP, ZapReason.MEMSLOT), (Kind.ZAP_DONE, ZapReason.MEMSLOT)]
+
+
+@pytest.mark.parametrize(("scenario", "reason", "interval_ns"), [
+    ("zap-under-load", ZapReason.CONVERSION, 150_000),  # vmm.zap_interval_us
+    ("fault-storm", ZapReason.TRUNCATION, 400_000),
+])
+def test_the_vmm_makes_one_change_at_a_time(scenario: str, reason: ZapReason,
+                                            interval_ns: int) -> None:
+    # One VMM thread: a syscall returns once its zap is done, and the next change comes a
+    # pause later. (Its timer used to fire regardless, and changes piled up on the locks.)
+    events, _ = run(scenario, seed=2)
+    zaps = events.filter(pl.col("kind").is_in([Kind.ZAP, Kind.ZAP_DONE])
+                         & (pl.col("sub") == reason)).sort("seq")
+    assert zaps.height > 20
+    assert zaps["kind"].to_list() == [Kind.ZAP, Kind.ZAP_DONE] * (zaps.height // 2)
+    done = zaps.filter(pl.col("kind") == Kind.ZAP_DONE)["ts_ns"].to_list()
+    starts = zaps.filter(pl.col("kind") == Kind.ZAP)["ts_ns"].to_list()
+    assert all(start >= end + interval_ns for end, start in zip(done[:-1], starts[1:], strict=True))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -30,7 +30,7 @@ def _zaps(events: pl.DataFrame) -> pl.DataFrame:
 
 
 def test_a_zap_that_removed_leaves_flushes_remote_tlbs_before_it_ends() -> None:
-    events, _ = run("memslot-churn", "run.duration_us=6000")
+    events, _ = run("memslot-churn", "run.duration_us=12000")
     zaps = _zaps(events)
     removed = zaps.filter(pl.col("removed") > 0)
     assert removed.height >= 3

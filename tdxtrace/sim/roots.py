@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from tdxtrace.codes import EXIT_QUAL_GUEST_WRITE
@@ -49,6 +50,7 @@ from tdxtrace.sim.roots_zap import RootZap
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm_state import KvmTd, Vcpu
+    from tdxtrace.sim.process import KvmMutex
     from tdxtrace.sim.scenario import Scenario
     from tdxtrace.sim.world import World
 
@@ -252,7 +254,12 @@ class Roots:
             return
         lock = self.world.attrs.slots_lock(td)
         lock.acquire(lambda _: self.zap(td, ZapReason.MEMSLOT, self.window_gfn,
-                                        self.window_pages, self.policy_scope, lock.release))
+                                        self.window_pages, self.policy_scope,
+                                        partial(self._memslot_done, td, lock)))
+
+    def _memslot_done(self, td: KvmTd, lock: KvmMutex) -> None:
+        """The ioctl returns; the VMM's thread makes its next change a pause later."""
+        lock.release()
         self.sim.after(self.world.scenario.vmm.memslot_interval_us * 1000, self._memslot, td)
 
     def _notifier(self, td: KvmTd) -> None:

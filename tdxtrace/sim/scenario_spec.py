@@ -43,8 +43,8 @@ SPEC: dict[str, dict[str, Key]] = {
     },
     "host": {
         "lps": Key(int, 8, low=1, high=4096,
-                   doc="logical processors: one per TD runs its VMM (from the last down), "
-                       "the rest vCPUs"),
+                   doc="logical processors: one per TD runs its VMM (from the last down, "
+                       "skipping each package's first), the rest vCPUs"),
         "packages": Key(int, 2, low=1, high=64, doc="CPU packages (sockets)"),
     },
     "td": {
@@ -90,12 +90,14 @@ SPEC: dict[str, dict[str, Key]] = {
     },
     "vmm": {
         "zap_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                               doc="how often the VMM zaps private memory (0: never)"),
+                               doc="the VMM's pause between its zaps of private memory, "
+                                   "from the end of one to the next (0: never)"),
         "zap_pages": Key(int, 64, low=1, high=1 << 30, doc="pages per zap"),
         "zap_reason": Key(str, "truncation", ("truncation", "conversion"),
                           doc="hole punch, or a private->shared attribute change"),
         "memslot_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                                   doc="how often the VMM changes the shared memslot (0: never)"),
+                                   doc="the VMM's pause between its changes of the shared "
+                                       "memslot, from the end of one (0: never)"),
         "notifier_interval_us": Key(int, 0, low=0, high=3_600_000_000,
                                     doc="how often an mmu_notifier invalidation hits the VMM's "
                                         "mapping of guest memory (0: never)"),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 from tdxtrace.codes import PAGE_SIZE, ExitReason, Status, TdcallLeaf
@@ -237,13 +238,16 @@ class World:
         vmm = self.scenario.vmm
         count = min(vmm.zap_pages, self.pages)
         start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
+        # One VMM thread: its next change comes a pause after this one's syscall returned,
+        # which is once the zap is done.
+        again = partial(self.sim.after, vmm.zap_interval_us * 1000, self._vmm_zap, td)
         if vmm.zap_reason == "conversion":  # a conversion the guest did not ask for
             self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=td.vmm_lp,
                           gpa=start << 12, arg0=count, arg1=0)
-            self.attrs.make_shared(td, start, count)
+            self.attrs.make_shared(td, start, count, again)
         else:
-            self.zap.zap(td, list(range(start, start + count)), _ZAPREASON_TRUNCATION, _FLOW_ZAP)
-        self.sim.after(vmm.zap_interval_us * 1000, self._vmm_zap, td)
+            self.zap.zap(td, list(range(start, start + count)), _ZAPREASON_TRUNCATION, _FLOW_ZAP,
+                         again)
 
     # --- running --------------------------------------------------------------------------
     def run(self) -> None:
