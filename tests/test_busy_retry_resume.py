@@ -181,7 +181,7 @@ def _record_cli(path: Path, scenario: str, seed: int, *settings: str) -> None:
 
 
 def test_cli_policy_comparison_shows_the_contention_difference(tmp_path: Path) -> None:
-    """README's A/B: the ~640 µs CACHE.WB flush no longer hides ~26 µs vs no BUSY at all."""
+    """README's A/B: the ~640 µs CACHE.WB flush no longer hides ~26 µs vs ~7 µs of BUSY."""
     docs = {}
     for policy in ("resume_guest", "local_retry"):
         path = tmp_path / f"{policy}.arrow"
@@ -199,8 +199,8 @@ def test_cli_policy_comparison_shows_the_contention_difference(tmp_path: Path) -
             c["length"] - 1 for c in tables["resume_chains"])
         assert metrics["resume_ns"] > 100_000
     resume, local = docs["resume_guest"]["metrics"], docs["local_retry"]["metrics"]
-    assert resume["lost_ns"] > 20_000 and local["lost_ns"] == 0
-    assert resume["busy_total"] > local["busy_total"] == 0
+    assert resume["lost_ns"] > 2 * local["lost_ns"] > 0
+    assert resume["busy_total"] > local["busy_total"]
 
 
 def test_cli_healthy_teardown_flush_is_no_livelock(tmp_path: Path) -> None:

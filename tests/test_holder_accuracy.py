@@ -62,7 +62,7 @@ def test_busys_as_the_vcpus_stop_get_the_modules_holder(tmp_path: Path) -> None:
     # named a VP.ENTER whose interval had ended; since the VMM's changes became one thread's,
     # no seed found reproduces that: Lifecycle.teardown_all's exit at entering_until is
     # guarded by tests/test_kick_waits_for_entry.py's kicks only.)
-    for seed in (3, 6, 7):
+    for seed in (3, 4, 6):
         counts = _counts(tmp_path, "zap-under-load", seed)
         events = open_trace(tmp_path / f"zap-under-load-{seed}.arrow").events().collect()
         late_busy = events.filter(

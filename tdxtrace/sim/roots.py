@@ -253,14 +253,16 @@ class Roots:
         if self.world.stopping or td.bugged:
             return
         lock = self.world.attrs.slots_lock(td)
+        due = self.sim.now + self.world.scenario.vmm.memslot_interval_us * 1000
         lock.acquire(lambda _: self.zap(td, ZapReason.MEMSLOT, self.window_gfn,
                                         self.window_pages, self.policy_scope,
-                                        partial(self._memslot_done, td, lock)))
+                                        partial(self._memslot_done, td, lock, due)))
 
-    def _memslot_done(self, td: KvmTd, lock: KvmMutex) -> None:
-        """The ioctl returns; the VMM's thread makes its next change a pause later."""
+    def _memslot_done(self, td: KvmTd, lock: KvmMutex, due: int) -> None:
+        """The ioctl returns. One VMM thread: the next change is due ``memslot_interval_us``
+        after this one began, or now if this one took longer."""
         lock.release()
-        self.sim.after(self.world.scenario.vmm.memslot_interval_us * 1000, self._memslot, td)
+        self.sim.at(max(due, self.sim.now), self._memslot, td)
 
     def _notifier(self, td: KvmTd) -> None:
         """The host mm invalidates part of the VMM's mapping of guest memory (shared view)."""

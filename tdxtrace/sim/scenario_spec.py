@@ -90,14 +90,14 @@ SPEC: dict[str, dict[str, Key]] = {
     },
     "vmm": {
         "zap_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                               doc="the VMM's pause between its zaps of private memory, "
-                                   "from the end of one to the next (0: never)"),
+                               doc="how often the VMM zaps private memory; one still under "
+                                   "way delays the next (0: never)"),
         "zap_pages": Key(int, 64, low=1, high=1 << 30, doc="pages per zap"),
         "zap_reason": Key(str, "truncation", ("truncation", "conversion"),
                           doc="hole punch, or a private->shared attribute change"),
         "memslot_interval_us": Key(int, 0, low=0, high=3_600_000_000,
-                                   doc="the VMM's pause between its changes of the shared "
-                                       "memslot, from the end of one (0: never)"),
+                                   doc="how often the VMM changes the shared memslot; one still "
+                                       "under way delays the next (0: never)"),
         "notifier_interval_us": Key(int, 0, low=0, high=3_600_000_000,
                                     doc="how often an mmu_notifier invalidation hits the VMM's "
                                         "mapping of guest memory (0: never)"),

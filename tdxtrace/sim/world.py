@@ -238,9 +238,7 @@ class World:
         vmm = self.scenario.vmm
         count = min(vmm.zap_pages, self.pages)
         start = PRIVATE_BASE_GFN + self._vmm_rng.randrange(self.pages - count + 1)
-        # One VMM thread: its next change comes a pause after this one's syscall returned,
-        # which is once the zap is done.
-        again = partial(self.sim.after, vmm.zap_interval_us * 1000, self._vmm_zap, td)
+        again = partial(self._vmm_next, td, self.sim.now + vmm.zap_interval_us * 1000)
         if vmm.zap_reason == "conversion":  # a conversion the guest did not ask for
             self.log.emit(_KIND_MEM_ATTR, flow=_FLOW_ZAP, td=td.index, lp=td.vmm_lp,
                           gpa=start << 12, arg0=count, arg1=0)
@@ -248,6 +246,11 @@ class World:
         else:
             self.zap.zap(td, list(range(start, start + count)), _ZAPREASON_TRUNCATION, _FLOW_ZAP,
                          again)
+
+    def _vmm_next(self, td: KvmTd, due: int) -> None:
+        """One VMM thread: a change is due ``zap_interval_us`` after the last began, or when
+        the last one's syscall returned (its zap done), whichever is later."""
+        self.sim.at(max(due, self.sim.now), self._vmm_zap, td)
 
     # --- running --------------------------------------------------------------------------
     def run(self) -> None:
