@@ -18,7 +18,7 @@ from replay_helpers import page_aug_seq as _aug_row
 from replay_helpers import record_short, record_storm, rewrite, set_value
 from replay_helpers import trace_rows as _rows
 
-from tdxtrace.events import Kind
+from tdxtrace.events import Kind, ZapReason
 from tdxtrace.replay import plan_from_metadata, replay_trace, snapshot
 from tdxtrace.trace import open_trace
 
@@ -135,3 +135,19 @@ def test_until_reports_a_divergence_before_seq(tmp_path: Path, storm: Path) -> N
     bad = rewrite(storm, tmp_path / "bad.arrow", table=lambda t: set_value(t, "lp", 100, 42))
     result = _replay(bad, "--until", "3000")
     assert result.exit_code == 1 and "divergent at seq 100" in result.output
+
+
+def test_until_a_conversion_zap_shows_slots_lock_held(tmp_path: Path) -> None:
+    # The VMM's KVM_SET_MEMORY_ATTRIBUTES holds slots_lock for its whole zap; between two
+    # conversions the lock is free.
+    path = record_short(tmp_path, "zap-under-load", 1)
+    rows = _rows(path)
+    zaps = rows.filter((pl.col("kind") == Kind.ZAP) & (pl.col("sub") == ZapReason.CONVERSION))
+    first = zaps.row(0, named=True)
+    during = _until(path, first["seq"])["tds"][first["td"]]["slots_lock"]
+    assert during == {"held": True, "waiters": 0}
+    before = _until(path, first["seq"] - 1)["tds"][first["td"]]["slots_lock"]
+    assert before == {"held": False, "waiters": 0}
+    text = _replay(path, "--until", str(first["seq"]))
+    assert text.exit_code == 0, text.output
+    assert "  slots_lock: held\n" in text.stdout

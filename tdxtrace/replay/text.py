@@ -100,6 +100,9 @@ def _td_lines(td: dict[str, Any]) -> list[str]:
     mmu = td["mmu_lock"]
     lines.append(f"  mmu_lock: {mmu['readers']} readers"
                  + (", held for write" if mmu["writer"] else ""))
+    slots = td["slots_lock"]
+    lines.append("  slots_lock: " + ("held" if slots["held"] else "free")
+                 + (f", {slots['waiters']} waiting" if slots["waiters"] else ""))
     frozen = td["frozen_sptes"]
     lines.append("  frozen mirror SPTEs: " + (", ".join(
         f"{f['gpa']:#x} {_level_text(f['level'])} (corr {f['corr']})" for f in frozen)

@@ -68,6 +68,11 @@ class MemoryAttributes:
             lock = self._slots[td.index] = KvmMutex(self.sim)
         return lock
 
+    def slots_lock_state(self, td: KvmTd) -> tuple[bool, int]:
+        """(held, callers waiting) of ``td``'s slots_lock, for ``replay --until``."""
+        lock = self._slots.get(td.index)
+        return (lock.held, lock.waiters) if lock is not None else (False, 0)
+
     def make_shared(self, td: KvmTd, first_gfn: int, pages: int,
                     then: Callable[[], None] | None = None, lp: int = -1) -> None:
         """To shared: KVM zaps the range's private leaves, and the new attribute takes effect

@@ -66,6 +66,11 @@ class KvmMutex:
         self.held = True
         then(None)
 
+    @property
+    def waiters(self) -> int:
+        """Callers queued for the mutex."""
+        return len(self._waiting)
+
     def release(self) -> None:
         if self._waiting:
             self.sim.after(0, self._waiting.popleft(), None)  # ownership passes on
