@@ -59,9 +59,8 @@ def test_busys_as_the_vcpus_stop_get_the_modules_holder(tmp_path: Path) -> None:
     # These seeds end their run (30 ms) while a zap is under way: its TRACK finds the TD
     # epoch held by a vCPU's VP.ENTER as the vCPUs are being stopped. (Seed 18 once had a
     # vCPU still inside VP.ENTER at teardown that left the guest at once, and a BLOCK BUSY
-    # named a VP.ENTER whose interval had ended; since the VMM's changes became one thread's,
-    # no seed found reproduces that: Lifecycle.teardown_all's exit at entering_until is
-    # guarded by tests/test_kick_waits_for_entry.py's kicks only.)
+    # named a VP.ENTER whose interval had ended; the timelines have moved since, and
+    # tests/test_teardown_entering_vcpu.py now sets that case up directly.)
     for seed in (3, 4, 6):
         counts = _counts(tmp_path, "zap-under-load", seed)
         events = open_trace(tmp_path / f"zap-under-load-{seed}.arrow").events().collect()
