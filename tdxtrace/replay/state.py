@@ -115,7 +115,7 @@ def _frozen(td: KvmTd) -> list[dict[str, Any]]:
     return out
 
 
-def _td(td: KvmTd, now: int, slots: tuple[bool, int]) -> dict[str, Any]:
+def _td(td: KvmTd, now: int) -> dict[str, Any]:
     mtd = td.module
     return {
         "td": td.index,
@@ -131,7 +131,7 @@ def _td(td: KvmTd, now: int, slots: tuple[bool, int]) -> dict[str, Any]:
         "locks_held": _locks(mtd, now),
         "mmu_lock": {"readers": td.mmu.readers, "writer": td.mmu.writer},
         # KVM_SET_MEMORY_ATTRIBUTES and memslot updates: one at a time, whole.
-        "slots_lock": {"held": slots[0], "waiters": slots[1]},
+        "slots_lock": {"held": td.slots_lock.held, "waiters": td.slots_lock.waiters},
         "frozen_sptes": _frozen(td),
         "vcpus": _vcpus(td),
     }
@@ -144,6 +144,6 @@ def snapshot(world: World, seq: int, event: dict[str, Any] | None = None) -> dic
         "seq": seq,
         "time_ns": now,
         "event": event,
-        "tds": [_td(td, now, world.attrs.slots_lock_state(td)) for td in world.tds],
+        "tds": [_td(td, now) for td in world.tds],
     })
     return state

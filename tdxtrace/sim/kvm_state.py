@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from tdxtrace.sim.guest import ACCEPT_RIP, Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
 from tdxtrace.sim.module_state import ModuleTd
+from tdxtrace.sim.process import KvmMutex
 
 
 @dataclass(slots=True)  # slotted: its fields are read on every simulation step
@@ -57,6 +58,9 @@ class KvmTd:
     # The LP this TD's zaps run on: the VMM's, or a vCPU's while a conversion QEMU does for
     # that vCPU's exit runs in its thread. One zap at a time (mmu_lock write).
     zap_lp: int = -1
+    # kvm->slots_lock: held for a whole KVM_SET_MEMORY_ATTRIBUTES or memslot update
+    # (mem_attrs.py, roots.py); a teardown takes it for good (lifecycle.py).
+    slots_lock: KvmMutex = field(kw_only=True)
     # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
     # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
     mmu_invalidate_seq: int = 0

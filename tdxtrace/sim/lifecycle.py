@@ -158,7 +158,7 @@ class Lifecycle:
         # The VM goes when its last file reference does, so no VM ioctl is in flight: a
         # memory-attribute or memslot change the VMM had started (queued on slots_lock) ends
         # first. The lock is kept: none starts after.
-        yield self.world.attrs.slots_lock(td).acquire
+        yield td.slots_lock.acquire
         yield self.mmu_write(td)  # no vCPU thread is left in the fault path
         td.mmu.release_write()
         self.log.count("teardowns")

@@ -32,7 +32,6 @@ from tdxtrace.codes import (
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
 )
 from tdxtrace.events import FaultOutcome, Flow, Kind, ZapReason, ZapScope
-from tdxtrace.sim.process import KvmMutex
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm_state import KvmTd, Vcpu
@@ -50,7 +49,6 @@ class MemoryAttributes:
         self.log = world.log
         self.sim = world.sim
         self._shared: dict[int, set[int]] = {}  # td index -> GFNs (no shared bit) not private
-        self._slots: dict[int, KvmMutex] = {}  # td index -> its kvm->slots_lock
 
     # --- KVM_SET_MEMORY_ATTRIBUTES ----------------------------------------------------------
     # kvm_vm_set_mem_attributes() holds kvm->slots_lock for the whole ioctl, zap included, so
@@ -61,23 +59,11 @@ class MemoryAttributes:
     # memory the range no longer uses (an invalidation of its own); that is not modelled.
     # ``lp``: the LP of the thread that asks, -1 for the VMM's; QEMU converts for a vCPU's
     # exit (MapGPA, KVM_EXIT_MEMORY_FAULT) in that vCPU's thread.
-    def slots_lock(self, td: KvmTd) -> KvmMutex:
-        """kvm->slots_lock: held for a whole KVM_SET_MEMORY_ATTRIBUTES or memslot update."""
-        lock = self._slots.get(td.index)
-        if lock is None:
-            lock = self._slots[td.index] = KvmMutex(self.sim)
-        return lock
-
-    def slots_lock_state(self, td: KvmTd) -> tuple[bool, int]:
-        """(held, callers waiting) of ``td``'s slots_lock, for ``replay --until``."""
-        lock = self._slots.get(td.index)
-        return (lock.held, lock.waiters) if lock is not None else (False, 0)
-
     def make_shared(self, td: KvmTd, first_gfn: int, pages: int,
                     then: Callable[[], None] | None = None, lp: int = -1) -> None:
         """To shared: KVM zaps the range's private leaves, and the new attribute takes effect
         once that zap holds mmu_lock (ZapPath.zap's ``locked``)."""
-        self.slots_lock(td).acquire(partial(self._shared_locked, td, first_gfn, pages, then, lp))
+        td.slots_lock.acquire(partial(self._shared_locked, td, first_gfn, pages, then, lp))
 
     def _shared_locked(self, td: KvmTd, first_gfn: int, pages: int,
                        then: Callable[[], None] | None, lp: int, _: object) -> None:
@@ -94,7 +80,7 @@ class MemoryAttributes:
                      then: Callable[[], None], lp: int = -1) -> None:
         """To private: the attribute changes under mmu_lock, then KVM zaps the range's shared
         mappings when the scenario has direct roots (§4(e))."""
-        self.slots_lock(td).acquire(partial(self._private_locked, td, first_gfn, pages, then, lp))
+        td.slots_lock.acquire(partial(self._private_locked, td, first_gfn, pages, then, lp))
 
     def _private_locked(self, td: KvmTd, first_gfn: int, pages: int,
                         then: Callable[[], None], lp: int, _: object) -> None:
@@ -110,7 +96,7 @@ class MemoryAttributes:
         done()
 
     def _ioctl_done(self, td: KvmTd, then: Callable[[], None] | None) -> None:
-        self.slots_lock(td).release()
+        td.slots_lock.release()
         if then is not None:
             then()
 

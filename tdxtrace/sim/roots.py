@@ -50,7 +50,6 @@ from tdxtrace.sim.roots_zap import RootZap
 
 if TYPE_CHECKING:
     from tdxtrace.sim.kvm_state import KvmTd, Vcpu
-    from tdxtrace.sim.process import KvmMutex
     from tdxtrace.sim.scenario import Scenario
     from tdxtrace.sim.world import World
 
@@ -252,16 +251,15 @@ class Roots:
         (KVM_SET_USER_MEMORY_REGION holds it throughout, as attribute changes do)."""
         if self.world.stopping or td.bugged:
             return
-        lock = self.world.attrs.slots_lock(td)
         due = self.sim.now + self.world.scenario.vmm.memslot_interval_us * 1000
-        lock.acquire(lambda _: self.zap(td, ZapReason.MEMSLOT, self.window_gfn,
-                                        self.window_pages, self.policy_scope,
-                                        partial(self._memslot_done, td, lock, due)))
+        td.slots_lock.acquire(lambda _: self.zap(td, ZapReason.MEMSLOT, self.window_gfn,
+                                                 self.window_pages, self.policy_scope,
+                                                 partial(self._memslot_done, td, due)))
 
-    def _memslot_done(self, td: KvmTd, lock: KvmMutex, due: int) -> None:
+    def _memslot_done(self, td: KvmTd, due: int) -> None:
         """The ioctl returns. One VMM thread: the next change is due ``memslot_interval_us``
         after this one began, or now if this one took longer."""
-        lock.release()
+        td.slots_lock.release()
         self.sim.at(max(due, self.sim.now), self._memslot, td)
 
     def _notifier(self, td: KvmTd) -> None:

@@ -30,6 +30,7 @@ from tdxtrace.sim.mem_attrs import MemoryAttributes
 from tdxtrace.sim.mmu import MirrorRoot
 from tdxtrace.sim.module import TdxModule
 from tdxtrace.sim.module_state import ModuleTd, ModuleVcpu
+from tdxtrace.sim.process import KvmMutex
 from tdxtrace.sim.recorder import BatchSink, EventLog
 from tdxtrace.sim.roots import Roots
 from tdxtrace.sim.roots_guest import SHARED_GFN
@@ -144,7 +145,8 @@ class World:
                        vcpus=[ModuleVcpu() for _ in range(cfg.vcpus)])
         self.module.tds.append(mtd)
         vmm_lp = self.vmm_lps[index % len(self.vmm_lps)]
-        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1), vmm_lp=vmm_lp, zap_lp=vmm_lp)
+        td = KvmTd(index, mtd, MirrorRoot(root_id=index * 2 + 1), vmm_lp=vmm_lp, zap_lp=vmm_lp,
+                   slots_lock=KvmMutex(self.sim))
         vcpu_lps = self.vcpu_lps
         for i in range(cfg.vcpus):
             workload = Workload(guest.workload, i, cfg.vcpus, PRIVATE_BASE_GFN, self.pages,
