@@ -122,15 +122,26 @@ class Lifecycle:
 
     def on_lp(self, job: Job, purpose: IpiPurpose, target: int, leaf: int,
               fn: Callable[..., int], vcpu: int | None = None) -> Process:
-        """smp_call_on_cpu(target, SEAMCALL): an IPI row unless ``target`` is the caller."""
+        """smp_call_on_cpu(target, SEAMCALL): one call, sent to ``target`` (run_sent)."""
+        def one_call() -> Process:
+            status = yield self.call(job, leaf, fn, lp=target, vcpu=vcpu)
+            return status
+
+        status = yield from self.run_sent(job, purpose, target, one_call(), vcpu)
+        return status
+
+    def run_sent(self, job: Job, purpose: IpiPurpose, target: int, work: Process,
+                 vcpu: int | None = None) -> Process:
+        """``work`` sent to ``target`` and waited for: an IPI row unless ``target`` is the
+        caller's LP; it runs there after the functions sent before it, alone."""
         there, back = self.placement.send_ipi(purpose, job.td.index, vcpu, target, job.lp,
                                               job.corr, job.flow)
         yield self.sleep(there)
-        lp_free = yield partial(self.placement.run_on_lp, target)  # after what runs there
-        status = yield self.call(job, leaf, fn, lp=target, vcpu=vcpu)
+        lp_free = yield partial(self.placement.run_on_lp, target)
+        result = yield from work
         lp_free()
         yield self.sleep(back)
-        return status
+        return result
 
     # --- creation (td_create.py) ----------------------------------------------------------
     def create_all(self) -> None:

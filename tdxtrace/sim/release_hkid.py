@@ -119,11 +119,12 @@ class HkidRelease:
         self.life.done(job, Phase.VP_FLUSH, start, failed)
 
     def _cache_wb(self, job: Job, package: int, target: int, failures: list[int]) -> Process:
-        """smp_func_do_phymem_cache_wb() on ``target``: resume while INTERRUPTED_RESUMABLE."""
-        there, back = self.life.placement.send_ipi(IpiPurpose.CACHE_WB, job.td.index, None, target,
-                                              job.lp, job.corr, job.flow)
-        yield self.life.sleep(there)
-        lp_free = yield partial(self.life.placement.run_on_lp, target)  # the whole loop is one
+        """The package's flush sent to ``target``, its whole resume loop one function there."""
+        yield from self.life.run_sent(job, IpiPurpose.CACHE_WB, target,
+                                      self._flush(job, package, target, failures))
+
+    def _flush(self, job: Job, package: int, target: int, failures: list[int]) -> Process:
+        """smp_func_do_phymem_cache_wb(): resume while INTERRUPTED_RESUMABLE."""
         status, resume = RESUMABLE, False
         for _ in range(TDX_SEAMCALL_RETRIES):
             status = yield self.life.call(job, L.TDH_PHYMEM_CACHE_WB,
@@ -133,9 +134,7 @@ class HkidRelease:
                 break
             resume = True
             self.log.count("cache_wb_resumes")
-        lp_free()
         if status not in (SUCCESS, NO_HKID_READY):  # WARN_ON_ONCE; FREEID will fail
             failures.append(status)
             self.world.note(f"TD {job.td.index}: TDH.PHYMEM.CACHE.WB on LP {target} "
                             f"returned {status:#x}")
-        yield self.life.sleep(back)
