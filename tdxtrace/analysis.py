@@ -251,8 +251,7 @@ def run_analyzers(trace: Trace, analyzers: Iterable[Analyzer], *, only: Sequence
     # Not with a timeout: it is wall-clock time, which the analyzers running at once share,
     # so whether one timed out would depend on ``jobs``.
     if jobs > 1 and len(selected) > 1 and trace.in_memory and timeout is None:
-        shared = trace
-        return run_in_threads(lambda a: _run_guarded(a, shared, in_worker=_in_worker()),
+        return run_in_threads(lambda a: _run_guarded(a, trace, in_worker=_in_worker()),
                               selected, jobs,
                               lambda a: AnalyzerOutcome(a.name, None, "ended without a result", a))
     return [run_one(a, trace, timeout) for a in selected]
