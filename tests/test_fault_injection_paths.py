@@ -156,3 +156,20 @@ def test_a_batched_page_draws_as_if_it_had_its_own_row() -> None:
     batched = busy_pages(0)
     assert len(batched) > 50
     assert batched == busy_pages(1 << 20)
+
+
+def test_a_busy_finalize_is_ebusy_to_the_vmm_which_exits_without_a_kvm_bug() -> None:
+    # tdx_td_finalize(): OPERAND_BUSY from TDH.MR.FINALIZE returns -EBUSY (tdx-reference.md
+    # §4(a) step 7), no KVM_BUG_ON; QEMU gives up on the VM, so the TD never runs and is torn
+    # down like any other.
+    events, truth = run("zero-step", "faults.spurious_busy_leaf='mr.finalize'",
+                        "faults.spurious_busy_p=1.0")
+    rows = _observable(events)
+    finalize = _calls(rows, Leaf.TDH_MR_FINALIZE)
+    assert finalize.height == 1 and finalize.select(_busy(finalize)).item()
+    assert truth["vms_bugged"] == 0 and truth["vmm_exits_on_finalize"] == 1
+    assert rows.filter(pl.col("kind").is_in([Kind.VM_BUGGED, Kind.TD_ENTRY])).height == 0
+    assert _calls(rows, Leaf.TDH_MEM_PAGE_AUG).height == 0  # nothing ran in it
+    assert truth["teardowns_finished"] == 1 and truth["hkid_leaks"] == 0
+    done = rows.filter((pl.col("kind") == Kind.PHASE_DONE) & (pl.col("sub") == Phase.FINALIZE))
+    assert done["status"].to_list() == finalize["status"].to_list()  # the ioctl's answer

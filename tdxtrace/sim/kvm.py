@@ -156,7 +156,7 @@ class Kvm:
 
     def enter(self, v: Vcpu) -> None:
         td = v.td
-        if v.stopped or td.bugged or self.world.stopping:
+        if v.stopped or td.dead or self.world.stopping:
             return
         if v.cpu != v.lp or v.migrate_to >= 0:
             self.world.lifecycle.placement.load(v)  # tdx_vcpu_load(); enters again after

@@ -48,6 +48,8 @@ class KvmTd:
     vcpus: list[Vcpu] = field(default_factory=list)
     wait_for_sept_zap: bool = False
     bugged: bool = False
+    # Its VMM exited (QEMU quits when KVM_TDX_FINALIZE_VM fails): nothing runs the TD again.
+    vmm_exited: bool = False
     spin_free_at: int = 0  # seamcall_spinlock policy: when the per-TD spinlock is free
     zapped_gfns: set[int] = field(default_factory=set)  # for refault accounting
     # The first status a zap of this TD hit a TDX_BUG_ON with (0: none): a teardown's
@@ -64,6 +66,11 @@ class KvmTd:
     # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
     # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
     mmu_invalidate_seq: int = 0
+
+    @property
+    def dead(self) -> bool:
+        """No vCPU enters and the VMM changes nothing: KVM_BUG_ON'd, or its VMM exited."""
+        return self.bugged or self.vmm_exited
 
     def end_zap(self) -> None:
         """A runtime zap ends (kvm_mmu_invalidate_end()): mmu_invalidate_seq moves, then the

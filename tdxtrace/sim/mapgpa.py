@@ -118,7 +118,7 @@ class MapGpa:
 
     def _due(self, td_index: int) -> None:
         td = self.world.tds[td_index]
-        if self.world.stopping or td.bugged:
+        if self.world.stopping or td.dead:
             return
         index = self._next_vcpu[td_index]
         self._next_vcpu[td_index] = (index + 1) % len(td.vcpus)

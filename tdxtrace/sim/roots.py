@@ -249,7 +249,7 @@ class Roots:
     def _memslot(self, td: KvmTd) -> None:
         """The VMM deletes and re-creates (or re-flags) the shared slot, under kvm->slots_lock
         (KVM_SET_USER_MEMORY_REGION holds it throughout, as attribute changes do)."""
-        if self.world.stopping or td.bugged:
+        if self.world.stopping or td.dead:
             return
         due = self.sim.now + self.world.scenario.vmm.memslot_interval_us * 1000
         td.slots_lock.acquire(lambda _: self.zap(td, ZapReason.MEMSLOT, self.window_gfn,
@@ -264,7 +264,7 @@ class Roots:
 
     def _notifier(self, td: KvmTd) -> None:
         """The host mm invalidates part of the VMM's mapping of guest memory (shared view)."""
-        if self.world.stopping or td.bugged:
+        if self.world.stopping or td.dead:
             return
         span = self.window_gfn + self.window_pages - self.private_gfn
         pages = min(self.notifier_pages, span)

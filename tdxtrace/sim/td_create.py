@@ -3,8 +3,9 @@
 MNG.CREATE under the global ``tdx_lock``, KEY.CONFIG on the first LP of every package (IPI),
 MNG.ADDCX per TDCS page, MNG.INIT, then per vCPU a vcpu_load() on the VMM's LP, VP.CREATE,
 VP.ADDCX per TDCX page, VP.INIT (under mmu_lock write; it associates the vCPU with that LP),
-then MR.FINALIZE. A failing step ends the creation and marks the VM
-bugged. Helper of :mod:`.lifecycle` (same conventions).
+then MR.FINALIZE. A failing step ends the creation and marks the VM bugged, except a BUSY
+MR.FINALIZE: -EBUSY to the VMM, which exits (the TD never runs). Helper of :mod:`.lifecycle`
+(same conventions).
 
 Not modelled: KVM_TDX_INIT_MEM_REGION (TDH.MEM.PAGE.ADD plus 16 TDH.MR.EXTEND per page,
 reference §4(a) step 5) between VP.INIT and MR.FINALIZE; the TD starts with no private
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from tdxtrace.codes import Leaf
+from tdxtrace.codes import Leaf, is_busy
 from tdxtrace.events import Flow, IpiPurpose, Phase
 from tdxtrace.sim.module import SUCCESS
 from tdxtrace.sim.module_teardown import TDCS_PAGES, TDVPS_PAGES
@@ -70,4 +71,13 @@ def create_td(life: Lifecycle, td: KvmTd) -> Process:
     status = yield life.call(job, L.TDH_MR_FINALIZE, partial(lv.mr_finalize, mtd))
     life.done(job, Phase.FINALIZE, start, status)
     life.log.count("tds_created")
+    if is_busy(status):
+        # tdx_td_finalize(): OPERAND_BUSY is -EBUSY to userspace, not a KVM_BUG_ON (§4(a)
+        # step 7). QEMU's tdx_finalize_vm() reports the error and exits: the TD never runs,
+        # and it is torn down with the others when the run ends.
+        td.vmm_exited = True
+        for v in td.vcpus:
+            v.stopped = True
+        life.log.count("vmm_exits_on_finalize")
+        return status
     return life.bug(job, L.TDH_MR_FINALIZE, status) if status else SUCCESS

@@ -235,7 +235,7 @@ class World:
 
     # --- the VMM --------------------------------------------------------------------------
     def _vmm_zap(self, td: KvmTd) -> None:
-        if self.stopping or td.bugged:
+        if self.stopping or td.dead:
             return
         vmm = self.scenario.vmm
         count = min(vmm.zap_pages, self.pages)
