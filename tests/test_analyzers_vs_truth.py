@@ -131,6 +131,12 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
                          ("faults", "mapgpa_conversions", "teardowns")),
     "linux-guest-convert": ("mapgpa-convert", [*SHORT, "guest.accept=before_touch"],
                             ("mapgpa_conversions", "mapgpa_retries")),
+    # Timer handlers that exit (TDVMCALL<WRMSR> at their own RIP): never taken for a MapGPA,
+    # and zero-step still arms where KVM resumes the guest on a frozen SPTE.
+    "tick-exit-convert": ("mapgpa-convert", [*SHORT, "guest.tick_exit=tdvmcall"],
+                          ("mapgpa_conversions", "mapgpa_retries")),
+    "tick-exit-resume-guest": ("zero-step", ["guest.tick_exit=tdvmcall", "kvm.preempt_p=0.4"],
+                               ("zero_step_incidents",)),
 }
 
 

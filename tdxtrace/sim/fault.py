@@ -222,7 +222,7 @@ class FaultPath:
         self.log.row(0, _KIND_FAULT_DONE, FLOW, outcome, f.corr, v.td.index, v.index, v.lp, None,
                      None, None, f.gpa, None, None, f.retries, None, None)  # row order, hot
         if self.sim.now >= v.next_timer:
-            v.next_timer = self.sim.now + self.kvm.timer_period
+            v.take_tick(self.sim.now, self.kvm.timer_period)
         self.kvm.enter(v)
 
     def _spte(self, f: Fault, level: int, old: int, new: int) -> None:

@@ -27,6 +27,9 @@ CODE_BASE = 0xFFFFFFFF81000000  # guest kernel text
 # kernel's accept-memory loop accepts every page, so all its EPT violations share this RIP
 # (below the workload's code, which starts at CODE_BASE).
 ACCEPT_RIP = CODE_BASE - 0x1000
+# guest.tick_exit = tdvmcall: the RIP of the timer interrupt handler's WRMSR (its #VE handler
+# makes the TDVMCALL there), away from the accept loop and the workload's code.
+TICK_HANDLER_RIP = CODE_BASE - 0x2000
 INSTRUCTION_BYTES = 7
 
 

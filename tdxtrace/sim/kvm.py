@@ -258,8 +258,8 @@ class Kvm:
         delay = self._td_exit_ns() + self._exit_handling_ns()
         if reason == EPT_VIOLATION and gpa is not None:
             self.sim.after(delay, self.on_private_fault, v, gpa)
-        elif reason == TDCALL:
-            self.sim.after(delay, self.on_tdvmcall, v)
+        elif reason == TDCALL:  # the timer handler's WRMSR: the fastpath, no MapGPA
+            self.sim.after(delay, self.enter if v.in_handler else self.on_tdvmcall, v)
         else:
             self.sim.after(delay, self.enter, v)
 

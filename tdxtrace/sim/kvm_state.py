@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tdxtrace.sim.guest import ACCEPT_RIP, Workload
+from tdxtrace.sim.guest import ACCEPT_RIP, TICK_HANDLER_RIP, Workload
 from tdxtrace.sim.mmu import MirrorRoot, MmuLock
 from tdxtrace.sim.module_state import ModuleTd
 from tdxtrace.sim.process import KvmMutex
@@ -33,10 +33,24 @@ class Vcpu:
     # guest.accept = before_touch: the guest is running TDG.MEM.PAGE.ACCEPT on its current
     # touch's page (at ACCEPT_RIP) before touching it.
     accepting: bool = False
+    # guest.tick_exit = tdvmcall: the timer handler exits once after each tick the guest
+    # takes (due), and the vCPU is in it (in_handler) from that exit until the guest runs on.
+    tick_exits: bool = False
+    handler_exit_due: bool = False
+    in_handler: bool = False
 
     def rip(self) -> int:
-        """The guest's RIP: the ACCEPT's while accepting, else the current touch's."""
+        """The guest's RIP: the timer handler's while in it, the ACCEPT's while accepting,
+        else the current touch's."""
+        if self.in_handler:
+            return TICK_HANDLER_RIP
         return ACCEPT_RIP if self.accepting else self.workload.current.rip
+
+    def take_tick(self, now: int, period: int) -> None:
+        """kvm_vcpu_has_events() sent the vCPU back to the guest to take its due timer
+        interrupt: the next one is a period away, and the handler may exit first."""
+        self.next_timer = now + period
+        self.handler_exit_due = self.tick_exits
 
 
 @dataclass(slots=True)

@@ -156,5 +156,5 @@ class MemoryAttributes:
                       lp=v.lp, status=0)
         kvm = self.world.kvm
         if self.sim.now >= v.next_timer:  # as after any fault: the tick was handled on the way
-            v.next_timer = self.sim.now + kvm.timer_period
+            v.take_tick(self.sim.now, kvm.timer_period)
         kvm.enter(v)

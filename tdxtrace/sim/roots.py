@@ -237,7 +237,7 @@ class Roots:
         self.log.emit(Kind.FAULT_DONE, sub=FaultOutcome.SHARED, flow=FAULT_FLOW, corr=corr,
                       td=td.index, vcpu=v.index, lp=v.lp, gpa=gpa, arg0=0)
         if self.sim.now >= v.next_timer:
-            v.next_timer = self.sim.now + self.kvm.timer_period
+            v.take_tick(self.sim.now, self.kvm.timer_period)
         self.kvm.enter(v)
 
     def _spte(self, td: KvmTd, root: DirectRoot, corr: int, flow: int, gpa: int, level: int,

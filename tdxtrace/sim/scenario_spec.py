@@ -73,6 +73,11 @@ SPEC: dict[str, dict[str, Key]] = {
         "hot_fraction": Key(float, 0.5, low=0.0, high=1.0,
                             doc="share of touches that go to the hot set"),
         "timer_hz": Key(int, 250, low=1, high=100_000, doc="guest timer interrupts per second"),
+        "tick_exit": Key(str, "none", ("none", "tdvmcall"),
+                         doc="the guest's timer interrupt handler: none: makes no exit; "
+                             "tdvmcall: re-arms the TSC-deadline timer with TDVMCALL<WRMSR> "
+                             "at its own RIP, as a Linux guest does (an exit at another RIP "
+                             "resets the module's zero-step count)"),
         "max_touches": Key(int, 64, low=1, high=100_000,
                            doc="touches of mapped pages the guest does per scheduling step"),
         "shared_fraction": Key(float, 0.0, low=0.0, high=1.0,

@@ -40,6 +40,7 @@ from tdxtrace.sim.zap import ZapPath
 PRIVATE_BASE_GFN = 0x100000  # private memory starts at 4 GiB
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
+TDCALL = int(ExitReason.TDCALL)
 ACCEPT_OK = (int(Status.SUCCESS), int(Status.PAGE_ALREADY_ACCEPTED))
 GUEST_ACCEPT_HOLDER = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
 ZAP_SCOPES = {"range_leafs": ZapScope.RANGE_LEAFS, "all_roots": ZapScope.ALL_ROOTS,
@@ -153,7 +154,7 @@ class World:
                                 guest.hot_pages, guest.hot_fraction,
                                 self.rng.stream(f"guest.td{index}.vcpu{i}"))
             td.vcpus.append(Vcpu(td, i, vcpu_lps[(index * cfg.vcpus + i) % len(vcpu_lps)],
-                                 workload))
+                                 workload, tick_exits=guest.tick_exit == "tdvmcall"))
         return td
 
     # --- the guest ------------------------------------------------------------------------
@@ -163,9 +164,16 @@ class World:
             return
         sim, kvm = self.sim, self.kvm
         now = sim.now
+        if v.handler_exit_due:  # the timer handler re-arms the TSC deadline: #VE, TDVMCALL
+            v.handler_exit_due = False
+            v.in_handler = True
+            kvm.exit_guest(v, TDCALL, None)
+            return
+        v.in_handler = False  # back at the interrupted RIP
         if now >= v.next_timer:
             while v.next_timer <= now:
                 v.next_timer += self.timer_period_ns
+            v.handler_exit_due = v.tick_exits  # taken on the next entry
             kvm.exit_guest(v, EXTERNAL_INTERRUPT, None)
             return
         mapgpa = self.mapgpa
