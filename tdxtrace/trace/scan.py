@@ -11,10 +11,13 @@ the columns a query uses (``included_fields``), and turns any damage found since
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
+from types import TracebackType
 
 import polars as pl
 import pyarrow as pa
@@ -97,6 +100,54 @@ def _non_empty(reader: ipc.RecordBatchStreamReader, count: int) -> Iterator[pa.R
             yield batch
 
 
+class _Fetches:
+    """The batches polars is fetching from trace files right now, on its own threads.
+
+    Polars pulls an IO source from its worker threads and may still be fetching a batch
+    after a query that stopped early (``head()``, a short ``limit``) returned. A thread that
+    calls into Python while the interpreter shuts down kills the process (SIGABRT,
+    "exception not rethrown"), after the command had printed its answer. So at exit no new
+    fetch starts and the ones in flight are waited for.
+    """
+
+    def __init__(self) -> None:
+        self._idle = threading.Condition()
+        self._running = 0
+        self._stopping = False
+
+    def __enter__(self) -> None:
+        with self._idle:
+            if self._stopping:
+                raise StopIteration  # shutting down: the source ends here
+            self._running += 1
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        with self._idle:
+            self._running -= 1
+            self._idle.notify_all()
+
+    def stop_and_wait(self, timeout: float = 30.0) -> None:
+        with self._idle:
+            self._stopping = True
+            self._idle.wait_for(lambda: self._running == 0, timeout)
+
+
+_FETCHES = _Fetches()
+atexit.register(_FETCHES.stop_and_wait)
+
+
+class _Guarded(Iterator[pl.DataFrame]):
+    """``frames``, each fetched inside :data:`_FETCHES`."""
+
+    def __init__(self, frames: Iterator[pl.DataFrame]) -> None:
+        self._frames = frames
+
+    def __next__(self) -> pl.DataFrame:
+        with _FETCHES:
+            return next(self._frames)
+
+
 def scan_batches(path: Path, footerless: bool, count: int) -> pl.LazyFrame:
     """A LazyFrame over :func:`read_batches`, with projection, filter and limit pushed down."""
 
@@ -122,5 +173,9 @@ def scan_batches(path: Path, footerless: bool, count: int) -> pl.LazyFrame:
                 return
 
     # shown(): polars keeps the detail as Rust text, which cannot hold a non-UTF-8 name.
-    return register_io_source(source, schema=polars_schema(), is_pure=True,
+    def guarded(with_columns: list[str] | None, predicate: pl.Expr | None,
+                n_rows: int | None, batch_size: int | None) -> Iterator[pl.DataFrame]:
+        return _Guarded(source(with_columns, predicate, n_rows, batch_size))
+
+    return register_io_source(guarded, schema=polars_schema(), is_pure=True,
                               explain_name="tdxtrace", explain_detail=shown(path))
