@@ -89,6 +89,28 @@ def test_an_interrupted_record_keeps_an_unfinished_trace_and_says_so(
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.arrow"]  # no .partial
 
 
+def test_an_interrupted_record_with_force_keeps_the_trace_it_was_to_replace(
+        tmp_path: Path) -> None:
+    out = tmp_path / "run.arrow"
+    assert _tdxtrace("record", "zero-step", "--set", "run.duration_us=500", "-o", out,
+                     cwd=tmp_path).returncode == 0
+    before = out.read_bytes()
+    child = _start(["record", "fault-storm", *LONG, "-o", out, "--force"], tmp_path)
+
+    def grown() -> bool:
+        return any(_size(p) > FIRST_BATCHES_BYTES for p in tmp_path.glob(".run.arrow.*.partial"))
+
+    _wait_for(grown, child)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=WAIT_S)
+    assert child.returncode == 130
+    assert stderr.strip().endswith(f"tdxtrace: interrupted: {out} is left as it was; the "
+                                   "events recorded so far were not kept (an unfinished trace "
+                                   "never replaces a file)")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.arrow"]
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_info_analyze_and_report_read_the_interrupted_trace_and_mark_it_unfinished(
         interrupted: dict[str, tuple[Path, str, int]], sig: str) -> None:

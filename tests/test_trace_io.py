@@ -238,6 +238,20 @@ def test_an_exception_after_some_batches_leaves_an_unfinished_trace(tmp_path: Pa
     assert not trace.finished and trace.num_events() == 4
 
 
+def test_an_interrupted_forced_run_leaves_the_file_it_was_to_replace(tmp_path: Path) -> None:
+    # --force replaces a finished trace only with a finished one: an unfinished run is
+    # discarded (the same scenario and seed record it again) and the old trace stays.
+    path = tmp_path / "run.arrow"
+    with TraceWriter(path, META) as writer:
+        writer.write_batch(_batch(0, 5))
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt), TraceWriter(path, META, force=True) as writer:
+        writer.write_batch(_batch(0, 4))
+        raise KeyboardInterrupt
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.arrow"]  # no partial left
+
+
 class _CtrlCAsTheWriteReturns:
     """The Arrow writer, with a Ctrl-C arriving just as each batch write returns."""
 

@@ -83,6 +83,9 @@ def record_command(scenario: str, seed: int, overrides: tuple[str, ...], output:
             elif _identity(path) not in (None, before):
                 say(f"tdxtrace: interrupted: another file took the name {path} during the "
                     "run; the events recorded so far were not kept")
+            elif before is not None:
+                say(f"tdxtrace: interrupted: {path} is left as it was; the events recorded so "
+                    "far were not kept (an unfinished trace never replaces a file)")
             else:
                 say(f"tdxtrace: interrupted before the first batch of events was written; "
                     f"{path} was not written")

@@ -161,7 +161,10 @@ class TraceWriter:
         # Held for the whole clean-up: a second Ctrl-C right after the first (a user pressing
         # it twice) would otherwise cut it short and leave the temporary file behind.
         with signals_held():
-            if self._batches:
+            # An unfinished trace never replaces a file: not the finished trace that --force
+            # was to replace (the same scenario and seed record the partial again), nor one
+            # that took the name during the run.
+            if self._batches and not os.path.lexists(self.path):
                 # If this fails too, the original exception matters more (the partial is gone).
                 with contextlib.suppress(OutputError):
                     self.close_unfinished()
