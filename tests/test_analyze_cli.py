@@ -234,14 +234,16 @@ def test_no_analyzer_loaded_is_an_error_not_an_empty_success(trace_file: Path,
 
 def test_strict_refuses_a_cut_trace_that_would_otherwise_analyze_to_zeros(
         trace_file: Path, tmp_path: Path) -> None:
-    # A trace cut inside its only batch reads as 0 events: without --strict the figures are
-    # all zero and the exit status 0, which a CI check would take for a clean run.
+    # A trace cut inside its only batch reads as 0 events: its figures would all be zero,
+    # which a CI check would take for a clean run, so it is refused even without --strict.
     cut = tmp_path / "cut.arrow"
     data = trace_file.read_bytes()
     cut.write_bytes(data[:len(data) // 2])
     lenient = invoke("analyze", cut, "--format", "json", load="busy_retry")
-    assert lenient.exit_code == 0 and "unfinished trace" in lenient.stderr
-    assert json.loads(lenient.stdout)["busy_retry"]["metrics"]["busy_total"] == 0
+    assert lenient.exit_code == 2 and lenient.stdout == ""
+    assert lenient.stderr.splitlines()[-1] == (
+        f"tdxtrace: error: {cut}: nothing to analyze: the trace is unfinished and holds no "
+        "complete batch of events")
     strict = invoke("analyze", cut, "--strict", "--format", "json", load="busy_retry")
     assert strict.exit_code == 2 and strict.stdout == ""
     assert strict.stderr.splitlines()[-1] == (
@@ -250,3 +252,4 @@ def test_strict_refuses_a_cut_trace_that_would_otherwise_analyze_to_zeros(
     whole = invoke("analyze", trace_file, "--strict", "--format", "json", load="busy_retry")
     assert whole.exit_code == 0 and json.loads(whole.stdout)["busy_retry"]["metrics"][
         "busy_total"] == 24
+

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import invoke, record_zero_step
+from replay_helpers import rewrite
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,26 @@ def test_a_newline_in_capsule_metadata_stays_on_one_error_line(trace: Path,
 
 def test_warnings_quoting_a_newline_stay_one_line_each(trace: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut\nshort.arrow"
-    data = trace.read_bytes()
+    data = rewrite(trace, tmp_path / "small-batches.arrow").read_bytes()  # 1000 events each
     cut.write_bytes(data[: len(data) * 2 // 3])  # no footer: unfinished, with warnings
     result = invoke("analyze", cut, "-a", "zero_step")
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert lines and all(line.startswith("tdxtrace: warning: ") for line in lines), lines
     assert all("cut\\nshort.arrow" in line for line in lines)
+
+
+def test_report_strict_refuses_a_trace_with_warnings_and_writes_nothing(
+        trace: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.arrow"
+    data = rewrite(trace, tmp_path / "small.arrow").read_bytes()  # 1000-event batches
+    cut.write_bytes(data[: len(data) * 2 // 3])  # unfinished, some events readable
+    page = tmp_path / "cut.html"
+    lenient = invoke("report", cut, "-o", page, load="zero_step")
+    assert lenient.exit_code == 0 and page.is_file()
+    page.unlink()
+    strict = invoke("report", cut, "-o", page, "--strict", load="zero_step")
+    assert strict.exit_code == 2 and not page.exists()
+    assert strict.stderr.splitlines()[-1] == (
+        f"tdxtrace: error: {cut}: --strict: the trace has 2 warning(s), above; nothing was "
+        "analyzed")

@@ -14,10 +14,15 @@ import click
 import polars as pl
 
 from tdxtrace.analysis import Analyzer, AnalyzerOutcome, guarded, run_analyzers
-from tdxtrace.commands.messages import failed_plugins, say, warn
-from tdxtrace.commands.options import jobs_option, path_param, timeout_option
+from tdxtrace.commands.messages import failed_plugins, say
+from tdxtrace.commands.options import (
+    jobs_option,
+    open_for_analysis,
+    path_param,
+    strict_option,
+    timeout_option,
+)
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
-from tdxtrace.errors import TraceFormatError
 from tdxtrace.plugins import (
     describe_analyzer,
     load_analyzers,
@@ -25,7 +30,6 @@ from tdxtrace.plugins import (
     require_analyzers,
 )
 from tdxtrace.report.formatting import is_hex_name
-from tdxtrace.trace import open_trace
 
 TABLE_ROWS = 20  # rows shown per table in the text format
 
@@ -124,9 +128,7 @@ def outcomes_text(outcomes: Sequence[AnalyzerOutcome]) -> str:
 @jobs_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Text for people, or JSON for scripts and CI.")
-@click.option("--strict", is_flag=True,
-              help="Refuse a trace with any warning (unfinished, damaged, suspect rows) "
-                   "instead of analyzing what could be read: exit status 2.")
+@strict_option
 def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequence[Path],
                     fmt: str, timeout: float | None, jobs: int, strict: bool) -> None:
     """Run the analyzers over TRACE and print their metrics and tables.
@@ -145,9 +147,9 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
 
     \b
     Exit status: 0 all analyzers ran; 1 an analyzer or a plugin failed (the other results
-    are still printed); 2 bad input (unreadable trace, unknown --analyzer, bad plugin hook,
-    or with --strict a trace with warnings: a CI check then cannot pass on the part of a cut
-    or damaged file that could be read).
+    are still printed); 2 bad input (unreadable trace, an unfinished one with no event read,
+    unknown --analyzer, bad plugin hook, or with --strict a trace with warnings: a CI check
+    then cannot pass on the part of a cut or damaged file that could be read).
 
     \b
     Examples:
@@ -155,11 +157,7 @@ def analyze_command(trace_path: Path, only: Sequence[str], plugins_dirs: Sequenc
       tdxtrace analyze run.arrow -a busy_retry --format json
       tdxtrace analyze run.arrow --strict --format json > figures.json   (CI)
     """
-    trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
-    warn(trace.warnings)
-    if strict and trace.warnings:
-        raise TraceFormatError(f"{trace_path}: --strict: the trace has {len(trace.warnings)} "
-                               "warning(s), above; nothing was analyzed")
+    trace = open_for_analysis(trace_path, strict)
     pm = make_plugin_manager(plugins_dirs=plugins_dirs)
     loaded = load_analyzers(pm)
     require_analyzers(loaded)

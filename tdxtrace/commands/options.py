@@ -10,6 +10,9 @@ from typing import Any
 import click
 
 from tdxtrace.analysis_threads import DEFAULT_JOBS, MAX_JOBS
+from tdxtrace.commands.messages import warn
+from tdxtrace.errors import TraceFormatError
+from tdxtrace.trace import Trace, open_trace
 
 # Any timeout longer than this is "no limit" in practice; a bigger number (1e300, inf) is far
 # more likely a typo than a wish, and cannot be waited for anyway (thread joins overflow).
@@ -57,3 +60,26 @@ class PathParam(click.Path):
 def path_param(**kwargs: bool) -> PathParam:
     """``click.Path`` converting to ``pathlib.Path``, the empty string refused."""
     return PathParam(path_type=Path, **kwargs)
+
+
+strict_option = click.option(
+    "--strict", is_flag=True,
+    help="Refuse a trace with any warning (unfinished, damaged, suspect rows) instead of "
+         "analyzing what could be read: exit status 2.")
+
+
+def open_for_analysis(trace_path: Path, strict: bool) -> Trace:
+    """The trace at ``trace_path`` for analyze and report, its warnings on stderr.
+
+    Refused (exit 2): with ``strict``, a trace with warnings; always, an unfinished trace of
+    which no event could be read, whose analysis would be all zeros that look like a clean run.
+    """
+    trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
+    warn(trace.warnings)
+    if strict and trace.warnings:
+        raise TraceFormatError(f"{trace_path}: --strict: the trace has {len(trace.warnings)} "
+                               "warning(s), above; nothing was analyzed")
+    if not trace.finished and trace.num_events() == 0:
+        raise TraceFormatError(f"{trace_path}: nothing to analyze: the trace is unfinished and "
+                               "holds no complete batch of events")
+    return trace

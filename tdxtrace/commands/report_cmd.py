@@ -9,15 +9,20 @@ from pathlib import Path
 import click
 
 from tdxtrace.analysis import AnalyzerOutcome, run_analyzers
-from tdxtrace.commands.messages import failed_plugins, say, warn
-from tdxtrace.commands.options import jobs_option, path_param, timeout_option
+from tdxtrace.commands.messages import failed_plugins, say
+from tdxtrace.commands.options import (
+    jobs_option,
+    open_for_analysis,
+    path_param,
+    strict_option,
+    timeout_option,
+)
 from tdxtrace.commands.plugins_cmd import plugins_dir_option
 from tdxtrace.errors import TdxtraceError
 from tdxtrace.outputs import check_output
 from tdxtrace.plugins import FailedPlugin, load_analyzers, make_plugin_manager, require_analyzers
 from tdxtrace.report import default_report_path, parse_thresholds, render, write_html
 from tdxtrace.report.thresholds import ThresholdTable
-from tdxtrace.trace import open_trace
 
 
 def failed_plugin_outcome(failed: FailedPlugin) -> AnalyzerOutcome:
@@ -56,9 +61,10 @@ def check_thresholds(thresholds: ThresholdTable, outcomes: Sequence[AnalyzerOutc
               metavar="ANALYZER.METRIC=WARN:FAIL",
               help="Override a metric's warn/fail limits (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
+@strict_option
 def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
                    plugins_dirs: Sequence[Path], threshold_specs: Sequence[str],
-                   force: bool, timeout: float | None, jobs: int) -> None:
+                   force: bool, timeout: float | None, jobs: int, strict: bool) -> None:
     """Analyze TRACE and write one self-contained HTML report.
 
     The page has the run's metadata, a summary table of each analyzer's key figures with an
@@ -75,7 +81,8 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     Exit status: 0 written; 1 written, but an analyzer, a plugin or a section template
     failed (its section shows the error); 2 bad input (unreadable trace, unknown analyzer,
     bad --threshold, output exists without --force, output is the trace itself or not a
-    regular file).
+    regular file, an unfinished trace with no event read, or with --strict a trace with
+    warnings).
 
     \b
     Examples:
@@ -87,8 +94,7 @@ def report_command(trace_path: Path, output: Path | None, only: Sequence[str],
     path = output if output is not None else default_report_path(trace_path)
     # Before the analysis, not after minutes of it; write_html checks again when publishing.
     check_output(path, force=force, inputs=(trace_path,))
-    trace = open_trace(trace_path, keep_decoded=True)  # the analyzers read it, not the file
-    warn(trace.warnings)
+    trace = open_for_analysis(trace_path, strict)
     loaded = load_analyzers(make_plugin_manager(plugins_dirs=plugins_dirs))
     require_analyzers(loaded)
     failed_plugins(loaded.failed)
