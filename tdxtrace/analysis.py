@@ -9,6 +9,7 @@ the outcomes by analyzer name, never by plugin load order.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -159,8 +160,11 @@ def select_analyzers(analyzers: Iterable[Analyzer], only: Sequence[str] = ()) ->
     unknown = sorted(set(only) - by_name.keys())
     if unknown:
         available = ", ".join(sorted(by_name)) or "none"
+        # The variable may be why: it keeps every other plugin from loading.
+        limited = os.environ.get("TDXTRACE_LOAD_PLUGINS", "").strip()
+        why = f" (TDXTRACE_LOAD_PLUGINS={limited} limits which plugins load)" if limited else ""
         raise TdxtraceError(f"unknown analyzer {', '.join(map(repr, unknown))}; "
-                            f"available: {available}")
+                            f"available: {available}{why}")
     wanted = set(only) if only else set(by_name)
     return [by_name[n] for n in sorted(wanted)]
 

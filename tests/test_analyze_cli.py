@@ -148,7 +148,8 @@ def test_a_plugin_that_cannot_be_imported_is_reported_and_the_rest_runs(
 
 
 @pytest.mark.parametrize(("args", "load", "message"), [
-    (["-a", "nope"], "good", "unknown analyzer 'nope'; available: rows"),
+    (["-a", "nope"], "good", "unknown analyzer 'nope'; available: rows "
+                             "(TDXTRACE_LOAD_PLUGINS=good limits which plugins load)"),
     ([], "nope", "TDXTRACE_LOAD_PLUGINS names unknown plugin(s) nope; available: "),
 ])
 def test_bad_names_are_one_line_and_exit_2(trace_file: Path, plugins_dir: Path,
