@@ -9,10 +9,14 @@ a row of its own with KVM's answer (kick and retry, or TDX_BUG_ON); the batch go
 from __future__ import annotations
 
 import polars as pl
+import pytest
 from emulator_helpers import run
 
 from tdxtrace.codes import EXIT_REASON_INVALID, Leaf, OperandId, Status, with_operand
+from tdxtrace.errors import ScenarioError
 from tdxtrace.events import Flow, KickReason, Kind, Phase
+from tdxtrace.sim.costs import CALLED_LEAVES, cost_key
+from tdxtrace.sim.scenario import load_scenario
 from tdxtrace.testing import make_trace, run_analyzer
 from tdxtrace_plugins.busy_retry import BusyRetry
 
@@ -173,3 +177,19 @@ def test_a_busy_finalize_is_ebusy_to_the_vmm_which_exits_without_a_kvm_bug() -> 
     assert truth["teardowns_finished"] == 1 and truth["hkid_leaks"] == 0
     done = rows.filter((pl.col("kind") == Kind.PHASE_DONE) & (pl.col("sub") == Phase.FINALIZE))
     assert done["status"].to_list() == finalize["status"].to_list()  # the ioctl's answer
+
+
+@pytest.mark.parametrize("leaf", CALLED_LEAVES, ids=cost_key)
+def test_every_leaf_offered_for_injection_draws_it(leaf: Leaf) -> None:
+    # faults.spurious_busy_leaf offers only leaves the emulator calls: each gets its BUSY.
+    _, truth = run("zap-under-load", "run.duration_us=3000",
+                   f"faults.spurious_busy_leaf='{cost_key(leaf)}'", "faults.spurious_busy_p=1.0")
+    name = leaf.name.removeprefix("TDH_").replace("_", ".")
+    assert any(k.startswith(f"TDH.{name}|") for k in truth["busy_by_leaf_operand"]), truth
+
+
+@pytest.mark.parametrize("spelled", ["mem.page.add", "TDH.SYS.INIT"])
+def test_a_leaf_the_emulator_never_calls_is_refused_as_spelled(spelled: str) -> None:
+    with pytest.raises(ScenarioError, match=f"faults.spurious_busy_leaf: '{spelled}' is not "
+                                            "allowed"):
+        load_scenario("zero-step", [f"faults.spurious_busy_leaf='{spelled}'"])

@@ -82,6 +82,16 @@ def cost_key(leaf: Leaf) -> str:
 
 
 LEAF_BY_KEY: dict[str, Leaf] = {cost_key(leaf): leaf for leaf in Leaf}
+# The leaves the emulator calls (VP.ENTER as a TD entry, the rest as SEAMCALL rows): the only
+# ones a fault can be injected into (faults.spurious_busy_leaf); the others would never draw.
+CALLED_LEAVES: tuple[Leaf, ...] = (
+    Leaf.TDH_VP_ENTER, Leaf.TDH_MEM_PAGE_AUG, Leaf.TDH_MEM_SEPT_ADD, Leaf.TDH_MEM_RANGE_BLOCK,
+    Leaf.TDH_MEM_TRACK, Leaf.TDH_MEM_PAGE_REMOVE, Leaf.TDH_PHYMEM_PAGE_WBINVD,
+    Leaf.TDH_PHYMEM_PAGE_RECLAIM, Leaf.TDH_PHYMEM_CACHE_WB, Leaf.TDH_MNG_CREATE,
+    Leaf.TDH_MNG_KEY_CONFIG, Leaf.TDH_MNG_ADDCX, Leaf.TDH_MNG_INIT, Leaf.TDH_VP_CREATE,
+    Leaf.TDH_VP_ADDCX, Leaf.TDH_VP_INIT, Leaf.TDH_MR_FINALIZE, Leaf.TDH_VP_FLUSH,
+    Leaf.TDH_MNG_VPFLUSHDONE, Leaf.TDH_MNG_KEY_FREEID,
+)
 
 
 Sampler = Callable[[], int]  # draws one duration in ns from the ``costs`` stream

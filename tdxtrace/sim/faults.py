@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from tdxtrace.codes import Leaf, OperandId, Status, with_operand
 from tdxtrace.errors import ScenarioError
-from tdxtrace.sim.costs import LEAF_BY_KEY
+from tdxtrace.sim.costs import CALLED_LEAVES, LEAF_BY_KEY, cost_key
 from tdxtrace.sim.kernel import RandomStreams
 from tdxtrace.sim.scenario_spec import leaf_key
 
@@ -47,10 +47,11 @@ class FaultPlan:
             # A resolved scenario holds the cost-table key already (scenario_spec normalizes
             # it); a config built by hand may still spell it TDH.MEM.PAGE.AUG.
             leaf = LEAF_BY_KEY.get(leaf_key(config.spurious_busy_leaf))
-            if leaf is None:
+            if leaf not in CALLED_LEAVES:
+                called = ", ".join(sorted(map(cost_key, CALLED_LEAVES)))
                 raise ScenarioError(
-                    f"faults.spurious_busy_leaf: unknown leaf {config.spurious_busy_leaf!r} "
-                    f"(allowed: {', '.join(sorted(LEAF_BY_KEY))}, or TDH.* names)")
+                    f"faults.spurious_busy_leaf: {config.spurious_busy_leaf!r} is not a leaf "
+                    f"the emulator calls (allowed: {called}, or TDH.* names)")
             self._leaf = int(leaf)
         self._busy_p = config.spurious_busy_p
         self.injects_busy = self._leaf is not None and self._busy_p > 0

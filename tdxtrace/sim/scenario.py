@@ -42,6 +42,7 @@ from tdxtrace.strict_text import (
 
 
 def _check_value(where: str, key: Key, value: Any) -> Any:
+    given = value  # as the user spelled it, for the messages
     if key.normalize is not None and isinstance(value, key.type):
         value = key.normalize(value)
     if key.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -50,7 +51,7 @@ def _check_value(where: str, key: Key, value: Any) -> Any:
         raise ScenarioError(f"{where}: expected {allowed_text(key)}, "
                             f"got {toml_value(value)}")
     if key.allowed and value not in key.allowed:
-        raise ScenarioError(f"{where}: {value!r} is not allowed "
+        raise ScenarioError(f"{where}: {given!r} is not allowed "
                             f"(allowed: {', '.join(map(shown_choice, key.allowed))})")
     if isinstance(value, float) and math.isnan(value):  # nan compares false with any limit
         raise ScenarioError(f"{where}: nan is not allowed (expected {allowed_text(key)})")

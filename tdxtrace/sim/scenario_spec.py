@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tdxtrace.sim.costs import LEAF_BY_KEY
+from tdxtrace.sim.costs import CALLED_LEAVES, cost_key
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,8 @@ SPEC: dict[str, dict[str, Key]] = {
                                  doc="no_progress: EAGAINs without progress per conversion"),
     },
     "faults": {
-        "spurious_busy_leaf": Key(str, "", ("", *sorted(LEAF_BY_KEY)), normalize=leaf_key,
+        "spurious_busy_leaf": Key(str, "", ("", *sorted(map(cost_key, CALLED_LEAVES))),
+                                  normalize=leaf_key,
                                   doc="leaf that sometimes returns OPERAND_BUSY "
                                       "(mem.page.aug or TDH.MEM.PAGE.AUG); empty: none"),
         "spurious_busy_p": Key(float, 0.0, low=0.0, high=1.0, doc="its probability"),
