@@ -55,7 +55,7 @@ def test_no_injection_without_a_probability() -> None:
 
 def test_unknown_leaf_is_refused_naming_the_key() -> None:
     with pytest.raises(ScenarioError, match=r"faults\.spurious_busy_leaf: 'mem\.aug' is not "
-                                            r"allowed \(allowed: \"\", mem\.page\.add, "):
+                                            r"allowed \(allowed: \"\", mem\.page\.aug, "):
         run("fault-storm", *SHORT, "faults.spurious_busy_leaf='mem.aug'",
             "faults.spurious_busy_p=0.5")
 
