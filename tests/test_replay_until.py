@@ -18,6 +18,7 @@ from replay_helpers import page_aug_seq as _aug_row
 from replay_helpers import record_short, record_storm, rewrite, set_value
 from replay_helpers import trace_rows as _rows
 
+from tdxtrace.codes import Leaf
 from tdxtrace.events import Kind, ZapReason
 from tdxtrace.replay import plan_from_metadata, replay_trace, snapshot
 from tdxtrace.trace import open_trace
@@ -151,3 +152,14 @@ def test_until_a_conversion_zap_shows_slots_lock_held(tmp_path: Path) -> None:
     text = _replay(path, "--until", str(first["seq"]))
     assert text.exit_code == 0, text.output
     assert "  slots_lock: held\n" in text.stdout
+
+
+def test_until_the_last_event_shows_the_hkid_freed_only_after_key_freeid(storm: Path) -> None:
+    events = open_trace(storm).events().collect()
+    freeid = events.filter((pl.col("kind") == Kind.SEAMCALL)
+                           & (pl.col("leaf") == Leaf.TDH_MNG_KEY_FREEID))["seq"][0]
+    before, after = _until(storm, freeid - 1), _until(storm, events.height - 1)
+    assert [td["hkid_freed"] for td in before["tds"]] == [False]
+    assert [td["hkid_freed"] for td in after["tds"]] == [True]
+    text = _replay(storm, "--until", str(events.height - 1)).output
+    assert "TD 0: hkid 1 (freed), TEARDOWN" in text

@@ -19,7 +19,7 @@ from tdxtrace.codes import STEPPING_EPF_THRESHOLD, leaf_name, operand_name, tdca
 from tdxtrace.events import GUEST_LEAF_BASE, SeptState
 from tdxtrace.sim.kvm_state import KvmTd
 from tdxtrace.sim.locks import Holder, SharexLock
-from tdxtrace.sim.module_state import ModuleTd
+from tdxtrace.sim.module_state import ModuleTd, TdLifecycle
 from tdxtrace.sim.world import World
 
 PAGE_SHIFT = 12
@@ -120,6 +120,8 @@ def _td(td: KvmTd, now: int) -> dict[str, Any]:
     return {
         "td": td.index,
         "hkid": mtd.hkid,
+        # KEY.FREEID done: the HKID went back to the free pool (the TD keeps its number).
+        "hkid_freed": mtd.lifecycle == TdLifecycle.TEARDOWN,
         "lifecycle": mtd.lifecycle.name,
         "bugged": td.bugged,
         "tlb_epoch": mtd.epoch,

@@ -86,7 +86,8 @@ def _lock_line(lock: dict[str, Any]) -> str:
 
 def _td_lines(td: dict[str, Any]) -> list[str]:
     refs = td["epoch_refcount"]
-    lines = [f"TD {td['td']}: hkid {td['hkid']}, {td['lifecycle']}"
+    freed = " (freed)" if td["hkid_freed"] else ""
+    lines = [f"TD {td['td']}: hkid {td['hkid']}{freed}, {td['lifecycle']}"
              + (", BUGGED" if td["bugged"] else "")
              + f", TLB epoch {td['tlb_epoch']} (refcount even {refs['even']}, odd "
              f"{refs['odd']}), {td['associated_vcpus']} vCPUs associated"]
