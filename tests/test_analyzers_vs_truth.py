@@ -135,6 +135,9 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     # and zero-step still arms where KVM resumes the guest on a frozen SPTE.
     "tick-exit-convert": ("mapgpa-convert", [*SHORT, "guest.tick_exit=tdvmcall"],
                           ("mapgpa_conversions", "mapgpa_retries")),
+    # A preemptible host: conversion zaps yield mmu_lock to waiting faults between leaves.
+    "zap-preempt-full": ("zap-under-load", [*SHORT, "kvm.preempt_model=full"],
+                         ("zap_yields", "busy_total")),
     "tick-exit-resume-guest": ("zero-step", ["guest.tick_exit=tdvmcall", "kvm.preempt_p=0.4"],
                                ("zero_step_incidents",)),
 }

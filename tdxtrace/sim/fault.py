@@ -116,9 +116,11 @@ class FaultPath:
 
     def _walk(self, f: Fault, level_index: int) -> None:
         td = f.vcpu.td
-        if not level_index and f.mmu_seq != td.mmu_invalidate_seq:
+        if not level_index and (f.mmu_seq != td.mmu_invalidate_seq or (
+                td.invalidating and td.invalidating_gfn(f.gfn))):
             # mmu_lock is held now: is_page_fault_stale(). An invalidation ended since the
-            # attempt began (it waited for the lock behind a zap, or one ran in between).
+            # attempt began (it waited for the lock behind a zap, or one ran in between), or
+            # one of its GFN is under way (a zap that yielded the lock).
             self._retry(f, _RETRYCAUSE_STALE)
             return
         if not level_index and self._attrs.is_shared(td, f.gfn):

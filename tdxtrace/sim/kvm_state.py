@@ -80,6 +80,13 @@ class KvmTd:
     # kvm->mmu_invalidate_seq: bumped by every zap (of either root) when it ends. A shared
     # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
     mmu_invalidate_seq: int = 0
+    # The GFN ranges [start, end) of the invalidations under way (kvm_mmu_invalidate_begin()
+    # to _end()): a fault on one of them retries (mmu_invalidate_retry_gfn()). Only a zap that
+    # yields mmu_lock lets a fault see one (kvm.preempt_model = full).
+    invalidating: list[tuple[int, int]] = field(default_factory=list)
+
+    def invalidating_gfn(self, gfn: int) -> bool:
+        return any(start <= gfn < end for start, end in self.invalidating)
 
     @property
     def dead(self) -> bool:

@@ -45,6 +45,10 @@ class MmuLock:
         if self.readers == 0 and self._waiting:  # no call when nobody waits (every fault)
             self._wake()
 
+    def contended(self) -> bool:
+        """Someone waits for it (rwlock_is_contended())."""
+        return bool(self._waiting)
+
     def acquire_write(self, then: Callback) -> None:
         if self.writer or self.readers or self._waiting:
             self._waiting.append((True, then))

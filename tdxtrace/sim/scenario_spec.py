@@ -92,6 +92,10 @@ SPEC: dict[str, dict[str, Key]] = {
         "preempt_ns": Key(int, 50000, low=0, high=10_000_000_000, doc="length of it"),
         "signal_p": Key(float, 0.0, low=0.0, high=1.0,
                         doc="chance a local-retry turn finds a signal pending"),
+        "preempt_model": Key(str, "voluntary", ("voluntary", "full"),
+                             doc="the host kernel's: voluntary (or none): a conversion or "
+                                 "truncation zap holds mmu_lock to its end; full: it yields the "
+                                 "lock between leaves to waiting faults (rwlock_needbreak())"),
     },
     "vmm": {
         "zap_interval_us": Key(int, 0, low=0, high=3_600_000_000,

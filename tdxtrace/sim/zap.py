@@ -78,6 +78,9 @@ class ZapPath:
         self.log = world.log
         self.module = world.module
         self.policy = world.policy.zap_busy
+        # tdp_mmu_iter_cond_resched(): on a preemptible host rwlock_needbreak() makes a zap
+        # yield mmu_lock to the CPUs waiting for it, between leaves; elsewhere it does not.
+        self.yields = world.scenario.kvm.preempt_model == "full"
 
     def zap(self, td: KvmTd, gfns: list[int], reason: ZapReason, flow: int,
             then: Done | None = None, corr: int | None = None,
@@ -99,10 +102,14 @@ class ZapPath:
         on = td.vmm_lp if lp < 0 else lp
         self.log.emit(_KIND_ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=on,
                       gpa=start, arg0=len(gfns), arg1=scope)
-        state = {"zapped": 0}
+        # zapped: in all; unflushed: since the last remote TLB flush; held: since mmu_lock was
+        # last taken (a yield needs progress first, as KVM's iterator does).
+        state = {"zapped": 0, "unflushed": 0, "held": 0}
+        invalidated = (gfns[0], gfns[-1] + 1) if gfns else (0, 0)
 
         def done() -> None:
             td.zap_lp = td.vmm_lp
+            td.invalidating.remove(invalidated)
             td.end_zap()
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=on, arg0=state["zapped"], arg1=state["zapped"])
@@ -113,10 +120,28 @@ class ZapPath:
             # Leaves left a valid root: kvm_flush_remote_tlbs() before mmu_lock is dropped.
             # Not at teardown: kvm_tdp_mmu_zap_all() skips it, as KVM_RUN is unreachable then
             # and no vCPU would service the request.
-            if state["zapped"] and reason != _ZAPREASON_TEARDOWN:
+            if state["unflushed"] and reason != _ZAPREASON_TEARDOWN:
                 self.kvm.kick_all(td, _KICKREASON_TLB_FLUSH, corr, flow, on, done)
             else:
                 done()
+
+        def yield_lock(i: int) -> None:
+            """cond_resched_rwlock_write(): flush what was zapped, let the waiters have
+            mmu_lock, take it again (behind them) and go on at page ``i``."""
+            def drop() -> None:
+                state["unflushed"] = state["held"] = 0
+                td.mmu.release_write()
+                td.mmu.acquire_write(partial(resume, i))
+
+            if state["unflushed"]:
+                self.kvm.kick_all(td, _KICKREASON_TLB_FLUSH, corr, flow, on, drop)
+            else:
+                drop()
+
+        def resume(i: int) -> None:
+            td.zap_lp = on  # another zap may have run in the gap
+            self.log.count("zap_yields")
+            next_page(i)
 
         def next_page(i: int) -> None:
             while i < len(gfns) and gfns[i] not in td.mirror.leaves:
@@ -125,10 +150,15 @@ class ZapPath:
             if i >= len(gfns):
                 finish()
                 return
+            if self.yields and state["held"] and td.mmu.contended():
+                yield_lock(i)
+                return
             gfn = gfns[i]
             td.mirror.leaves.discard(gfn)
             td.zapped_gfns.add(gfn)
             state["zapped"] += 1
+            state["unflushed"] += 1
+            state["held"] += 1
             self.log.counters["sptes_zapped"] += 1  # EventLog.count() inlined: per page
             # Positional (EventLog.row, in row order): one per zapped page.
             self.log.row(0, _KIND_SPTE_CHANGED, flow, _ROOTKIND_MIRROR, corr, td.index, None,
@@ -138,6 +168,7 @@ class ZapPath:
 
         def begin() -> None:
             td.zap_lp = on
+            td.invalidating.append(invalidated)  # kvm_mmu_invalidate_begin()
             if locked is not None:
                 locked()
             next_page(0)

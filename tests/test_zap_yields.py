@@ -1,0 +1,105 @@
+"""kvm.preempt_model = full: a conversion zap yields mmu_lock to waiting faults between leaves.
+
+On a preemptible host tdp_mmu_iter_cond_resched() drops mmu_lock when rwlock_needbreak() says
+someone waits (after a remote TLB flush of what it zapped), then takes it again. A fault that
+gets the lock in between maps its page unless the GFN is in the range being invalidated
+(mmu_invalidate_retry_gfn()), so faults elsewhere no longer go stale behind the whole zap.
+On a voluntary or non-preemptible host (the default) the zap holds the lock to its end.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from emulator_helpers import run
+
+from tdxtrace.codes import FROZEN_SPTE, SHADOW_NONPRESENT_VALUE
+from tdxtrace.events import KickReason, Kind, RetryCause, RootKind, ZapReason
+
+SHORT = "run.duration_us=8000"
+FULL = "kvm.preempt_model='full'"
+
+
+def _zap_windows(events: pl.DataFrame) -> pl.DataFrame:
+    """Per zap that removed a private page: from its first mirror SPTE change (mmu_lock
+    held) to its ZAP_DONE, with the GFN range it invalidates. Not the teardown's (no vCPU
+    is left to fault then; its zaps share one corr)."""
+    runtime = (pl.col("kind") == Kind.ZAP) & (pl.col("sub") != ZapReason.TEARDOWN)
+    zaps = events.filter(runtime).select(
+        "corr", (pl.col("gpa") // 4096).alias("first_gfn"), pl.col("arg0").alias("pages"))
+    first = events.filter((pl.col("kind") == Kind.SPTE_CHANGED) & pl.col("vcpu").is_null()
+                          & (pl.col("sub") == RootKind.MIRROR)) \
+        .group_by("corr").agg(pl.col("seq").min().alias("from_seq"))
+    done = events.filter(pl.col("kind") == Kind.ZAP_DONE).select(
+        "corr", pl.col("seq").alias("to_seq"))
+    return zaps.join(first, on="corr").join(done, on="corr")
+
+
+def _maps_inside(events: pl.DataFrame, windows: pl.DataFrame) -> pl.DataFrame:
+    """Faults that mapped a page (their leaf SPTE turned present, under mmu_lock for read)
+    while a zap of their TD was under way."""
+    mapped = events.filter((pl.col("kind") == Kind.SPTE_CHANGED) & pl.col("vcpu").is_not_null()
+                           & (pl.col("level") == 0)
+                           & ~pl.col("arg1").is_in([FROZEN_SPTE, SHADOW_NONPRESENT_VALUE])).select(
+        "seq", (pl.col("gpa") // 4096).alias("gfn"))
+    return mapped.join(windows, how="cross").filter(
+        (pl.col("seq") > pl.col("from_seq")) & (pl.col("seq") < pl.col("to_seq")))
+
+
+IN_RANGE = (pl.col("gfn") >= pl.col("first_gfn")) & (
+    pl.col("gfn") < pl.col("first_gfn") + pl.col("pages"))
+# Hole punches over all of a small TD whose vCPUs keep touching a few hot pages: during a
+# yield the waiting faults are on GFNs being invalidated (they stay private: no attribute
+# change turns them away first).
+PUNCH_HOT = ("td.memory_mb=4", "vmm.zap_pages=1024", "vmm.zap_interval_us=300",
+             "guest.workload='hot'")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_faults_elsewhere_map_inside_a_yielding_conversion_zap(seed: int) -> None:
+    events, truth = run("zap-under-load", SHORT, FULL, seed=seed)
+    assert truth["zap_yields"] > 0
+    inside = _maps_inside(events, _zap_windows(events))
+    assert inside.height > 0  # the zap let them in
+    assert inside.filter(IN_RANGE).height == 0
+
+
+@pytest.mark.parametrize("scenario", ["fault-storm", "zero-step"])
+def test_a_fault_on_a_gfn_being_invalidated_retries_during_a_yield(scenario: str) -> None:
+    # mmu_invalidate_retry_gfn(): the invalidation is in progress and covers the GFN.
+    events, truth = run(scenario, SHORT, FULL, *PUNCH_HOT)
+    stale = events.filter((pl.col("kind") == Kind.FAULT_RETRY)
+                          & (pl.col("sub") == RetryCause.STALE))
+    assert truth["zap_yields"] > 0 and stale.height > 0
+    assert _maps_inside(events, _zap_windows(events)).filter(IN_RANGE).height == 0
+
+
+def test_by_default_a_zap_holds_mmu_lock_to_its_end() -> None:
+    events, truth = run("zap-under-load", SHORT)
+    assert truth.get("zap_yields", 0) == 0
+    assert _maps_inside(events, _zap_windows(events)).height == 0
+
+
+def test_a_yield_flushes_what_was_zapped_first() -> None:
+    # kvm_flush_remote_tlbs() before the lock is dropped: a TLB_FLUSH kick per yield (a yield
+    # needs a page zapped since the lock was taken), plus one at the end of each zap that
+    # zapped a page after its last yield. Without yields: one per zap.
+    for model, yields in (("voluntary", False), ("full", True)):
+        events, truth = run("zap-under-load", SHORT, f"kvm.preempt_model='{model}'")
+        zaps = _zap_windows(events).height
+        flushes = events.filter((pl.col("kind") == Kind.KICK)
+                                & (pl.col("sub") == KickReason.TLB_FLUSH)).height
+        if yields:
+            assert truth["zap_yields"] < flushes <= truth["zap_yields"] + zaps
+            assert flushes > zaps
+        else:
+            assert flushes == zaps
+
+
+def test_zap_under_load_zero_step_needs_a_zap_that_never_yields() -> None:
+    # README: seed 1 arms zero-step 19 times by default, never on a preemptible host.
+    incidents = {}
+    for model in ("voluntary", "full"):
+        _, truth = run("zap-under-load", f"kvm.preempt_model='{model}'", seed=1)
+        incidents[model] = truth["zero_step_incidents"]
+    assert incidents == {"voluntary": 19, "full": 0}
