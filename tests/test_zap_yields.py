@@ -14,7 +14,7 @@ import pytest
 from emulator_helpers import run
 
 from tdxtrace.codes import FROZEN_SPTE, SHADOW_NONPRESENT_VALUE
-from tdxtrace.events import KickReason, Kind, RetryCause, RootKind, ZapReason
+from tdxtrace.events import KickReason, Kind, Phase, RetryCause, RootKind, ZapReason
 
 SHORT = "run.duration_us=8000"
 FULL = "kvm.preempt_model='full'"
@@ -103,3 +103,17 @@ def test_zap_under_load_zero_step_needs_a_zap_that_never_yields() -> None:
         _, truth = run("zap-under-load", f"kvm.preempt_model='{model}'", seed=1)
         incidents[model] = truth["zero_step_incidents"]
     assert incidents == {"voluntary": 19, "full": 0}
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_teardown_waits_for_a_yielding_hole_punch_to_end(seed: int) -> None:
+    # The guest_memfd file holds a reference to the VM: it is destroyed only after a hole
+    # punch in flight ends. A teardown that took mmu_lock during the punch's yield zapped
+    # pages the punch then removed too (TDX_EPT_ENTRY_FREE, KVM_BUG_ON, leaked pages).
+    events, truth = run("fault-storm", FULL, seed=seed)
+    assert truth["vms_bugged"] == 0 and truth["pages_leaked"] == 0
+    runtime_done = events.filter((pl.col("kind") == Kind.ZAP_DONE)
+                                 & (pl.col("sub") != ZapReason.TEARDOWN))["seq"].max()
+    teardown = events.filter((pl.col("kind") == Kind.PHASE)
+                             & (pl.col("sub") == Phase.TEARDOWN))["seq"].min()
+    assert runtime_done is not None and teardown is not None and runtime_done < teardown

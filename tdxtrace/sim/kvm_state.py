@@ -5,6 +5,7 @@ Slotted dataclasses: their fields are read on every simulation step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tdxtrace.sim.guest import ACCEPT_RIP, TICK_HANDLER_RIP, Workload
@@ -84,9 +85,30 @@ class KvmTd:
     # to _end()): a fault on one of them retries (mmu_invalidate_retry_gfn()). Only a zap that
     # yields mmu_lock lets a fault see one (kvm.preempt_model = full).
     invalidating: list[tuple[int, int]] = field(default_factory=list)
+    # Runtime zaps of the mirror called and not yet done, and who waits for there to be none.
+    zaps_running: int = 0
+    zaps_waiters: list[Callable[[object], None]] = field(default_factory=list)
 
     def invalidating_gfn(self, gfn: int) -> bool:
         return any(start <= gfn < end for start, end in self.invalidating)
+
+    def after_zaps(self, then: Callable[[object], None]) -> None:
+        """``then`` once no zap of this TD runs (at once if none does): a VM is destroyed
+        only after a hole punch in flight ends (the guest_memfd file holds a reference)."""
+        if self.zaps_running:
+            self.zaps_waiters.append(then)
+        else:
+            then(None)
+
+    def zap_started(self) -> None:
+        self.zaps_running += 1
+
+    def zap_ended(self) -> None:
+        self.zaps_running -= 1
+        if not self.zaps_running:
+            waiters, self.zaps_waiters = self.zaps_waiters, []
+            for then in waiters:
+                then(None)
 
     @property
     def dead(self) -> bool:

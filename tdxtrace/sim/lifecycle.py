@@ -170,6 +170,9 @@ class Lifecycle:
         # memory-attribute or memslot change the VMM had started (queued on slots_lock) ends
         # first. The lock is kept: none starts after.
         yield td.slots_lock.acquire
+        # Nor a hole punch (it takes no slots_lock): one that yields mmu_lock
+        # (kvm.preempt_model = full) would let the teardown in half way through it.
+        yield td.after_zaps
         yield self.mmu_write(td)  # no vCPU thread is left in the fault path
         td.mmu.release_write()
         self.log.count("teardowns")

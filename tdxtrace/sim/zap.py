@@ -115,6 +115,7 @@ class ZapPath:
                           lp=on, arg0=state["zapped"], arg1=state["zapped"])
             if then is not None:
                 then()
+            td.zap_ended()  # last: a teardown waiting for it starts now
 
         def finish() -> None:
             # Leaves left a valid root: kvm_flush_remote_tlbs() before mmu_lock is dropped.
@@ -173,6 +174,7 @@ class ZapPath:
                 locked()
             next_page(0)
 
+        td.zap_started()
         td.mmu.acquire_write(begin)
 
     def remove_leaf(self, td: KvmTd, gfn: int, corr: int, flow: int, then: Done) -> None:
