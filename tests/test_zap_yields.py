@@ -65,13 +65,21 @@ def test_faults_elsewhere_map_inside_a_yielding_conversion_zap(seed: int) -> Non
 
 
 @pytest.mark.parametrize("scenario", ["fault-storm", "zero-step"])
-def test_a_fault_on_a_gfn_being_invalidated_retries_during_a_yield(scenario: str) -> None:
-    # mmu_invalidate_retry_gfn(): the invalidation is in progress and covers the GFN.
+def test_a_fault_on_a_gfn_being_invalidated_retries_without_taking_mmu_lock(
+        scenario: str) -> None:
+    # mmu_invalidate_retry_gfn_unsafe() before mmu_lock, mmu_invalidate_retry_gfn() under
+    # it: a fault on a GFN of an invalidation in progress never maps it, and does not queue
+    # for the lock, so the zap does not yield to it. Only a fault that queued before the
+    # invalidation began can make it yield: at most once per vCPU and zap (here every GFN is
+    # in every punch). Without the lockless check, 340 and 272 yields.
     events, truth = run(scenario, SHORT, FULL, *PUNCH_HOT)
     stale = events.filter((pl.col("kind") == Kind.FAULT_RETRY)
                           & (pl.col("sub") == RetryCause.STALE))
-    assert truth["zap_yields"] > 0 and stale.height > 0
+    assert stale.height > 0
     assert _maps_inside(events, _zap_windows(events)).filter(IN_RANGE).height == 0
+    zaps = events.filter((pl.col("kind") == Kind.ZAP) & (pl.col("sub") != ZapReason.TEARDOWN))
+    vcpus = events.get_column("vcpu").drop_nulls().n_unique()
+    assert truth["zap_yields"] <= vcpus * zaps.height
 
 
 def test_by_default_a_zap_holds_mmu_lock_to_its_end() -> None:

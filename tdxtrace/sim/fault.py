@@ -108,6 +108,12 @@ class FaultPath:
     def _attempt(self, f: Fault) -> None:
         td = f.vcpu.td
         f.mmu_seq = td.mmu_invalidate_seq  # kvm_mmu_faultin_pfn(), before mmu_lock
+        if td.invalidating and td.invalidating_gfn(f.gfn):
+            # mmu_invalidate_retry_gfn_unsafe(), before mmu_lock too: a fault on a GFN being
+            # invalidated retries without contending the lock (which would make a yielding
+            # zap drop it for nothing).
+            self._retry(f, _RETRYCAUSE_STALE, locked=False)
+            return
         mmu = td.mmu
         if mmu.try_read():  # the usual case, without acquire_read's callback
             self.sim.after(self._walk_ns(), self._walk, f, 0)
@@ -199,10 +205,12 @@ class FaultPath:
         self._done(f, _FAULTOUTCOME_ERROR)
 
     def _retry(self, f: Fault, cause: RetryCause, leaf: int | None = None,
-               status: int | None = None) -> None:
-        """RET_PF_RETRY: the policy decides between a local retry and resuming the guest."""
+               status: int | None = None, *, locked: bool = True) -> None:
+        """RET_PF_RETRY: the policy decides between a local retry and resuming the guest.
+        ``locked``: the attempt holds mmu_lock for read (not when it retried before)."""
         v = f.vcpu
-        v.td.mmu.release_read()
+        if locked:
+            v.td.mmu.release_read()
         self.log.row(0, _KIND_FAULT_RETRY, FLOW, cause, f.corr, v.td.index, v.index, v.lp, leaf,
                      status, None, f.gpa, None, None, None, None, None)  # row order, hot
         if not self.local_retry:
