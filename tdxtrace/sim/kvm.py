@@ -36,15 +36,14 @@ if TYPE_CHECKING:
 VP_ENTER = int(Leaf.TDH_VP_ENTER)
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
-TDCALL = int(ExitReason.TDCALL)
+TDCALL, MSR_WRITE = int(ExitReason.TDCALL), int(ExitReason.MSR_WRITE)
 SEAMCALL = int(Kind.SEAMCALL)
 # A call a batched teardown row (teardown_pages.py) already ran, handed over with its outcome:
 # (status, duration in ns, the lock holder behind a BUSY or None).
 Preset = tuple[int, int, Busy | None]
 
 
-# Enum members as module globals: a class attribute lookup on an Enum costs ~70 ns,
-# which the hot paths below pay many times per event.
+# Enum members as module globals: an Enum attribute lookup costs ~70 ns, paid per event.
 _FLOW_RUN = Flow.RUN
 _KIND_KICK = Kind.KICK
 _KICKREASON_VM_DEAD = KickReason.VM_DEAD
@@ -253,13 +252,14 @@ class Kvm:
                          arg0=listed)
         # Positional (EventLog.row, in row order): one per exit, a hot path.
         self.log.row(0, _KIND_TD_EXIT, _FLOW_RUN, 0, v.run_corr, td.index, v.index, v.lp, VP_ENTER,
-                     SUCCESS | reason, reason, gpa, None, rip, qual, ext_qual, None)
+                     SUCCESS | (TDCALL if reason == MSR_WRITE else reason), reason, gpa, None, rip,
+                     qual, ext_qual, None)
         v.run_corr = None
         delay = self._td_exit_ns() + self._exit_handling_ns()
         if reason == EPT_VIOLATION and gpa is not None:
             self.sim.after(delay, self.on_private_fault, v, gpa)
-        elif reason == TDCALL:  # the timer handler's WRMSR: the fastpath, no MapGPA
-            self.sim.after(delay, self.enter if v.in_handler else self.on_tdvmcall, v)
+        elif reason == TDCALL:
+            self.sim.after(delay, self.on_tdvmcall, v)
         else:
             self.sim.after(delay, self.enter, v)
 

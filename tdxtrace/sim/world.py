@@ -40,7 +40,7 @@ from tdxtrace.sim.zap import ZapPath
 PRIVATE_BASE_GFN = 0x100000  # private memory starts at 4 GiB
 EPT_VIOLATION = int(ExitReason.EPT_VIOLATION)
 EXTERNAL_INTERRUPT = int(ExitReason.EXTERNAL_INTERRUPT)
-TDCALL = int(ExitReason.TDCALL)
+MSR_WRITE = int(ExitReason.MSR_WRITE)
 ACCEPT_OK = (int(Status.SUCCESS), int(Status.PAGE_ALREADY_ACCEPTED))
 GUEST_ACCEPT_HOLDER = GUEST_LEAF_BASE + int(TdcallLeaf.TDG_MEM_PAGE_ACCEPT)
 ZAP_SCOPES = {"range_leafs": ZapScope.RANGE_LEAFS, "all_roots": ZapScope.ALL_ROOTS,
@@ -167,7 +167,9 @@ class World:
         if v.handler_exit_due:  # the timer handler re-arms the TSC deadline: #VE, TDVMCALL
             v.handler_exit_due = False
             v.in_handler = True
-            kvm.exit_guest(v, TDCALL, None)
+            # A TDCALL exit (77 in VP.ENTER's status) that KVM remaps by its leaf: kvm_exit
+            # and the trace show MSR_WRITE, and the fastpath handles it (no MapGPA).
+            kvm.exit_guest(v, MSR_WRITE, None)
             return
         v.in_handler = False  # back at the interrupted RIP
         if now >= v.next_timer:
