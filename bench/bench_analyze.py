@@ -188,11 +188,11 @@ def time_it(path: Path, repeat: int, breakdown: bool) -> None:
     ratio = t_analyze / t_limit
     print(f"  analyzers / limit = {ratio:.2f} (target <= {TARGET_RATIO:g}: "
           f"{'ok' if ratio <= TARGET_RATIO else 'over'})")
-    if events / t_limit < TARGET_EVENTS_PER_S:
-        # The analyzers must decode at least these columns, so here the events/s target asks
-        # for an analysis faster than its own limit: no code change can meet it on this host.
-        print(f"  note: the limit itself runs at {rate(events, t_limit)}, under the "
-              f"{TARGET_EVENTS_PER_S / 1e6:g} M events/s target: unreachable on this machine")
+    # The analyzers must decode at least these columns: the events/s target leaves only
+    # what remains of its time after the limit for all the analyses' own work.
+    allowed = events / TARGET_EVENTS_PER_S - t_limit
+    print(f"  the target leaves {allowed:.2f} s beyond reading the columns; the analyses take "
+          f"{t_analyze - t_limit:.2f} s beyond it")
     t_serial = min(r[5] for r in runs)
     print(f"  all analyzers one after the other (--jobs 1): {t_serial:.2f} s = "
           f"{rate(events, t_serial)}; / limit = {t_serial / t_limit:.2f}")
