@@ -191,7 +191,9 @@ def time_it(path: Path, repeat: int, breakdown: bool) -> None:
     # The analyzers must decode at least these columns: the events/s target leaves only
     # what remains of its time after the limit for all the analyses' own work.
     allowed = events / TARGET_EVENTS_PER_S - t_limit
-    print(f"  the target leaves {allowed:.2f} s beyond reading the columns; the analyses take "
+    left = (f"{allowed:.2f} s" if allowed > 0 else
+            f"nothing (the limit alone is over it by {-allowed:.2f} s)")
+    print(f"  the target leaves {left} beyond reading the columns; the analyses take "
           f"{t_analyze - t_limit:.2f} s beyond it")
     t_serial = min(r[5] for r in runs)
     print(f"  all analyzers one after the other (--jobs 1): {t_serial:.2f} s = "

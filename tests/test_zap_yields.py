@@ -125,3 +125,17 @@ def test_a_teardown_waits_for_a_yielding_hole_punch_to_end(seed: int) -> None:
     teardown = events.filter((pl.col("kind") == Kind.PHASE)
                              & (pl.col("sub") == Phase.TEARDOWN))["seq"].min()
     assert runtime_done is not None and teardown is not None and runtime_done < teardown
+
+
+@pytest.mark.parametrize("model", ["voluntary", "full"])
+def test_a_fault_spinning_on_an_invalidation_writes_one_row_per_invalidation(model: str) -> None:
+    # KVM's local retry turns every ~300 ns while the GFN's invalidation is in progress: the
+    # turns count in local_retries, but each wait is one FAULT_RETRY row, not one per turn
+    # (that made the trace of this run 20x bigger).
+    events, truth = run("fault-storm", SHORT, *PUNCH_HOT, f"kvm.preempt_model='{model}'")
+    stale = events.filter((pl.col("kind") == Kind.FAULT_RETRY)
+                          & (pl.col("sub") == RetryCause.STALE))
+    zaps = events.filter((pl.col("kind") == Kind.ZAP) & (pl.col("sub") != ZapReason.TEARDOWN))
+    per_fault = stale.group_by("corr").len()["len"]
+    assert 0 < per_fault.max() <= zaps.height  # type: ignore[operator]
+    assert truth["local_retries"] > 100 * stale.height  # the turns of the spins

@@ -86,6 +86,7 @@ class FaultPath:
         self.signal_p = world.scenario.kvm.signal_p
         self._walk_ns = self.costs.step_sampler("mmu_walk")  # bound once: drawn every attempt
         self._resched_ns = self.costs.step_sampler("retry_resched")
+        self._turn_ns = max(self.costs.base("retry_resched"), 1)  # a spin's turns, counted
 
     def handle(self, v: Vcpu, gpa: int) -> None:
         """tdx_handle_ept_violation() for a private GPA."""
@@ -225,7 +226,30 @@ class FaultPath:
             return
         f.retries += 1
         self.log.count("local_retries")
+        if not locked:  # the lockless check said retry: KVM spins on it
+            self._spin(f)
+            return
         self.sim.after(self._resched_ns(), self._attempt, f)
+
+    def _spin(self, f: Fault) -> None:
+        """KVM's local retry turns once per cond_resched() while its GFN's invalidation is in
+        progress (a ~300 ns turn). Modelled as one wait, until an invalidation of the TD ends
+        or the vCPU's timer is due, whichever first; the turns it made count in its retries
+        and local_retries, one FAULT_RETRY row for all (a row per turn made traces 30x
+        bigger). A pending signal ends the real loop sooner: not drawn while it waits."""
+        v, start, woken = f.vcpu, self.sim.now, [False]
+
+        def wake() -> None:
+            if woken[0]:
+                return
+            woken[0] = True
+            turns = (self.sim.now - start) // self._turn_ns
+            f.retries += turns
+            self.log.counters["local_retries"] += turns
+            self.sim.after(self._resched_ns(), self._attempt, f)
+
+        v.td.invalidation_waiters.append(wake)
+        self.sim.at(max(v.next_timer, self.sim.now), wake)
 
     def _done(self, f: Fault, outcome: FaultOutcome) -> None:
         v = f.vcpu

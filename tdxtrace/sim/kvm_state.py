@@ -82,15 +82,22 @@ class KvmTd:
     # fault that began before and maps after it is stale (mmu_invalidate_retry_gfn()).
     mmu_invalidate_seq: int = 0
     # The GFN ranges [start, end) of the invalidations under way (kvm_mmu_invalidate_begin()
-    # to _end()): a fault on one of them retries (mmu_invalidate_retry_gfn()). Only a zap that
-    # yields mmu_lock lets a fault see one (kvm.preempt_model = full).
+    # to _end()): a fault on one of them retries, before mmu_lock (a fault arriving during a
+    # zap) and under it (a zap that yields it, kvm.preempt_model = full). Faults spinning in
+    # KVM's local retry on one wait in invalidation_waiters until an invalidation ends.
     invalidating: list[tuple[int, int]] = field(default_factory=list)
+    invalidation_waiters: list[Callable[[], None]] = field(default_factory=list)
     # Runtime zaps of the mirror called and not yet done, and who waits for there to be none.
     zaps_running: int = 0
     zaps_waiters: list[Callable[[object], None]] = field(default_factory=list)
 
     def invalidating_gfn(self, gfn: int) -> bool:
         return any(start <= gfn < end for start, end in self.invalidating)
+
+    def invalidation_ended(self) -> None:
+        waiters, self.invalidation_waiters = self.invalidation_waiters, []
+        for wake in waiters:
+            wake()
 
     def after_zaps(self, then: Callable[[object], None]) -> None:
         """``then`` once no zap of this TD runs (at once if none does): a VM is destroyed

@@ -111,6 +111,7 @@ class ZapPath:
             td.zap_lp = td.vmm_lp
             td.invalidating.remove(invalidated)
             td.end_zap()
+            td.invalidation_ended()  # the faults spinning on it go on (their next turn)
             self.log.emit(_KIND_ZAP_DONE, sub=reason, flow=flow, corr=corr, td=td.index,
                           lp=on, arg0=state["zapped"], arg1=state["zapped"])
             if then is not None:
