@@ -117,7 +117,8 @@ KIND_ARGS: dict[str, str] = {
     "PAGE_FAULT": "td, vcpu, gpa, rip, arg0 = the exit qualification KVM uses (forced to "
                   "write, 0x2, on a private GPA; the exit's own on a shared one)",
     "FAULT_RETRY": "sub = RetryCause, gpa, level, leaf + status when a SEAMCALL was BUSY",
-    "FAULT_DONE": "sub = FaultOutcome, gpa, arg0 = local retries in this invocation",
+    "FAULT_DONE": "sub = FaultOutcome, gpa, arg0 = local retries in this invocation (turns "
+                  "of KVM's loop: a spin on an invalidation in progress is one FAULT_RETRY)",
     "SPTE_CHANGED": "sub = RootKind, gpa, level, arg0 = old SPTE, arg1 = new SPTE, "
                     "arg2 = root id",
     "KICK": "sub = KickReason, td, arg0 = vCPUs that were in guest mode",

@@ -81,7 +81,9 @@ def test_an_exit_after_local_retries_counts_them() -> None:
     retries = events.filter(pl.col("kind") == Kind.FAULT_RETRY).group_by("corr").len()
     joined = exits.join(retries, on="corr", how="left").with_columns(pl.col("len").fill_null(0))
     assert (joined["len"] > 0).any()  # the case this is about happens
-    assert (joined["arg0"].cast(pl.Int64) == joined["len"].cast(pl.Int64)).all()
+    # Every FAULT_RETRY row is a turn of the loop; a spin on an invalidation in progress is
+    # one row for many turns.
+    assert (joined["arg0"].cast(pl.Int64) >= joined["len"].cast(pl.Int64)).all()
 
 
 @pytest.mark.parametrize("seed", [1, 7, 19, 26])

@@ -97,6 +97,6 @@ def test_readme_policy_comparison_figures() -> None:
                            [(row["leaf"], round(row["ts_ns"] / 1e5) / 10) for row in bugged])
     assert figures == {
         "kick_retry_once": (49, 169, []),
-        "retry_loop": (70, 107, []),
+        "retry_loop": (69, 104, []),
         "seamcall_spinlock": (1, 14, [("TDH.MEM.TRACK", 10.7)]),
     }
