@@ -91,6 +91,10 @@ class KvmTd:
     zaps_running: int = 0
     zaps_waiters: list[Callable[[object], None]] = field(default_factory=list)
 
+    def thread_lp(self, lp: int) -> int:
+        """The LP of the thread asking for a zap: ``lp``, or the VMM's for -1."""
+        return self.vmm_lp if lp < 0 else lp
+
     def invalidating_gfn(self, gfn: int) -> bool:
         return any(start <= gfn < end for start, end in self.invalidating)
 

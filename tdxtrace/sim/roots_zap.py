@@ -40,7 +40,7 @@ class RootZap:
     def __init__(self, roots: Roots, td: KvmTd, reason: ZapReason, first_gfn: int, pages: int,
                  scope: ZapScope, then: Callable[[], None] | None, lp: int = -1) -> None:
         self.roots = roots
-        self.lp = td.vmm_lp if lp < 0 else lp  # the thread's; the VMM's by default
+        self.lp = td.thread_lp(lp)
         self.log = roots.log
         self.td = td
         self.reason = reason

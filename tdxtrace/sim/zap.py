@@ -99,7 +99,7 @@ class ZapPath:
         # What this zap covers (the zap_scope policy is for memslot and notifier zaps only):
         # a conversion or truncation the range's private leaves, a teardown the whole mirror.
         scope = _ZAPSCOPE_EVERYTHING if reason == _ZAPREASON_TEARDOWN else _ZAPSCOPE_RANGE
-        on = td.vmm_lp if lp < 0 else lp
+        on = td.thread_lp(lp)
         self.log.emit(_KIND_ZAP, sub=reason, flow=flow, corr=corr, td=td.index, lp=on,
                       gpa=start, arg0=len(gfns), arg1=scope)
         # zapped: in all; unflushed: since the last remote TLB flush; held: since mmu_lock was
